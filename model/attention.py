@@ -1,0 +1,152 @@
+"""Paged attention: K/V live in per-layer pools of fixed-size blocks.
+
+KV pool of one layer: `k_cache, v_cache` each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A token's K/V goes to flat slot `block_id * block_size + offset` (the slot mapping); a
+sequence's blocks are listed in its block-table row. Each step the new tokens' K/V are
+written first, then every query attends through the block table to the sequence's whole
+context (cached prefix + this step's tokens), causally.
+
+The batch's sequences are split into groups with the same shape of work (decode: one
+query each; prefill: a chunk each). A group is padded to `[B, max_q]` queries and
+`[B, max_kv]` keys; the masks and gather indices are built once per step by
+`build_attention_metadata` and shared by all layers.
+
+`TorchPagedAttention` is the reference backend (any device). A faster backend plugs in
+by implementing `forward(q, k, v, k_cache, v_cache, meta)`; one is chosen at start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Padded view of sequences whose queries attend together."""
+
+    token_index: torch.Tensor  # [B, max_q] int64: row in the flat token batch (padding -> 0)
+    valid: torch.Tensor  # [B, max_q] bool: real query positions
+    block_tables: torch.Tensor  # [B, max_blocks] int64 (padding -> 0)
+    mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool: key visible to query
+    flat_index: torch.Tensor  # [num_valid] int64: positions of valid queries in flattened [B*max_q]
+    out_rows: torch.Tensor  # [num_valid] int64: their rows in the flat token batch
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; rides on the batch, built once per step."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot of each new token
+    groups: list[AttentionGroup]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SeqAttention:
+    """One sequence's part of a step: `num_new` tokens ending at context length `context_len`."""
+
+    num_new: int
+    context_len: int  # tokens with K/V after this step's write
+    block_table: Sequence[int]
+
+
+def build_attention_metadata(
+    seqs: Sequence[SeqAttention], slot_mapping: torch.Tensor, block_size: int, device: torch.device
+) -> AttentionMetadata:
+    """Group the step's sequences (decodes together, prefill chunks together) and build masks."""
+    starts, start = [], 0
+    for s in seqs:
+        starts.append(start)
+        start += s.num_new
+    decode = [i for i, s in enumerate(seqs) if s.num_new == 1]
+    prefill = [i for i, s in enumerate(seqs) if s.num_new > 1]
+    groups = [
+        _build_group([seqs[i] for i in idx], [starts[i] for i in idx], block_size, device)
+        for idx in (decode, prefill)
+        if idx
+    ]
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=start)
+
+
+def _build_group(
+    seqs: list[SeqAttention], starts: list[int], block_size: int, device: torch.device
+) -> AttentionGroup:
+    max_q = max(s.num_new for s in seqs)
+    max_blocks = max(len(s.block_table) for s in seqs)
+    batch = len(seqs)
+    q_len = torch.tensor([s.num_new for s in seqs])
+    ctx = torch.tensor([s.context_len for s in seqs])
+    start = torch.tensor(starts)
+    j = torch.arange(max_q)
+    valid = j[None, :] < q_len[:, None]  # [B, max_q]
+    token_index = torch.where(valid, start[:, None] + j[None, :], 0)
+    q_pos = ctx[:, None] - q_len[:, None] + j[None, :]  # [B, max_q]
+    k_pos = torch.arange(max_blocks * block_size)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    mask[:, :, 0] |= ~valid  # padded queries see one key so softmax stays finite
+    tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
+    for row, s in enumerate(seqs):
+        tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
+    flat_index = valid.flatten().nonzero().squeeze(1)
+    return AttentionGroup(
+        token_index=token_index.to(device),
+        valid=valid.to(device),
+        block_tables=tables.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        flat_index=flat_index.to(device),
+        out_rows=token_index.flatten()[flat_index].to(device),
+    )
+
+
+class TorchPagedAttention:
+    """Reference backend: gather each group's blocks, one masked SDPA call per group."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, d]
+        k: torch.Tensor,  # [T, kvH, d]
+        v: torch.Tensor,  # [T, kvH, d]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, kvH, d]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, H, d]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = q.new_empty(q.shape)
+        for g in meta.groups:
+            batch, max_q = g.token_index.shape
+            qg = q[g.token_index].transpose(1, 2)  # [B, H, max_q, d]
+            kg = _gather(k_cache, g.block_tables)  # [B, kvH, L, d]
+            vg = _gather(v_cache, g.block_tables)
+            o = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=g.mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # [B, H, max_q, d]
+            o = o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
+            out[g.out_rows] = o[g.flat_index]
+        return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter this step's K/V [T, kvH, d] into the pools at `slot_mapping` [T]."""
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, kvH, d] gathered by [B, nb] -> [B, kvH, nb * bs, d]."""
+    batch, num_blocks = block_tables.shape
+    blocks = cache[block_tables]  # [B, nb, bs, kvH, d]
+    return blocks.reshape(batch, num_blocks * cache.shape[1], *cache.shape[2:]).transpose(1, 2)

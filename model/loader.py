@@ -1,0 +1,131 @@
+"""Checkpoint -> model. Safetensors (single file or sharded with an index) or GGUF.
+
+Weights are matched by Hugging Face name; the only translations are the fused
+projections (`model.packed`) and GPT-2's Conv1D transposes. Every checkpoint tensor must
+land in a parameter and every parameter must be filled, else a ValueError names them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from model.config import ModelConfig
+from model.gpt2 import CONV1D
+from model.tokenizer import Tokenizer
+
+# Buffers some checkpoints carry that are recomputed here.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from model.gguf import load_gguf
+
+        ckpt = load_gguf(path)
+        config, tensors, tokenizer = ckpt.config, iter(ckpt.tensors.items()), ckpt.tokenizer
+    elif path.is_dir():
+        config = ModelConfig.from_hf(path)
+        tensors = iter_safetensors(path)
+        tokenizer = Tokenizer.from_dir(path)
+    else:
+        raise FileNotFoundError(f"model path {str(path)!r} is neither a directory nor a .gguf file")
+    model = build_model(config)
+    load_weights(model, tensors)
+    model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, config, tokenizer)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.family == "gpt2":
+        from model.gpt2 import GPT2LMHeadModel
+
+        return GPT2LMHeadModel(config)
+    from model.llama import LlamaForCausalLM
+
+    return LlamaForCausalLM(config)
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) over `model.safetensors` or the shards listed in its index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    for name in files:
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into `model`'s parameters (casting dtype)."""
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, int]] = getattr(model, "packed", {})
+    config: ModelConfig = model.config
+    filled: dict[str, int] = {}  # param name -> shards filled
+    for name, tensor in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if config.family == "gpt2":
+            name = name if name.startswith("transformer.") else "transformer." + name
+            if name.endswith(CONV1D):
+                tensor = tensor.t()
+        target, shard = _target(name, packed)
+        if target not in params:
+            raise ValueError(f"unexpected tensor {name!r} in checkpoint (no parameter {target!r})")
+        param = params[target]
+        dest = param.data if shard is None else _shard(param.data, model, name, shard)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        filled[target] = filled.get(target, 0) + 1
+    missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
+    if missing:
+        raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:8])}")
+
+
+def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+    for part, (fused, shard) in packed.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), shard
+    return name, None
+
+
+def _num_shards(param_name: str, packed: dict[str, tuple[str, int]]) -> int:
+    fused_counts: dict[str, int] = {}
+    for fused, _ in packed.values():
+        fused_counts[fused] = fused_counts.get(fused, 0) + 1
+    for fused, count in fused_counts.items():
+        if f".{fused}." in param_name:
+            return count
+    return 1
+
+
+def _shard(data: torch.Tensor, model: nn.Module, name: str, shard: int) -> torch.Tensor:
+    """Rows of a fused parameter that hold shard `shard` (q/k/v or gate/up)."""
+    config: ModelConfig = model.config
+    if any(f".{p}." in name for p in ("q_proj", "k_proj", "v_proj")):
+        q = config.num_heads * config.head_dim
+        kv = config.num_kv_heads * config.head_dim
+        sizes = [q, kv, kv]
+    else:
+        sizes = [config.intermediate_size, config.intermediate_size]
+    offset = sum(sizes[:shard])
+    return data.narrow(0, offset, sizes[shard])

@@ -1,0 +1,2 @@
+"""What serves the model: the synchronous engine (server.engine) and, above it, the
+async bridge and HTTP API."""

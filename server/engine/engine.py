@@ -1,0 +1,145 @@
+"""LLMEngine: the only door into the engine. Synchronous, token ids in, step outputs out.
+
+    engine.add_request(request_id, prompt_token_ids, params)
+    while engine.has_unfinished():
+        for out in engine.step(): ...      # StepOutput per sequence that advanced
+    engine.abort(request_id)               # any time; frees everything the request held
+"""
+from __future__ import annotations
+
+import logging
+
+from model.loader import LoadedModel, load_model
+from model.sampling import SamplingParams
+from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
+from server.engine.memory import BlockPool
+from server.engine.output import StepOutput, TextStream
+from server.engine.runner import Runner
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Sequence
+
+log = logging.getLogger("workmem.engine")
+
+
+class LLMEngine:
+    """Owns the model, KV pool, scheduler and runner; see module doc for the protocol."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if loaded is None:
+            loaded = load_model(config.model, self.dtype, self.device)
+        self.model, self.model_config, self.tokenizer = loaded
+        self.plan = plan_kv_cache(config, self.model_config, self.dtype, self.device)
+        self.max_model_len = self.plan.max_model_len
+        self.eos_token_ids = tuple(
+            dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
+        )
+        self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            self.pool,
+        )
+        self.runner = Runner(
+            self.model, self.model_config, self.plan.num_blocks, config.block_size,
+            self.device, self.dtype, seed=config.seed,
+        )
+        self.streams: dict[Sequence, TextStream] = {}
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d",
+            config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
+            self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
+        )
+
+    # -- requests ---------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. ValueError for an empty or too long prompt, a duplicate id,
+        or token ids outside the vocabulary."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens but max_model_len is "
+                f"{self.max_model_len}; it must leave room for at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seqs = [
+            Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, index=i)
+            for i in range(params.n)
+        ]
+        for seq in seqs:
+            self.streams[seq] = TextStream(self.tokenizer, seq)
+        self.scheduler.add(seqs)
+
+    def abort(self, request_id: str) -> list[StepOutput]:
+        """Stop a request wherever it is; returns its final outputs (reason "abort")."""
+        return [self._final(seq, []) for seq in self.scheduler.abort(request_id)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = self.runner.execute(out)
+        self.scheduler.update(out, sampled.token_ids, sampled.logprobs)
+        outputs = []
+        for (_, seq), token, lp in zip(out.samples, sampled.token_ids, sampled.logprobs):
+            outputs.append(self._advance(seq, token, lp))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> StepOutput:
+        """Text and stop checks for a sequence that just received `token`."""
+        text, stopped = self.streams[seq].add([token])
+        params = seq.params
+        reason = None
+        if stopped:
+            reason = "stop"
+        elif seq.num_output_tokens >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        ):
+            reason = "stop"
+        elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            return self._output(seq, [token], logprob, text)
+        if not stopped:
+            text += self.streams[seq].flush()  # held back for a stop string that never came
+        self.scheduler.finish(seq, reason)
+        return self._final(seq, [token], logprob, text)
+
+    def _final(self, seq: Sequence, tokens: list[int], logprob=None, text: str = "") -> StepOutput:
+        self.streams.pop(seq, None)
+        return self._output(seq, tokens, logprob, text)
+
+    def _output(self, seq: Sequence, tokens: list[int], logprob, text: str) -> StepOutput:
+        return StepOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_token_ids=tokens,
+            new_logprobs=[logprob] if (tokens and logprob is not None) else ([] if seq.logprobs is not None else None),
+            text=text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.prompt_len,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+        )
+
+    # -- introspection ----------------------------------------------------------------
+    def kv_usage(self) -> dict[str, int]:
+        pool = self.pool
+        return {
+            "total": pool.num_total,
+            "used": pool.num_used,
+            "cached": pool.num_cached,
+            "free": pool.num_free - pool.num_cached,
+        }

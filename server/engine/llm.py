@@ -1,0 +1,82 @@
+"""Offline API: `LLM(model_path, ...).generate(prompts, params)` runs the engine to
+completion and returns one `RequestOutput` per prompt, in prompt order."""
+from __future__ import annotations
+
+import itertools
+
+from model.sampling import SamplingParams
+from server.engine.config import (
+    DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig,
+)
+from server.engine.engine import LLMEngine
+from server.engine.output import CompletionOutput, RequestOutput
+
+
+class LLM:
+    """Load a checkpoint (HF directory or .gguf) and generate offline.
+
+    dtype/device: "auto" picks CUDA + bfloat16 when available, else CPU with bfloat16
+    where the CPU has native bf16 matmul. The KV pool is `num_kv_blocks` blocks of
+    `block_size` tokens, or as many as fit in `kv_cache_memory` bytes. At most
+    `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=str(model_path), dtype=dtype, device=device, block_size=block_size,
+                num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
+            )
+        )
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, p)
+            results[request_id] = RequestOutput(
+                request_id, ids,
+                [CompletionOutput(i, logprobs=[] if p.logprobs is not None else None) for i in range(p.n)],
+            )
+            order.append(request_id)
+        while self.engine.has_unfinished():
+            for step in self.engine.step():
+                result = results[step.request_id]
+                completion = result.outputs[step.index]
+                completion.token_ids.extend(step.new_token_ids)
+                completion.text += step.text
+                if step.new_logprobs:
+                    completion.logprobs.extend(step.new_logprobs)
+                result.num_cached_tokens = step.num_cached_tokens
+                if step.finished:
+                    completion.finish_reason = step.finish_reason
+        return [results[r] for r in order]

@@ -1,0 +1,126 @@
+"""BlockPool: the KV working memory's page allocator.
+
+Every block is exactly one of
+  - used:   refcount > 0 (held by sequences or sessions),
+  - cached: refcount 0 but still holding a content hash, reusable by a prefix-cache hit,
+  - free:   refcount 0 and no hash.
+Free and cached blocks share one free list in eviction order: plain free blocks at the
+front (taken first), cached blocks appended at the back as they are released, so the
+least recently used cached block is evicted first. All operations are O(1) per block.
+
+A full block's hash covers its parent's hash and its own token ids, so equal hashes
+mean equal prefixes (up to hash collisions of a 64-bit hash).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+NO_PARENT = 0
+
+
+def block_hash(parent: int, token_ids: Sequence[int]) -> int:
+    """Content hash of a full block: (parent hash, its tokens)."""
+    return hash((parent, tuple(token_ids)))
+
+
+class BlockPool:
+    """Preallocated KV blocks with refcounts, an LRU free list and a hash -> block map."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_total = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.refcounts = [0] * num_blocks
+        self.hashes: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.free_list: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.num_cached = 0  # blocks on the free list that hold a hash
+
+    # -- accounting -------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated now (plain free + evictable cached)."""
+        return len(self.free_list)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_total - len(self.free_list)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self.free_list)
+
+    # -- allocation -------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` blocks off the front of the free list (evicting cached contents)."""
+        if n > len(self.free_list):
+            raise RuntimeError(f"allocate({n}) with only {len(self.free_list)} free blocks")
+        blocks = []
+        for _ in range(n):
+            block, _ = self.free_list.popitem(last=False)
+            self._forget_hash(block)
+            self.refcounts[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def acquire(self, blocks: Iterable[int]) -> None:
+        """Add one reference to each block (a prefix-cache hit, a fork, a session pin)."""
+        for block in blocks:
+            if self.refcounts[block] == 0:
+                del self.free_list[block]
+                if self.hashes[block] is not None:
+                    self.num_cached -= 1
+            self.refcounts[block] += 1
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference from each block; at zero it joins the free list.
+
+        Blocks are released tail first, so a sequence's last blocks are evicted before
+        its first ones (the prefix is the part most likely to be shared again)."""
+        for block in reversed(blocks):
+            if self.refcounts[block] <= 0:
+                raise RuntimeError(f"free of block {block} with refcount {self.refcounts[block]}")
+            self.refcounts[block] -= 1
+            if self.refcounts[block] == 0:
+                self.free_list[block] = None
+                if self.hashes[block] is None:
+                    self.free_list.move_to_end(block, last=False)
+                else:
+                    self.num_cached += 1
+
+    def num_acquirable_free(self, blocks: Iterable[int]) -> int:
+        """How many of `blocks` sit on the free list (acquiring them uses free capacity)."""
+        return sum(1 for b in blocks if self.refcounts[b] == 0)
+
+    # -- prefix cache -----------------------------------------------------------------
+    def register(self, block: int, content_hash: int) -> None:
+        """Record that a used, now full block holds the content `content_hash`."""
+        if not self.enable_prefix_caching or self.hashes[block] is not None:
+            return
+        if content_hash in self.hash_to_block:
+            return  # another block already holds this content; this one stays anonymous
+        self.hashes[block] = content_hash
+        self.hash_to_block[content_hash] = block
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """Blocks holding the longest cached prefix of the chain `hashes` (no refs taken)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for h in hashes:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def _forget_hash(self, block: int) -> None:
+        h = self.hashes[block]
+        if h is None:
+            return
+        self.hashes[block] = None
+        self.num_cached -= 1
+        if self.hash_to_block.get(h) == block:
+            del self.hash_to_block[h]

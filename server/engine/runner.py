@@ -1,0 +1,110 @@
+"""Runner: a scheduled step -> tensors -> model -> sampler -> token ids.
+
+Owns the KV cache tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`
+and the sampler. The flat token batch concatenates each scheduled sequence's chunk
+(`token_ids[num_computed : num_computed + n]`) in schedule order.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence as Seq
+
+import torch
+from torch import nn
+
+from model.attention import SeqAttention, build_attention_metadata
+from model.config import ModelConfig
+from model.sampling import Sampler, SamplerOutput, SamplingRow
+from server.engine.scheduler import SchedulerOutput
+from server.engine.sequence import Sequence
+
+
+class TokenSlice(Seq[int]):
+    """A read-only window of a token list, made in O(1) (the sampler reads it only when a
+    request uses penalties)."""
+
+    def __init__(self, tokens: list[int], start: int, stop: int) -> None:
+        self.tokens, self.start, self.stop = tokens, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.tokens[self.start : self.stop][i]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.tokens[self.start + (i % len(self))]
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.tokens[i] for i in range(self.start, self.stop))
+
+
+class Runner:
+    """Runs the model on the scheduler's batches; see module doc."""
+
+    def __init__(
+        self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+        device: torch.device, dtype: torch.dtype, seed: int | None = None,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.kv_cache = torch.zeros(
+            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            dtype=dtype, device=device,
+        )
+        self.sampler = Sampler(seed=seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+        for src, dst in out.copies:
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+        input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
+        meta = build_attention_metadata(seq_attn, slot_mapping, self.block_size, self.device)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # [T, hidden]
+        # Row of each sampled sequence's last token in the flat batch.
+        last_row, end = {}, 0
+        for seq, num in out.scheduled.items():
+            end += num
+            last_row[seq] = end - 1
+        sources = list(dict.fromkeys(src for src, _ in out.samples))
+        if not sources:
+            return SamplerOutput([], [])
+        rows = torch.tensor([last_row[s] for s in sources], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [S, vocab] float32
+        source_index = {s: i for i, s in enumerate(sources)}
+        expand = [source_index[src] for src, _ in out.samples]
+        if expand != list(range(len(sources))):
+            logits = logits[torch.tensor(expand, device=self.device)]
+        return self.sampler(logits, [_sampling_row(dst) for _, dst in out.samples])
+
+    def _prepare(self, scheduled: dict[Sequence, int]):
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        seq_attn: list[SeqAttention] = []
+        tables: list[torch.Tensor] = []
+        for seq, num in scheduled.items():
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start : start + num])
+            pos = torch.arange(start, start + num)
+            positions.append(pos)
+            table = torch.tensor(seq.block_table, dtype=torch.int64)
+            tables.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            seq_attn.append(SeqAttention(num, start + num, seq.block_table))
+        to = dict(device=self.device, dtype=torch.int64)
+        return (
+            torch.tensor(ids).to(**to),
+            torch.cat(positions).to(**to),
+            torch.cat(tables).to(**to),
+            seq_attn,
+        )
+
+
+def _sampling_row(seq: Sequence) -> SamplingRow:
+    return SamplingRow(
+        params=seq.params,
+        prompt_token_ids=TokenSlice(seq.token_ids, 0, seq.prompt_len),
+        output_token_ids=TokenSlice(seq.token_ids, seq.prompt_len, seq.num_tokens),
+        generator=seq.generator,
+        eos_token_ids=seq.eos_token_ids,
+    )

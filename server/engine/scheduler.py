@@ -1,0 +1,225 @@
+"""Continuous batching over a paged KV pool.
+
+Each step the scheduler hands out a token budget (`max_num_batched_tokens`):
+  1. running decodes (one token each), then running prefill chunks, in admission order;
+  2. if nothing had to be preempted, waiting sequences are admitted in FIFO order while
+     blocks, budget and `max_num_seqs` allow; a prompt longer than the remaining budget
+     is prefilled in chunks over several steps.
+A running sequence that cannot get a block preempts the most recently admitted
+unscheduled sequence (its blocks are freed, it goes back to the front of the queue with
+its generated tokens, and is recomputed later, mostly from the prefix cache).
+Writing into a block shared with another sequence (n > 1 forks) copies it first.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.memory import NO_PARENT, BlockPool, block_hash
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work. `scheduled` keeps batch order; `samples` pairs the sequence whose
+    last-position logits are used with the sequence that receives the sampled token (they
+    differ only for n > 1 children forked from their parent's prompt)."""
+
+    scheduled: dict[Sequence, int] = field(default_factory=dict)  # seq -> tokens this step
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) block copies
+    samples: list[tuple[Sequence, Sequence]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides which sequences run each step and keeps their blocks; see module doc."""
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+        self.config = config
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self.requests: dict[str, list[Sequence]] = {}
+        self.num_preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request: seqs[0] computes the prompt, seqs[1:] fork from it."""
+        parent, children = seqs[0], seqs[1:]
+        for child in children:
+            child.status = SequenceStatus.FORK_PENDING
+        parent.fork_children = list(children)
+        self.requests[parent.request_id] = list(seqs)
+        self.waiting.append(parent)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of the request with reason "abort"."""
+        aborted = [s for s in self.requests.get(request_id, []) if not s.is_finished]
+        for seq in aborted:
+            self.finish(seq, "abort")
+        return aborted
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        for child in seq.fork_children:  # a parent that ends before forking takes them along
+            if not child.is_finished:
+                self.finish(child, reason)
+        seq.fork_children = []
+        if all(s.is_finished for s in self.requests.get(seq.request_id, [])):
+            self.requests.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        decodes = [s for s in self.running if s.num_uncomputed == 1]
+        prefills = [s for s in self.running if s.num_uncomputed > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num = min(seq.num_uncomputed, budget)
+            if self._reserve(seq, num, out):
+                out.scheduled[seq] = num
+                budget -= num
+        if out.num_preempted == 0:
+            budget = self._admit(budget, out)
+        for seq, num in out.scheduled.items():
+            if seq.num_computed_tokens + num == seq.num_tokens:
+                out.samples.append((seq, seq))
+                out.samples.extend((seq, child) for child in seq.fork_children)
+        return out
+
+    def _blocks_needed(self, seq: Sequence, num: int) -> int:
+        total = -(-(seq.num_computed_tokens + num) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def _shared_tail(self, seq: Sequence) -> bool:
+        """Whether this step writes into a partially filled block another sequence holds."""
+        index = seq.num_computed_tokens // self.block_size
+        return (
+            seq.num_computed_tokens % self.block_size != 0
+            and index < len(seq.block_table)
+            and self.pool.refcounts[seq.block_table[index]] > 1
+        )
+
+    def _reserve(self, seq: Sequence, num: int, out: SchedulerOutput) -> bool:
+        """Give `seq` the blocks for `num` more tokens, preempting others if needed.
+        Returns False if `seq` itself had to be preempted."""
+        cow = self._shared_tail(seq)
+        needed = self._blocks_needed(seq, num) + int(cow)
+        while not self.pool.can_allocate(needed):
+            victims = [s for s in self.running if s is not seq and s not in out.scheduled]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            out.num_preempted += 1
+            if victim is seq:
+                return False
+        if cow:
+            index = seq.num_computed_tokens // self.block_size
+            old = seq.block_table[index]
+            (new,) = self.pool.allocate(1)
+            out.copies.append((old, new))
+            self.pool.free([old])
+            seq.block_table[index] = new
+            needed -= 1
+        seq.block_table.extend(self.pool.allocate(needed))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            slots = 1 + len(seq.fork_children)
+            if len(self.running) + slots > self.config.max_num_seqs:
+                break
+            # Reuse cached full blocks, but always leave one token to compute (for logits).
+            hits = []
+            if self.pool.enable_prefix_caching:
+                max_hits = (seq.num_tokens - 1) // self.block_size
+                self._extend_hashes(seq, max_hits)
+                hits = self.pool.lookup(seq.block_hashes[:max_hits])
+            num_cached = len(hits) * self.block_size
+            num = min(seq.num_tokens - num_cached, budget)
+            new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
+            if not self.pool.can_allocate(new_blocks + self.pool.num_acquirable_free(hits)):
+                break
+            self.waiting.popleft()
+            self.pool.acquire(hits)
+            seq.block_table = hits + self.pool.allocate(new_blocks)
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens is None:  # first admission only
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled[seq] = num
+            budget -= num
+        return budget
+
+    # -- after the forward ------------------------------------------------------------
+    def update(self, out: SchedulerOutput, token_ids: list[int], logprobs: list) -> None:
+        """Advance counters, hash newly full blocks, fork n > 1 children, append tokens."""
+        for seq, num in out.scheduled.items():
+            full_before = seq.num_computed_tokens // self.block_size
+            seq.num_computed_tokens += num
+            full_after = seq.num_computed_tokens // self.block_size
+            if self.pool.enable_prefix_caching and full_after > full_before:
+                self._extend_hashes(seq, full_after)
+                for i in range(full_before, full_after):
+                    self.pool.register(seq.block_table[i], seq.block_hashes[i])
+        for (src, dst), token, lp in zip(out.samples, token_ids, logprobs):
+            if dst.status is SequenceStatus.FORK_PENDING:
+                self._fork(src, dst)
+            dst.token_ids.append(token)
+            if dst.logprobs is not None:
+                dst.logprobs.append(lp)
+        for seq in out.scheduled:
+            seq.fork_children = [c for c in seq.fork_children if c.status is SequenceStatus.FORK_PENDING]
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Child shares every block of the parent's computed prompt (refcounts)."""
+        self.pool.acquire(parent.block_table)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = SequenceStatus.RUNNING
+        self.running.insert(self.running.index(parent) + 1, child)
+
+    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        """Make sure `seq.block_hashes` covers its first `num_blocks` full blocks."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), num_blocks):
+            parent = seq.block_hashes[i - 1] if i else NO_PARENT
+            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))

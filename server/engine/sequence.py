@@ -1,0 +1,86 @@
+"""Sequence: one generation stream's token ids and progress counters.
+
+`token_ids` is prompt + output. `num_computed_tokens` (tokens whose K/V are in the
+sequence's blocks) is the single source of truth for progress: the tokens still to
+compute are `token_ids[num_computed_tokens:]`, and when that range is fully computed
+in a step, the last position's logits produce the next token.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from model.sampling import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new or preempted); holds no blocks
+    RUNNING = "running"  # admitted; holds blocks
+    FORK_PENDING = "fork_pending"  # n > 1 child waiting for its parent's prompt
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids, block table and counters of one sequence (hashable by identity)."""
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    index: int = 0  # which of the request's n completions
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the full, computed blocks
+    num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
+    fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    @classmethod
+    def new(
+        cls, request_id: str, prompt: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...],
+        index: int = 0,
+    ) -> "Sequence":
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator()
+            generator.manual_seed((params.seed + index * 0x9E3779B97F4A7C15) % (1 << 63))
+        return cls(
+            request_id=request_id, prompt_len=len(prompt), token_ids=list(prompt), params=params,
+            eos_token_ids=eos_token_ids, index=index, generator=generator,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random checkpoints built offline with transformers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.checkpoints import ARCHS, build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_root):
+    """tiny_checkpoint(arch) -> directory with config.json, model.safetensors, tokenizer.json."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_checkpoint(arch, checkpoint_root / arch)
+        return built[arch]
+
+    return get
+
+
+__all__ = ["ARCHS"]
