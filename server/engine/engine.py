@@ -68,8 +68,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        params.check_vocab(vocab)
         seqs = [
-            Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, index=i)
+            Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, self.device, i)
             for i in range(params.n)
         ]
         for seq in seqs:

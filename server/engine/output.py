@@ -77,4 +77,9 @@ class TextStream:
         return self.stops.feed(delta)
 
     def flush(self) -> str:
-        return self.stops.flush() if self.stops is not None else ""
+        """Text held back at the end (an unfinished character, a partial stop string)."""
+        tail = self.detokenizer.flush()
+        if self.stops is None:
+            return tail
+        text, stopped = self.stops.feed(tail)
+        return text if stopped else text + self.stops.flush()

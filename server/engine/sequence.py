@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, make_generator
 
 _seq_ids = itertools.count()
 
@@ -49,12 +49,11 @@ class Sequence:
     @classmethod
     def new(
         cls, request_id: str, prompt: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...],
-        index: int = 0,
+        device: torch.device | str = "cpu", index: int = 0,
     ) -> "Sequence":
         generator = None
-        if params.seed is not None:
-            generator = torch.Generator()
-            generator.manual_seed((params.seed + index * 0x9E3779B97F4A7C15) % (1 << 63))
+        if params.seed is not None:  # n > 1 siblings get distinct, still reproducible streams
+            generator = make_generator((params.seed + index * 0x9E3779B97F4A7C15) % (1 << 63), device)
         return cls(
             request_id=request_id, prompt_len=len(prompt), token_ids=list(prompt), params=params,
             eos_token_ids=eos_token_ids, index=index, generator=generator,
