@@ -1,12 +1,19 @@
 """`workmem` command line. Subcommands:
+  serve      the OpenAI-compatible HTTP server
   generate   offline generation through the engine (no HTTP)
   bench      benchmarks (`workmem bench offline` = `python -m loadtest.offline`)
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -27,18 +34,61 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the shared sampling generator")
 
 
-def llm_from_args(args: argparse.Namespace):
+def engine_config_from_args(args: argparse.Namespace):
     from server.default_model import default_model_path
+    from server.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model or str(default_model_path()), dtype=args.dtype, device=args.device,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+    )
+
+
+def llm_from_args(args: argparse.Namespace):
     from server.engine import LLM
 
-    model = args.model or str(default_model_path())
+    c = engine_config_from_args(args)
     return LLM(
-        model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed,
+        c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
+        num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.api.state import ServerSettings
+    from server.async_engine import AsyncEngine
+    from server.engine import LLMEngine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
+    name = args.served_model_name or _model_name(config.model)
+    settings = ServerSettings(
+        served_model_name=name, api_key=args.api_key or None,
+        max_request_bytes=args.max_request_bytes, max_queue_len=args.max_queue_len,
+    )
+
+    def load() -> AsyncEngine:
+        engine = AsyncEngine(LLMEngine(config), max_queue_len=args.max_queue_len)
+        engine.start()
+        logging.getLogger("workmem").info("serving %s as %r on http://%s:%d", config.model, name, args.host, args.port)
+        return engine
+
+    app = create_app(settings, load=load)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def _model_name(path: str) -> str:
+    p = Path(path)
+    return p.name.split(".")[0] if p.suffix == ".gguf" else p.name
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -66,6 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from server.api.state import DEFAULT_MAX_REQUEST_BYTES
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--served-model-name", default=None, help="model id in the API (default: from the path)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--max-queue-len", type=int, default=None, help="waiting requests beyond it get 429 (default: unbounded)")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (also WORKMEM_API_KEY)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
+
     gen = sub.add_parser("generate", help="offline generation (no server)")
     add_engine_args(gen)
     gen.add_argument("prompt", nargs="*", help="prompts (default: one per line on stdin)")
@@ -75,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    offline = bench_sub.add_parser("offline", help="engine throughput vs transformers", add_help=False)
-    offline.set_defaults(func=lambda a: _bench_offline(a.rest))
-    offline.add_argument("rest", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench offline [ARGS]` (see --help there)")
+    bench.add_argument("which", choices=["offline"])
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "offline"]:  # its own parser takes the rest
+        from loadtest.offline import main as bench_main
+
+        return bench_main(argv[2:])
+    for subparser in (serve, gen):
+        apply_env_defaults(subparser)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -89,10 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _bench_offline(rest: list[str]) -> int:
-    from loadtest.offline import main as bench_main
-
-    return bench_main(rest)
+def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every long flag --some-flag may come from WORKMEM_SOME_FLAG (flags win)."""
+    for action in parser._actions:
+        env = os.environ.get("WORKMEM_" + action.dest.upper())
+        if env is None or not action.option_strings:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            parser.set_defaults(**{action.dest: env.lower() in ("1", "true", "yes", "on")})
+        else:
+            parser.set_defaults(**{action.dest: action.type(env) if action.type else env})
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.prompt_len,
             num_cached_tokens=seq.num_cached_tokens or 0,
+            queue_time=seq.queue_time,
         )
 
     # -- introspection ----------------------------------------------------------------

@@ -22,6 +22,7 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     num_prompt_tokens: int
     num_cached_tokens: int
+    queue_time: float  # seconds from arrival to first admission
 
 
 @dataclass

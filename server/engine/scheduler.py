@@ -12,6 +12,7 @@ Writing into a block shared with another sequence (n > 1 forks) copies it first.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,6 +58,8 @@ class Scheduler:
     # -- requests ---------------------------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request: seqs[0] computes the prompt, seqs[1:] fork from it."""
+        if len(seqs) > self.config.max_num_seqs:  # could never be admitted: all n run at once
+            raise ValueError(f"n={len(seqs)} exceeds max_num_seqs={self.config.max_num_seqs}")
         parent, children = seqs[0], seqs[1:]
         for child in children:
             child.status = SequenceStatus.FORK_PENDING
@@ -181,6 +184,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             if seq.num_cached_tokens is None:  # first admission only
                 seq.num_cached_tokens = num_cached
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled[seq] = num
@@ -214,6 +218,7 @@ class Scheduler:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
+        child.first_scheduled_time = parent.first_scheduled_time
         child.status = SequenceStatus.RUNNING
         self.running.insert(self.running.index(parent) + 1, child)
 

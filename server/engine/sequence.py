@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,8 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
     fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
     finish_reason: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     logprobs: list[dict[int, float]] | None = None
 
     @classmethod
@@ -79,6 +82,11 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[: self.prompt_len]
+
+    @property
+    def queue_time(self) -> float:
+        """Seconds between arrival and first admission (so far, if not admitted yet)."""
+        return (self.first_scheduled_time or time.monotonic()) - self.arrival_time
 
     @property
     def is_finished(self) -> bool:

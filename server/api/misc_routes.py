@@ -1,0 +1,82 @@
+"""Models, tokenizer, health, metrics and version endpoints."""
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.errors import APIError, error_body
+from server.api.protocol import DetokenizeRequest, TokenizeRequest
+from server.api.serving import check_model, ready_engine
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = request.app.state.workmem
+    engine = state.engine
+    return {"object": "list", "data": [{
+        "id": state.settings.served_model_name, "object": "model", "created": int(state.started),
+        "owned_by": "workmem",
+        "max_model_len": engine.engine.max_model_len if engine else None,
+    }]}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = request.app.state.workmem
+    check_model(state, body.model)
+    tok = ready_engine(state).engine.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+    try:
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            tokens = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            tokens = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": ready_engine(state).engine.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    state = request.app.state.workmem
+    check_model(state, body.model)
+    tok = ready_engine(state).engine.tokenizer
+    if any(t < 0 or t >= tok.vocab_size for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = request.app.state.workmem
+    if state.engine is not None and state.engine.is_alive:
+        return {"status": "ok"}
+    if state.load_error:
+        message = f"model failed to load: {state.load_error}"
+    elif state.engine is None:
+        message = "model is loading"
+    else:
+        message = "the engine is not running"
+    return JSONResponse(error_body(503, message), status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    m = request.app.state.workmem.metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/version")
+async def get_version():
+    try:
+        v = version("workmem")
+    except PackageNotFoundError:
+        v = "unknown"
+    return {"version": v, "time": int(time.time())}

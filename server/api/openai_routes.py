@@ -1,0 +1,183 @@
+"""POST /v1/completions and /v1/chat/completions: validate, run, answer JSON or SSE."""
+from __future__ import annotations
+
+import secrets
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from model.tokenizer import Tokenizer
+from server.api.errors import APIError, bad_request
+from server.api.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, ChatCompletionRequest, CompletionRequest,
+)
+from server.api.serving import Choice, Generation, check_model, fit_max_tokens, make_params, ready_engine
+from server.api.sse import DONE, EventStream, sse, until_disconnect
+
+router = APIRouter()
+
+
+def _state(request: Request):
+    return request.app.state.workmem
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    check_model(state, body.model)
+    engine = ready_engine(state)
+    tok = engine.engine.tokenizer
+    prompts = _completion_prompts(body.prompt, tok)
+    max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS) for p in prompts]
+    params = [make_params(body, m, body.logprobs) for m in max_tokens]
+    gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params)
+    echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
+    fmt = _Format(gen.request_id, "text_completion", state.settings.served_model_name, tok)
+    if body.stream:
+        return await _stream(request, gen, fmt, body.include_usage, chat=False, echo=echo)
+    choices = await until_disconnect(request, gen.run_to_end())
+    return fmt.response([{
+        "index": c.index, "text": echo[c.index // gen.n] + c.text, "finish_reason": c.finish_reason,
+        "logprobs": fmt.completion_logprobs(c.token_ids, c.logprobs) if body.logprobs is not None else None,
+    } for c in choices], gen.usage.as_dict())
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    check_model(state, body.model)
+    engine = ready_engine(state)
+    tok = engine.engine.tokenizer
+    try:
+        prompt = tok.encode_chat(body.template_messages(), add_generation_prompt=body.add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, f"chat template failed: {exc}", param="messages") from None
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = fit_max_tokens(engine, len(prompt), requested, None)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+    gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [make_params(body, max_tokens, logprobs)])
+    fmt = _Format(gen.request_id, "chat.completion", state.settings.served_model_name, tok)
+    if body.stream:
+        return await _stream(request, gen, fmt, body.include_usage, chat=True)
+    choices = await until_disconnect(request, gen.run_to_end())
+    return fmt.response([{
+        "index": c.index, "message": {"role": "assistant", "content": c.text},
+        "finish_reason": c.finish_reason,
+        "logprobs": fmt.chat_logprobs(c.token_ids, c.logprobs, logprobs) if logprobs is not None else None,
+    } for c in choices], gen.usage.as_dict())
+
+
+def _completion_prompts(prompt, tok: Tokenizer) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [tok.encode(prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tok.encode(p) for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", param="prompt")
+    vocab = tok.vocab_size
+    for p in prompts:
+        if not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if min(p) < 0 or max(p) >= vocab:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+async def _stream(request: Request, gen: Generation, fmt: "_Format", include_usage: bool,
+                  chat: bool, echo: list[str] | None = None) -> EventStream:
+    """Start the engine requests (errors become JSON 4xx here), then stream chunks."""
+    events = gen.events()
+    first = await until_disconnect(request, anext(events))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if chat:
+                for c in gen.choices:
+                    yield sse(fmt.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]))
+            elif echo and any(echo):
+                for c in gen.choices:
+                    yield sse(fmt.chunk([{"index": c.index, "text": echo[c.index // gen.n],
+                                          "logprobs": None, "finish_reason": None}]))
+            item = first
+            while item is not None:
+                choice, out = item
+                if out.new_token_ids or out.text or out.finished:
+                    yield sse(fmt.chunk([fmt.delta(choice, out, chat)]))
+                item = await anext(events, None)
+            if include_usage:
+                yield sse(fmt.chunk([], usage=gen.usage.as_dict()))
+        except APIError as err:
+            yield sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+        finally:
+            await events.aclose()
+        yield DONE
+
+    return EventStream(body())
+
+
+class _Format:
+    """OpenAI JSON shapes for one response."""
+
+    def __init__(self, request_id: str, obj: str, model: str, tok: Tokenizer) -> None:
+        self.id, self.obj, self.model, self.tok = request_id, obj, model, tok
+        self.created = int(time.time())
+
+    def response(self, choices: list[dict], usage: dict) -> JSONResponse:
+        return JSONResponse({"id": self.id, "object": self.obj, "created": self.created,
+                             "model": self.model, "choices": choices, "usage": usage})
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        obj = "chat.completion.chunk" if self.obj == "chat.completion" else self.obj
+        data = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return data
+
+    def delta(self, choice: Choice, out, chat: bool) -> dict:
+        lps = out.new_logprobs
+        if chat:
+            want = choice_logprobs_k(lps)
+            return {"index": choice.index, "delta": {"content": out.text} if out.text else {},
+                    "logprobs": self.chat_logprobs(out.new_token_ids, lps, want) if lps is not None else None,
+                    "finish_reason": out.finish_reason if out.finished else None}
+        return {"index": choice.index, "text": out.text,
+                "logprobs": self.completion_logprobs(out.new_token_ids, lps) if lps is not None else None,
+                "finish_reason": out.finish_reason if out.finished else None}
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def completion_logprobs(self, tokens: list[int], logprobs: list[dict[int, float]]) -> dict:
+        texts = [self.token_text(t) for t in tokens]
+        offsets, pos = [], 0
+        for t in texts:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": texts,
+            "token_logprobs": [lp[t] for t, lp in zip(tokens, logprobs)],
+            "top_logprobs": [{self.token_text(k): v for k, v in lp.items()} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, tokens: list[int], logprobs: list[dict[int, float]], k: int | None) -> dict:
+        content = []
+        for t, lp in zip(tokens, logprobs):
+            top = sorted(lp.items(), key=lambda kv: -kv[1])[: k or 0]
+            content.append({"token": self.token_text(t), "logprob": lp[t], "bytes": list(self.token_text(t).encode()),
+                            "top_logprobs": [{"token": self.token_text(i), "logprob": v,
+                                              "bytes": list(self.token_text(i).encode())} for i, v in top]})
+        return {"content": content}
+
+
+def choice_logprobs_k(lps) -> int | None:
+    return max((len(lp) for lp in lps), default=0) if lps else None

@@ -1,0 +1,197 @@
+"""Generation for the OpenAI routes: prompts -> engine -> choices, streamed or whole.
+
+A request with P prompts and n completions each has P*n choices, indexed
+`prompt_index * n + completion_index`, as OpenAI does. Each prompt is one engine request
+(`{request_id}-{prompt_index}`); closing the stream aborts all of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from model.sampling import SamplingParams
+from server.api.errors import APIError, bad_request
+from server.api.state import AppState
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.engine import StepOutput
+
+log = logging.getLogger("workmem.api")
+
+
+@dataclass
+class Choice:
+    """One completion being assembled."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_token_time: float | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def ready_engine(state: AppState) -> AsyncEngine:
+    if state.engine is None:
+        message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
+        raise APIError(503, message, code="not_ready", headers={"Retry-After": "1"})
+    if not state.engine.is_alive:
+        raise APIError(503, "the engine is not running", code="engine_dead")
+    return state.engine
+
+
+def check_model(state: AppState, model: str | None) -> None:
+    if model is not None and model != state.settings.served_model_name:
+        raise APIError(404, f"model {model!r} does not exist; this server serves "
+                       f"{state.settings.served_model_name!r}", param="model", code="model_not_found")
+
+
+def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None) -> int:
+    """The request's max_tokens, checked against the context; 400 with both numbers."""
+    limit = engine.engine.max_model_len
+    if prompt_len >= limit:
+        raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
+                       f"has {prompt_len} tokens", param="messages", code="context_length_exceeded")
+    room = limit - prompt_len
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise APIError(400, f"max_tokens={requested} does not fit: the prompt has {prompt_len} tokens "
+                       f"and the maximum context length is {limit} ({room} tokens left)",
+                       param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def make_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return body.sampling_params(max_tokens, logprobs)
+    except ValueError as exc:
+        raise bad_request(exc) from None
+
+
+class Generation:
+    """Runs a request's prompts in the engine and yields (choice index, StepOutput)."""
+
+    def __init__(self, state: AppState, request_id: str, prompts: list[list[int]], params: list[SamplingParams]):
+        self.state, self.engine = state, ready_engine(state)
+        self.request_id, self.prompts, self.params = request_id, prompts, params
+        self.n = params[0].n
+        self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
+        self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
+        self.start = time.monotonic()
+
+    async def start_streams(self) -> list[AsyncIterator[StepOutput]]:
+        """Submit every prompt and wait for its first event, so that a rejected request
+        fails before any response bytes are sent. Returns the live streams."""
+        streams, firsts = [], []
+        try:
+            for i, (prompt, params) in enumerate(zip(self.prompts, self.params)):
+                stream = self.engine.generate(f"{self.request_id}-{i}", prompt, params)
+                streams.append(stream)
+                firsts.append(await anext(stream))
+        except ValueError as exc:
+            await _close_all(streams)
+            raise bad_request(exc) from None
+        except QueueFullError as exc:
+            await _close_all(streams)
+            raise APIError(429, f"server busy: {exc}", code="queue_full",
+                           headers={"Retry-After": str(self.state.settings.retry_after_s)}) from None
+        except EngineDeadError as exc:
+            await _close_all(streams)
+            raise APIError(503, str(exc), code="engine_dead") from None
+        except BaseException:
+            await _close_all(streams)
+            raise
+        self._firsts = firsts
+        return streams
+
+    async def events(self) -> AsyncIterator[tuple[Choice, StepOutput]]:
+        """All prompts' outputs, merged; records metrics; closing it aborts everything."""
+        streams = await self.start_streams()
+        merged: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i: int, stream: AsyncIterator[StepOutput]) -> None:
+            try:
+                await merged.put((i, self._firsts[i]))
+                async for out in stream:
+                    await merged.put((i, out))
+            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+                await merged.put((i, exc))
+            finally:
+                await merged.put((i, done))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                i, item = await merged.get()
+                if item is done:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise APIError(500, f"generation failed: {item}")
+                choice = self.choices[i * self.n + item.index]
+                self._record(choice, item)
+                yield choice, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _close_all(streams)
+
+    def _record(self, choice: Choice, out: StepOutput) -> None:
+        metrics, now = self.state.metrics, time.monotonic()
+        if out.new_token_ids:
+            if choice.last_token_time is None:
+                metrics.ttft.observe(now - self.start)
+                metrics.queue_time.observe(out.queue_time)
+                if choice.index % self.n == 0:  # once per prompt
+                    self.usage.cached_tokens += out.num_cached_tokens
+                    metrics.prefix_queries.inc(out.num_prompt_tokens)
+                    metrics.prefix_hits.inc(out.num_cached_tokens)
+                    metrics.prompt_tokens.inc(out.num_prompt_tokens)
+            else:
+                metrics.itl.observe(now - choice.last_token_time)
+            choice.last_token_time = now
+            metrics.generation_tokens.inc(len(out.new_token_ids))
+        choice.token_ids += out.new_token_ids
+        choice.text += out.text
+        if out.new_logprobs:
+            choice.logprobs += out.new_logprobs
+        self.usage.completion_tokens += len(out.new_token_ids)
+        if out.finished:
+            choice.finish_reason = out.finish_reason
+            metrics.request_success.labels(finished_reason=out.finish_reason).inc()
+            if all(c.finish_reason for c in self.choices):
+                metrics.e2e.observe(now - self.start)
+                log.info("request_id=%s event=finished prompt_tokens=%d completion_tokens=%d "
+                         "cached_tokens=%d seconds=%.3f", self.request_id, self.usage.prompt_tokens,
+                         self.usage.completion_tokens, self.usage.cached_tokens, now - self.start)
+
+    async def run_to_end(self) -> list[Choice]:
+        async for _ in self.events():
+            pass
+        return self.choices
+
+
+async def _close_all(streams: list) -> None:
+    for stream in streams:
+        await stream.aclose()

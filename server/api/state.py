@@ -1,0 +1,51 @@
+"""What the routes share, kept on `app.state.workmem` (no module globals)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from server.async_engine import AsyncEngine, EngineStats
+from server.metrics import Metrics
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full answers
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-side settings (the engine has its own EngineConfig)."""
+
+    served_model_name: str
+    api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_queue_len: int | None = None
+    retry_after_s: int = DEFAULT_QUEUE_RETRY_AFTER_S
+
+
+@dataclass
+class AppState:
+    """The engine (once loaded), metrics and settings of one app."""
+
+    settings: ServerSettings
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    started: float = field(default_factory=time.time)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine.stats if self.engine else EngineStats())
+
+    def load_in_background(self, load: Callable[[], AsyncEngine]) -> threading.Thread:
+        """Build the engine off the event loop; /health answers 503 until it is ready."""
+
+        def run() -> None:
+            try:
+                self.engine = load()
+            except Exception as exc:  # reported by /health and every generation route
+                self.load_error = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=run, name="workmem-load", daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,205 @@
+"""AsyncEngine: the engine runs in its own thread; asyncio code talks to it via messages.
+
+    API (event loop)                      engine thread
+    generate() --inbox: ("add", ...) -->  engine.add_request / step() / abort
+               <-- per-request asyncio.Queue fed with loop.call_soon_threadsafe --
+
+The event loop never waits on the model. Engine state is touched only by the engine
+thread; the API reads `stats`, a snapshot the thread publishes after every step.
+A client that goes away (its generate() is closed or cancelled) aborts its request,
+whether it is still in the inbox, waiting in the scheduler or running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from model.sampling import SamplingParams
+from server.engine import LLMEngine, StepOutput
+
+log = logging.getLogger("workmem.async_engine")
+
+IDLE_WAIT_S = 0.5  # how long the idle engine thread blocks on its inbox before re-checking
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than `max_queue_len` allows."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running."""
+
+
+@dataclass
+class EngineStats:
+    """What the API may read about the engine (published by the engine thread)."""
+
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    num_seqs: int
+    finished: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class AsyncEngine:
+    """Thread-owned LLMEngine with an asyncio `generate()`; see module doc."""
+
+    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None) -> None:
+        self.engine = engine
+        self.max_queue_len = max_queue_len
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # engine thread's table of live requests
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.step_listeners: list = []  # callables(list[StepOutput]) run on the engine thread
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="workmem-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    # -- the asyncio side -------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[StepOutput]:
+        """Yield the request's StepOutputs until all its sequences finish. Raises
+        ValueError for a request the engine rejects, QueueFullError, EngineDeadError."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        if self.max_queue_len is not None and self.stats.num_waiting + self._inbox.qsize() >= self.max_queue_len:
+            raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
+        req = _Request(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, req))
+        done = False
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                yield item
+                if item.finished:
+                    req.finished += 1
+                    if req.finished == req.num_seqs:
+                        done = True
+                        return
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    # -- the engine thread ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = not self.engine.has_unfinished()
+                self._drain_inbox(block)
+                if self.engine.has_unfinished():
+                    self._step()
+                self._publish_stats()
+        except BaseException as exc:  # the engine is broken: fail everyone, report unhealthy
+            log.exception("engine thread died")
+            self.error = exc
+            for req in self._requests.values():
+                _send(req, EngineDeadError(f"engine failed: {exc}"))
+            self._requests.clear()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a step failed: fail what was in flight, keep serving
+            log.exception("engine step failed; aborting %d in-flight requests", len(self._requests))
+            for request_id, req in list(self._requests.items()):
+                self.engine.abort(request_id)
+                _send(req, RuntimeError(f"engine step failed: {exc}"))
+            self._requests.clear()
+            return
+        self._deliver(outputs)
+        for listener in self.step_listeners:
+            listener(outputs)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(message)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, prompt, params, req = message
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except ValueError as exc:
+                _send(req, exc)
+                return
+            self._requests[request_id] = req
+        elif kind == "abort":
+            request_id = message[1]
+            outputs = self.engine.abort(request_id)
+            self._deliver(outputs)
+            self._requests.pop(request_id, None)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            req = self._requests.get(out.request_id)
+            if req is None:
+                continue
+            _send(req, out)
+            if out.finished and out.request_id not in self.engine.scheduler.requests:
+                self._requests.pop(out.request_id, None)
+
+    def _publish_stats(self) -> None:
+        usage = self.engine.kv_usage()
+        sched = self.engine.scheduler
+        self.stats = EngineStats(
+            kv_blocks_total=usage["total"],
+            kv_blocks_used=usage["used"],
+            kv_blocks_cached=usage["cached"],
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_preemptions=sched.num_preemptions,
+        )
+
+
+def _send(req: _Request, item: StepOutput | BaseException) -> None:
+    """Hand an item to the request's event loop (a closed loop just drops it)."""
+    try:
+        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+    except RuntimeError:
+        pass

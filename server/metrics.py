@@ -1,0 +1,63 @@
+"""Prometheus metrics. One `Metrics` per app (its own registry, no global state).
+
+Engine gauges are read at scrape time from the engine thread's published snapshot;
+request counters and latency histograms are recorded by the API as outputs arrive.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.async_engine import EngineStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+
+
+class _EngineCollector:
+    """Exposes the engine snapshot as gauges at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats()
+        for name, doc, value in (
+            ("workmem_kv_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total),
+            ("workmem_kv_blocks_used", "KV blocks with refcount > 0", s.kv_blocks_used),
+            ("workmem_kv_blocks_cached", "Free KV blocks still holding a prefix hash", s.kv_blocks_cached),
+            ("workmem_num_requests_running", "Sequences running in the engine", s.num_running),
+            ("workmem_num_requests_waiting", "Sequences waiting for admission", s.num_waiting),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "workmem_num_preemptions", "Sequences preempted for lack of KV blocks", value=s.num_preemptions
+        )
+
+
+class Metrics:
+    """The server's metrics; `render()` gives the Prometheus text exposition."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        r = self.registry
+        self.prefix_queries = Counter("workmem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("workmem_prefix_cache_hits", "Prompt tokens served by the prefix cache", registry=r)
+        self.prompt_tokens = Counter("workmem_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("workmem_generation_tokens", "Tokens generated", registry=r)
+        self.request_success = Counter(
+            "workmem_request_success", "Finished sequences by finish reason", ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram("workmem_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("workmem_inter_token_latency_seconds", "Time between tokens of a sequence", buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("workmem_e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("workmem_request_queue_time_seconds", "Time waiting before first scheduled", buckets=LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
