@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 serve: install
-	$(BIN)/workmem generate --chat "What is 2+2?"
+	$(BIN)/workmem serve
 
 test: install-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
