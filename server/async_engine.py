@@ -120,6 +120,7 @@ class AsyncEngine:
     # -- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
         try:
+            self._publish_stats()  # /metrics is right from the first scrape, not after IDLE_WAIT_S
             while not self._stop.is_set():
                 block = not self.engine.has_unfinished()
                 self._drain_inbox(block)
@@ -178,9 +179,9 @@ class AsyncEngine:
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             req = self._requests.get(out.request_id)
-            if req is None:
-                continue
-            _send(req, out)
+            if req is not None:
+                _send(req, out)
+        for out in outputs:  # forget finished requests only after every sibling's output went out
             if out.finished and out.request_id not in self.engine.scheduler.requests:
                 self._requests.pop(out.request_id, None)
 

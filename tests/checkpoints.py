@@ -5,6 +5,7 @@ is not a near-tie at every step. A small byte-level BPE tokenizer is saved besid
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,11 @@ CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "Ünïcödé text: café, naïve, 東京, 🙂 emoji!",
 ] * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
 
@@ -59,6 +65,8 @@ def build_tokenizer(path: Path) -> None:
     )
     tok.train_from_iterator(CORPUS, trainer)
     tok.save(str(path / "tokenizer.json"))
+    config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:

@@ -69,6 +69,8 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         params.check_vocab(vocab)
+        if params.n > self.config.max_num_seqs:  # all n run at once: it could never be admitted
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         seqs = [
             Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, self.device, i)
             for i in range(params.n)

@@ -58,8 +58,6 @@ class Scheduler:
     # -- requests ---------------------------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request: seqs[0] computes the prompt, seqs[1:] fork from it."""
-        if len(seqs) > self.config.max_num_seqs:  # could never be admitted: all n run at once
-            raise ValueError(f"n={len(seqs)} exceeds max_num_seqs={self.config.max_num_seqs}")
         parent, children = seqs[0], seqs[1:]
         for child in children:
             child.status = SequenceStatus.FORK_PENDING
@@ -165,7 +163,8 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             slots = 1 + len(seq.fork_children)
-            if len(self.running) + slots > self.config.max_num_seqs:
+            pending = sum(len(s.fork_children) for s in self.running)  # admitted, not yet forked
+            if len(self.running) + pending + slots > self.config.max_num_seqs:
                 break
             # Reuse cached full blocks, but always leave one token to compute (for logits).
             hits = []

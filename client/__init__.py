@@ -1,0 +1,21 @@
+"""Thin HTTP client for a workmem server (speaks HTTP only; no torch, no server imports).
+
+    from client import Client
+    with Client("http://127.0.0.1:8000") as c:
+        print(c.chat("What is 2+2?", max_tokens=16).text)
+        for item in c.stream_chat([{"role": "user", "content": "Hi"}]):
+            print(item, end="", flush=True) if isinstance(item, str) else print("\\n", item)
+"""
+from client.async_client import AsyncClient
+from client.client import Client, Completion, SSEDecoder, StreamParser, Usage
+from client.errors import (
+    APIConnectionError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
+    NotFoundError, PayloadTooLargeError, RateLimitError, ServerError, ServiceUnavailableError,
+    WorkmemError,
+)
+
+__all__ = [
+    "APIConnectionError", "APITimeoutError", "AsyncClient", "AuthenticationError", "BadRequestError",
+    "Client", "Completion", "ConflictError", "NotFoundError", "PayloadTooLargeError", "RateLimitError",
+    "SSEDecoder", "ServerError", "ServiceUnavailableError", "StreamParser", "Usage", "WorkmemError",
+]

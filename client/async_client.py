@@ -1,0 +1,132 @@
+"""Asynchronous workmem client: `Client`'s API with coroutines and async iterators.
+
+Same bodies, stream parsing and retry policy as `client.client` (see its docstring).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import httpx
+
+from client.client import (
+    DEFAULT_BACKOFF_S, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, Completion,
+    Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error,
+    normalize_base_url, request_body, response_json, retry_delay,
+)
+from client.errors import WorkmemError, error_from_response
+
+
+class AsyncClient:
+    """Non-blocking client for a workmem (OpenAI-compatible) server. `model` defaults to
+    the first id of GET /v1/models, fetched once on first use; a `model=` keyword on a call
+    overrides it. Other keywords (max_tokens, temperature, stop, ...) go into the body."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff: float = DEFAULT_BACKOFF_S, model: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.api_key, self.max_retries, self.backoff, self.model = api_key, max_retries, backoff, model
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    async def complete(self, prompt: str | list[int], **params: Any) -> Completion:
+        body = request_body(await self._model_for(params), "prompt", prompt, params, stream=False)
+        return Completion.from_response(response_json(await self._send("/v1/completions", body)), chat=False)
+
+    async def chat(self, messages: Messages | str, **params: Any) -> Completion:
+        body = request_body(await self._model_for(params), "messages", chat_messages(messages), params, stream=False)
+        return Completion.from_response(response_json(await self._send("/v1/chat/completions", body)), chat=True)
+
+    async def stream_complete(self, prompt: str | list[int], **params: Any) -> AsyncIterator[str | Usage]:
+        """Text deltas as they arrive, then the request's Usage."""
+        body = request_body(await self._model_for(params), "prompt", prompt, params, stream=True)
+        async for item in self._stream("/v1/completions", body, chat=False):
+            yield item
+
+    async def stream_chat(self, messages: Messages | str, **params: Any) -> AsyncIterator[str | Usage]:
+        """Assistant text deltas as they arrive, then the request's Usage."""
+        body = request_body(await self._model_for(params), "messages", chat_messages(messages), params, stream=True)
+        async for item in self._stream("/v1/chat/completions", body, chat=True):
+            yield item
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in response_json(await self._send("/v1/models")).get("data", [])]
+
+    async def health(self) -> bool:
+        """True iff GET /health answers 200; never retries, never raises."""
+        try:
+            resp = await self._http.get(self.base_url + "/health", headers=auth_headers(self.api_key))
+        except httpx.TransportError:
+            return False
+        return resp.status_code == 200
+
+    async def close(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _model_for(self, params: dict[str, Any]) -> str:
+        model = params.pop("model", None) or self.model
+        if model is None:
+            ids = await self.models()
+            if not ids:
+                raise WorkmemError("the server lists no models")
+            model = self.model = ids[0]
+        return model
+
+    async def _stream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str | Usage]:
+        resp = await self._send(path, body, stream=True)
+        parser = StreamParser(chat)
+        try:
+            async for line in resp.aiter_lines():
+                for item in parser.feed(line):
+                    yield item
+                if parser.done:
+                    break
+            for item in parser.finish():
+                yield item
+        except httpx.TransportError as exc:
+            raise connection_error(exc) from exc
+        finally:
+            await resp.aclose()
+
+    async def _send(self, path: str, body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
+        """POST `body` (GET when None) with retries; returns a < 400 response."""
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                "GET" if body is None else "POST", self.base_url + path, json=body,
+                headers=auth_headers(self.api_key, stream),
+            )
+            try:
+                resp = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                err: WorkmemError = connection_error(exc)
+            else:
+                if resp.status_code < 400:
+                    return resp
+                try:
+                    await resp.aread()
+                    text = resp.text
+                except httpx.TransportError:
+                    text = ""
+                finally:
+                    await resp.aclose()
+                err = error_from_response(resp.status_code, text, resp.headers)
+            delay = retry_delay(err, attempt, self.backoff) if attempt < self.max_retries else None
+            if delay is None:
+                raise err
+            await self._sleep(delay)
+            attempt += 1
