@@ -1,5 +1,6 @@
 """`workmem` command line. Subcommands:
   serve      the OpenAI-compatible HTTP server
+  chat       interactive terminal chat with a running server (streams tokens)
   generate   offline generation through the engine (no HTTP)
   bench      benchmarks (`workmem bench offline` = `python -m loadtest.offline`)
 """
@@ -86,6 +87,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from client.chat import run_chat
+
+    return run_chat(args.url, api_key=args.api_key, model=args.model, system=args.system,
+                    temperature=args.temperature, max_tokens=args.max_tokens)
+
+
 def _model_name(path: str) -> str:
     p = Path(path)
     return p.name.split(".")[0] if p.suffix == ".gguf" else p.name
@@ -129,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
+    chat = sub.add_parser("chat", help="interactive chat against a running server (reads stdin when piped)")
+    chat.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="server base URL")
+    chat.add_argument("--api-key", default=None, help="API key (also WORKMEM_API_KEY)")
+    chat.add_argument("--model", default=None, help="model id (default: the server's first)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
     gen = sub.add_parser("generate", help="offline generation (no server)")
     add_engine_args(gen)
     gen.add_argument("prompt", nargs="*", help="prompts (default: one per line on stdin)")
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.offline import main as bench_main
 
         return bench_main(argv[2:])
-    for subparser in (serve, gen):
+    for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)
     try:
