@@ -15,6 +15,10 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30  # bytes of KV pool on CPU when neither size is given
 DEFAULT_CUDA_MEMORY_FRACTION = 0.85  # of free device memory after loading, for the KV pool
 
+DEFAULT_MAX_SESSIONS = 1024
+DEFAULT_SESSION_MEMORY_FRACTION = 0.5  # of the KV pool that idle sessions may pin
+DEFAULT_SESSION_TTL_S = 3600.0
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -37,11 +41,15 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int | None = None
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    session_memory_fraction: float = DEFAULT_SESSION_MEMORY_FRACTION
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.session_memory_fraction <= 1.0:
+            raise ValueError(f"session_memory_fraction must be in [0, 1], got {self.session_memory_fraction}")
         for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from model.loader import LoadedModel, load_model
 from model.sampling import SamplingParams
@@ -17,8 +18,17 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
+from server.engine.sessions import Session, SessionTable
 
 log = logging.getLogger("workmem.engine")
+
+
+@dataclass
+class SessionTurn:
+    """A sequence that is a session's turn, and the messages it adds."""
+
+    session: Session
+    new_messages: list[dict]
 
 
 class LLMEngine:
@@ -37,9 +47,12 @@ class LLMEngine:
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.sessions = SessionTable(
+            self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks)
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
-            self.pool,
+            self.pool, reclaim=self.sessions.reclaim,
         )
         self.runner = Runner(
             self.model, self.model_config, self.plan.num_blocks, config.block_size,
@@ -53,9 +66,16 @@ class LLMEngine:
         )
 
     # -- requests ---------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        session_id: str | None = None, new_messages: list[dict] | None = None,
+    ) -> None:
         """Queue a request. ValueError for an empty or too long prompt, a duplicate id,
-        or token ids outside the vocabulary."""
+        or token ids outside the vocabulary. With `session_id`, the request is that
+        session's next turn (SessionError if unknown or busy): the prompt must be the
+        session's transcript plus the new tokens; when it finishes, the transcript
+        (prompt + output) and its KV blocks become the session's, and `new_messages` plus
+        the reply are appended to its messages. An aborted turn changes nothing."""
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -75,13 +95,24 @@ class LLMEngine:
             Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, self.device, i)
             for i in range(params.n)
         ]
+        if session_id is not None:
+            if params.n != 1:
+                raise ValueError("n must be 1 in a session turn")
+            if not self.config.enable_prefix_caching:
+                raise ValueError("sessions need prefix caching (drop --no-prefix-caching)")
+            session = self.sessions.begin_turn(session_id)
+            seqs[0].session_turn = SessionTurn(session, list(new_messages or []))
         for seq in seqs:
             self.streams[seq] = TextStream(self.tokenizer, seq)
         self.scheduler.add(seqs)
 
     def abort(self, request_id: str) -> list[StepOutput]:
         """Stop a request wherever it is; returns its final outputs (reason "abort")."""
-        return [self._final(seq, []) for seq in self.scheduler.abort(request_id)]
+        aborted = self.scheduler.abort(request_id)
+        for seq in aborted:
+            if seq.session_turn is not None:  # the session stays as it was before the turn
+                self.sessions.end_turn(seq.session_turn.session, None, [], [], None)
+        return [self._final(seq, []) for seq in aborted]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -115,10 +146,19 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return self._output(seq, [token], logprob, text)
-        if not stopped:
-            text += self.streams[seq].flush()  # held back for a stop string that never came
+        tail = "" if stopped else self.streams[seq].flush()  # held back for a stop that never came
+        text += tail
+        if seq.session_turn is not None:
+            self._commit_turn(seq, self.streams[seq].text + tail)
         self.scheduler.finish(seq, reason)
         return self._final(seq, [token], logprob, text)
+
+    def _commit_turn(self, seq: Sequence, reply: str) -> None:
+        """Hand the finished turn's transcript and full KV blocks to its session."""
+        turn = seq.session_turn
+        full = seq.num_computed_tokens // self.config.block_size
+        messages = turn.session.messages + turn.new_messages + [{"role": "assistant", "content": reply}]
+        self.sessions.end_turn(turn.session, seq.token_ids, seq.block_table[:full], seq.block_hashes[:full], messages)
 
     def _final(self, seq: Sequence, tokens: list[int], logprob=None, text: str = "") -> StepOutput:
         self.streams.pop(seq, None)
@@ -137,6 +177,9 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens or 0,
             queue_time=seq.queue_time,
         )
+
+    def expire_sessions(self, now: float | None = None) -> list[str]:
+        return self.sessions.expire(now)
 
     # -- introspection ----------------------------------------------------------------
     def kv_usage(self) -> dict[str, int]:

@@ -69,13 +69,14 @@ class TextStream:
             tokenizer, seq.prompt_token_ids, skip_special_tokens=seq.params.skip_special_tokens
         )
         self.stops = StopStringChecker(seq.params.stop) if seq.params.stop else None
+        self.text = ""  # everything emitted so far
 
     def add(self, token_ids: list[int]) -> tuple[str, bool]:
         """(text to emit, whether a stop string matched)."""
         delta = self.detokenizer.add(token_ids)
-        if self.stops is None:
-            return delta, False
-        return self.stops.feed(delta)
+        out = (delta, False) if self.stops is None else self.stops.feed(delta)
+        self.text += out[0]
+        return out
 
     def flush(self) -> str:
         """Text held back at the end (an unfinished character, a partial stop string)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from server.engine.memory import NO_PARENT, BlockPool, block_hash
 from server.engine.sequence import Sequence, SequenceStatus
@@ -46,9 +47,12 @@ class SchedulerOutput:
 class Scheduler:
     """Decides which sequences run each step and keeps their blocks; see module doc."""
 
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(
+        self, config: SchedulerConfig, pool: BlockPool, reclaim: Callable[[], bool] | None = None
+    ) -> None:
         self.config = config
         self.pool = pool
+        self.reclaim = reclaim  # frees some idle memory (a session's pins); False when none is left
         self.block_size = pool.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
@@ -132,7 +136,7 @@ class Scheduler:
         Returns False if `seq` itself had to be preempted."""
         cow = self._shared_tail(seq)
         needed = self._blocks_needed(seq, num) + int(cow)
-        while not self.pool.can_allocate(needed):
+        while not self._make_room(lambda: needed):
             victims = [s for s in self.running if s is not seq and s not in out.scheduled]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
@@ -148,6 +152,14 @@ class Scheduler:
             seq.block_table[index] = new
             needed -= 1
         seq.block_table.extend(self.pool.allocate(needed))
+        return True
+
+    def _make_room(self, cost: Callable[[], int]) -> bool:
+        """Whether `cost()` blocks can be allocated, reclaiming idle memory if needed (the
+        cost is re-evaluated: reclaiming can turn held prefix hits into free blocks)."""
+        while not self.pool.can_allocate(cost()):
+            if self.reclaim is None or not self.reclaim():
+                return False
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -175,7 +187,7 @@ class Scheduler:
             num_cached = len(hits) * self.block_size
             num = min(seq.num_tokens - num_cached, budget)
             new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
-            if not self.pool.can_allocate(new_blocks + self.pool.num_acquirable_free(hits)):
+            if not self._make_room(lambda: new_blocks + self.pool.num_acquirable_free(hits)):
                 break
             self.waiting.popleft()
             self.pool.acquire(hits)

@@ -11,6 +11,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
     fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
     finish_reason: str | None = None
+    session_turn: Any = None  # SessionTurn when this sequence is a session's turn
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     logprobs: list[dict[int, float]] | None = None

@@ -1,0 +1,173 @@
+"""Sessions: a conversation's working memory, kept resident between turns.
+
+A session holds references on the full KV blocks of its token transcript, so the prefix
+cache's LRU cannot evict them; the next turn's prompt (transcript + new tokens) finds
+them by hash at admission and prefills only what is new (plus the partial last block,
+at most block_size - 1 tokens, which is recomputed).
+
+Tiers: "resident" (blocks pinned) or "dropped" (no pins; the transcript is kept and its
+KV recomputed at the next turn, often partly from the prefix cache). Idle sessions may
+pin at most `max_pinned_blocks`; over that, or when running requests need blocks, the
+least recently used idle sessions are dropped first. A session with a running turn is
+`busy` and is never dropped mid-turn. Everything here runs on the engine thread.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.memory import BlockPool
+
+
+class SessionError(ValueError):
+    """A session operation that cannot be done (unknown id, busy, table full)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    """Engine-side state of one conversation. `messages`/`metadata` are opaque to the engine."""
+
+    session_id: str
+    ttl: float
+    token_ids: list[int] = field(default_factory=list)  # transcript exactly as the model saw it
+    block_table: list[int] = field(default_factory=list)  # pinned full blocks (a prefix of it)
+    block_hashes: list[int] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    num_turns: int = 0
+    busy: bool = False
+
+    @property
+    def tier(self) -> str:
+        return "resident" if self.block_table else "dropped"
+
+    def info(self, block_size: int) -> dict[str, Any]:
+        return {
+            "id": self.session_id, "created": int(self.created), "last_used": int(self.last_used),
+            "expires_at": int(self.last_used + self.ttl), "num_turns": self.num_turns,
+            "num_tokens": len(self.token_ids), "num_resident_tokens": len(self.block_table) * block_size,
+            "num_kv_blocks": len(self.block_table), "tier": self.tier, "busy": self.busy,
+            "messages": list(self.messages), "metadata": dict(self.metadata),
+        }
+
+
+class SessionTable:
+    """All sessions, in least-recently-used order; owns their block pins."""
+
+    def __init__(self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int) -> None:
+        self.pool = pool
+        self.max_sessions = max_sessions
+        self.max_pinned_blocks = max_pinned_blocks
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.num_evictions = 0
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(s.block_table) for s in self.sessions.values())
+
+    def create(self, session: Session) -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise SessionError(f"the server holds its maximum of {self.max_sessions} sessions", "too_many_sessions")
+        if session.session_id in self.sessions:
+            raise SessionError(f"session {session.session_id!r} already exists", "session_exists")
+        self.sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"session {session_id!r} does not exist", "session_not_found")
+        return session
+
+    def begin_turn(self, session_id: str) -> Session:
+        session = self.get(session_id)
+        if session.busy:
+            raise SessionError(f"session {session_id!r} already has a turn running", "session_busy")
+        session.busy = True
+        self._touch(session)
+        return session
+
+    def end_turn(self, session: Session, token_ids: list[int] | None, block_table: list[int],
+                 block_hashes: list[int], messages: list[dict[str, Any]] | None) -> None:
+        """Commit a finished turn (pin the sequence's full blocks before it frees them), or
+        with `token_ids=None` leave the session exactly as it was before the turn."""
+        session.busy = False
+        self._touch(session)
+        if token_ids is None or session.session_id not in self.sessions:
+            return
+        full = min(len(block_hashes), len(block_table))
+        self.pool.acquire(block_table[:full])
+        self.pool.free(session.block_table)
+        session.token_ids = list(token_ids)
+        session.block_table = list(block_table[:full])
+        session.block_hashes = list(block_hashes[:full])
+        if messages is not None:
+            session.messages = messages
+        session.num_turns += 1
+        self.enforce_budget()
+
+    def fork(self, source_id: str, new_id: str, ttl: float) -> Session:
+        """A new session sharing every pinned block of `source_id` (refcounts)."""
+        source = self.get(source_id)
+        child = Session(new_id, ttl, token_ids=list(source.token_ids), messages=list(source.messages),
+                        metadata=dict(source.metadata), num_turns=source.num_turns)
+        self.create(child)
+        self.pool.acquire(source.block_table)
+        child.block_table = list(source.block_table)
+        child.block_hashes = list(source.block_hashes)
+        self.enforce_budget()
+        return child
+
+    def delete(self, session_id: str) -> None:
+        session = self.get(session_id)
+        self._release(session)
+        del self.sessions[session_id]
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete idle sessions whose TTL passed; returns their ids."""
+        now = time.time() if now is None else now
+        gone = [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]
+        for session_id in gone:
+            self.delete(session_id)
+        return gone
+
+    def enforce_budget(self) -> None:
+        """Drop LRU idle sessions until the pinned blocks fit `max_pinned_blocks`."""
+        pinned = self.num_pinned_blocks
+        for session in list(self.sessions.values()):
+            if pinned <= self.max_pinned_blocks:
+                return
+            if not session.busy and session.block_table:
+                pinned -= len(session.block_table)
+                self._evict(session)
+
+    def reclaim(self) -> bool:
+        """Drop the least recently used idle resident session; False if there is none."""
+        for session in self.sessions.values():
+            if not session.busy and session.block_table:
+                self._evict(session)
+                return True
+        return False
+
+    def _evict(self, session: Session) -> None:
+        self._release(session)
+        self.num_evictions += 1
+
+    def _release(self, session: Session) -> None:
+        self.pool.free(session.block_table)  # blocks become cached-free: still findable by hash
+        session.block_table, session.block_hashes = [], []
+
+    def _touch(self, session: Session) -> None:
+        session.last_used = time.time()
+        self.sessions.move_to_end(session.session_id)

@@ -1,0 +1,118 @@
+"""Sessions at the engine level: resident KV between turns, identical tokens, fork
+sharing, eviction to the dropped tier, aborted turns, TTL."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.sampling import SamplingParams
+from server.engine import EngineConfig, LLMEngine
+from server.engine.sessions import Session, SessionError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+BS = 4
+
+
+@pytest.fixture
+def engine(tiny_checkpoint):
+    config = EngineConfig(model=str(tiny_checkpoint("llama")), dtype="float32", device="cpu",
+                          block_size=BS, num_kv_blocks=64, max_model_len=128)
+    return LLMEngine(config)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: LLMEngine, request_id: str, prompt: list[int], session_id: str | None = None):
+    engine.add_request(request_id, prompt, GREEDY, session_id=session_id, new_messages=[{"role": "user", "content": request_id}])
+    tokens, cached = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            cached = out.num_cached_tokens
+    return tokens, cached
+
+
+def reference(tiny_checkpoint, prompt: list[int]) -> list[int]:
+    fresh = LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), dtype="float32", device="cpu",
+                                   block_size=BS, num_kv_blocks=64, max_model_len=128, enable_prefix_caching=False))
+    return run(fresh, "ref", prompt)[0]
+
+
+def test_turns_reuse_resident_kv_and_match_a_fresh_engine(engine, tiny_checkpoint):
+    engine.sessions.create(Session("s", ttl=60))
+    turn1 = ids(10, 1)
+    out1, cached1 = run(engine, "t1", turn1, "s")
+    session = engine.sessions.get("s")
+    assert session.token_ids == turn1 + out1 and session.num_turns == 1
+    assert len(session.block_table) == (len(turn1) + len(out1) - 1) // BS  # full computed blocks pinned
+    assert all(engine.pool.refcounts[b] == 1 for b in session.block_table)
+    turn2 = session.token_ids + ids(7, 2)
+    out2, cached2 = run(engine, "t2", turn2, "s")
+    assert cached1 == 0
+    assert cached2 == 12  # 10 + 6 tokens: 15 computed, 3 full blocks resident
+    assert out2 == reference(tiny_checkpoint, turn2)
+    assert session.messages[-1]["role"] == "assistant" and len(session.messages) == 4
+    assert engine.pool.num_used == len(session.block_table)
+
+
+def test_fork_shares_blocks_and_branches_diverge(engine, tiny_checkpoint):
+    engine.sessions.create(Session("a", ttl=60))
+    run(engine, "t1", ids(13, 3), "a")
+    a = engine.sessions.get("a")
+    b = engine.sessions.fork("a", "b", ttl=60)
+    assert b.block_table == a.block_table and all(engine.pool.refcounts[x] == 2 for x in a.block_table)
+    shared = len(b.block_table)
+    out_a, _ = run(engine, "ta", a.token_ids + ids(5, 4), "a")
+    out_b, cached_b = run(engine, "tb", b.token_ids + ids(5, 5), "b")
+    assert cached_b == shared * BS  # the fork's turn prefilled only what its source had not
+    assert out_b == reference(tiny_checkpoint, b.token_ids[: -len(out_b)])
+    assert a.token_ids != b.token_ids
+    assert a.block_table[:shared] == b.block_table[:shared]  # the common history is still shared
+
+
+def test_aborted_turn_leaves_session_unchanged(engine):
+    engine.sessions.create(Session("s", ttl=60))
+    run(engine, "t1", ids(9, 6), "s")
+    s = engine.sessions.get("s")
+    before = (list(s.token_ids), list(s.block_table), list(s.messages), s.num_turns)
+    engine.add_request("t2", s.token_ids + ids(5, 7), SamplingParams(max_tokens=50, ignore_eos=True), session_id="s")
+    with pytest.raises(SessionError, match="already has a turn running"):
+        engine.add_request("t3", s.token_ids + [1], GREEDY, session_id="s")
+    engine.step()
+    engine.step()
+    engine.abort("t2")
+    assert (s.token_ids, s.block_table, s.messages, s.num_turns) == before and not s.busy
+    assert engine.pool.num_used == len(s.block_table)
+
+
+def test_idle_sessions_are_dropped_for_running_requests_and_recompute_identically(engine, tiny_checkpoint):
+    for k in range(6):
+        engine.sessions.create(Session(f"s{k}", ttl=60))
+        run(engine, f"t{k}", ids(30, 10 + k), f"s{k}")
+    pinned = engine.sessions.num_pinned_blocks
+    assert pinned <= engine.sessions.max_pinned_blocks
+    # A long request needs most of the pool: idle sessions are dropped, nobody is preempted.
+    run(engine, "big", ids(120, 99))
+    assert engine.sessions.num_evictions > 0 and engine.scheduler.num_preemptions == 0
+    dropped = [s for s in engine.sessions.sessions.values() if s.tier == "dropped"]
+    assert dropped
+    s = dropped[0]
+    turn = s.token_ids + ids(4, 50)
+    out, _ = run(engine, "again", turn, s.session_id)
+    assert out == reference(tiny_checkpoint, turn)
+    assert s.tier == "resident"
+
+
+def test_ttl_expiry_and_limits(engine):
+    engine.sessions.create(Session("old", ttl=1))
+    run(engine, "t", ids(9, 8), "old")
+    assert engine.expire_sessions(now=engine.sessions.get("old").last_used + 2) == ["old"]
+    assert engine.pool.num_used == 0
+    with pytest.raises(SessionError, match="does not exist"):
+        engine.add_request("x", [1, 2], GREEDY, session_id="old")
+    engine.sessions.max_sessions = 1
+    engine.sessions.create(Session("one", ttl=60))
+    with pytest.raises(SessionError, match="maximum of 1 sessions"):
+        engine.sessions.create(Session("two", ttl=60))
