@@ -17,12 +17,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from model.sampling import SamplingParams
 from server.engine import LLMEngine, StepOutput
 
 log = logging.getLogger("workmem.async_engine")
+T = TypeVar("T")
 
 IDLE_WAIT_S = 0.5  # how long the idle engine thread blocks on its inbox before re-checking
 
@@ -45,6 +46,10 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     num_preemptions: int = 0
+    sessions_active: int = 0
+    session_blocks_pinned: int = 0
+    session_evictions: int = 0
+    session_restores_recompute: int = 0
 
 
 @dataclass
@@ -86,8 +91,18 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # -- the asyncio side -------------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread (between steps) and return its result."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("call", fn, loop, future))
+        return await future
+
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        session_id: str | None = None, new_messages: list[dict] | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Yield the request's StepOutputs until all its sequences finish. Raises
         ValueError for a request the engine rejects, QueueFullError, EngineDeadError."""
@@ -96,7 +111,7 @@ class AsyncEngine:
         if self.max_queue_len is not None and self.stats.num_waiting + self._inbox.qsize() >= self.max_queue_len:
             raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
         req = _Request(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, req))
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params, req, session_id, new_messages))
         done = False
         try:
             while True:
@@ -126,6 +141,7 @@ class AsyncEngine:
                 self._drain_inbox(block)
                 if self.engine.has_unfinished():
                     self._step()
+                self.engine.expire_sessions()
                 self._publish_stats()
         except BaseException as exc:  # the engine is broken: fail everyone, report unhealthy
             log.exception("engine thread died")
@@ -163,13 +179,23 @@ class AsyncEngine:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "add":
-            _, request_id, prompt, params, req = message
+            _, request_id, prompt, params, req, session_id, new_messages = message
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, session_id, new_messages)
             except ValueError as exc:
                 _send(req, exc)
                 return
             self._requests[request_id] = req
+        elif kind == "call":
+            _, fn, loop, future = message
+            try:
+                result, error = fn(self.engine), None
+            except Exception as exc:  # handed to the caller
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:
+                pass  # the caller's loop is gone
         elif kind == "abort":
             request_id = message[1]
             outputs = self.engine.abort(request_id)
@@ -188,6 +214,7 @@ class AsyncEngine:
     def _publish_stats(self) -> None:
         usage = self.engine.kv_usage()
         sched = self.engine.scheduler
+        sessions = self.engine.sessions
         self.stats = EngineStats(
             kv_blocks_total=usage["total"],
             kv_blocks_used=usage["used"],
@@ -195,6 +222,10 @@ class AsyncEngine:
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
             num_preemptions=sched.num_preemptions,
+            sessions_active=len(sessions),
+            session_blocks_pinned=sessions.num_pinned_blocks,
+            session_evictions=sessions.num_evictions,
+            session_restores_recompute=sessions.num_recomputes,
         )
 
 
@@ -204,3 +235,12 @@ def _send(req: _Request, item: StepOutput | BaseException) -> None:
         req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
     except RuntimeError:
         pass
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -31,11 +31,23 @@ class _EngineCollector:
             ("workmem_kv_blocks_cached", "Free KV blocks still holding a prefix hash", s.kv_blocks_cached),
             ("workmem_num_requests_running", "Sequences running in the engine", s.num_running),
             ("workmem_num_requests_waiting", "Sequences waiting for admission", s.num_waiting),
+            ("workmem_sessions_active", "Sessions in the session table", s.sessions_active),
+            ("workmem_session_blocks_pinned", "KV blocks pinned by idle or running sessions", s.session_blocks_pinned),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily(
             "workmem_num_preemptions", "Sequences preempted for lack of KV blocks", value=s.num_preemptions
         )
+        yield CounterMetricFamily(
+            "workmem_session_evictions", "Idle sessions whose KV left the pool", value=s.session_evictions
+        )
+        yield CounterMetricFamily("workmem_session_offloads", "Session KV offloads to host or disk", value=0)
+        restores = CounterMetricFamily(
+            "workmem_session_restores", "Session turns whose KV was brought back", labels=["source"]
+        )
+        for source, value in (("memory", 0), ("disk", 0), ("recompute", s.session_restores_recompute)):
+            restores.add_metric([source], value)
+        yield restores
 
 
 class Metrics:

@@ -9,7 +9,7 @@ from typing import Callable
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api import misc_routes, openai_routes
+from server.api import misc_routes, openai_routes, session_routes
 from server.api.errors import error_body, install_error_handlers
 from server.api.state import AppState, ServerSettings
 from server.async_engine import AsyncEngine
@@ -23,21 +23,23 @@ def create_app(
     load: Callable[[], AsyncEngine] | None = None,
 ) -> FastAPI:
     """An app serving `engine`, or one that builds it with `load` in the background at
-    start-up (answering 503 until then). The app shuts the engine down on exit."""
+    start-up (answering 503 until then). An engine the app loaded is shut down on exit."""
     state = AppState(settings, engine=engine)
+    owns_engine = engine is None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if state.engine is None and load is not None:
             state.load_in_background(load)
         yield
-        if state.engine is not None:
+        if owns_engine and state.engine is not None:
             state.engine.shutdown()
 
     app = FastAPI(title="workmem", version="0.1.0", lifespan=lifespan)
     app.state.workmem = state
     install_error_handlers(app)
     app.include_router(openai_routes.router)
+    app.include_router(session_routes.router)
     app.include_router(misc_routes.router)
     app.add_middleware(LimitsMiddleware, settings=settings)
     return app

@@ -34,9 +34,9 @@ async def completions(body: CompletionRequest, request: Request):
     params = [make_params(body, m, body.logprobs) for m in max_tokens]
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
-    fmt = _Format(gen.request_id, "text_completion", state.settings.served_model_name, tok)
+    fmt = ResponseFormat(gen.request_id, "text_completion", state.settings.served_model_name, tok)
     if body.stream:
-        return await _stream(request, gen, fmt, body.include_usage, chat=False, echo=echo)
+        return await stream_response(request, gen, fmt, body.include_usage, chat=False, echo=echo)
     choices = await until_disconnect(request, gen.run_to_end())
     return fmt.response([{
         "index": c.index, "text": echo[c.index // gen.n] + c.text, "finish_reason": c.finish_reason,
@@ -54,15 +54,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         prompt = tok.encode_chat(body.template_messages(), add_generation_prompt=body.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
+    return await chat_response(request, body, prompt)
+
+
+async def chat_response(request: Request, body: ChatCompletionRequest, prompt: list[int],
+                        session_id: str | None = None, new_messages: list[dict] | None = None):
+    """Run one chat prompt (optionally as a session's turn); JSON or SSE answer."""
+    state = _state(request)
+    engine = ready_engine(state)
     requested = body.max_completion_tokens or body.max_tokens
     max_tokens = fit_max_tokens(engine, len(prompt), requested, None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [make_params(body, max_tokens, logprobs)])
-    fmt = _Format(gen.request_id, "chat.completion", state.settings.served_model_name, tok)
+    params = make_params(body, max_tokens, logprobs)
+    gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages)
+    fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name, engine.engine.tokenizer)
     if body.stream:
-        return await _stream(request, gen, fmt, body.include_usage, chat=True)
+        return await stream_response(request, gen, fmt, body.include_usage, chat=True)
     choices = await until_disconnect(request, gen.run_to_end())
     return fmt.response([{
         "index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -91,7 +100,7 @@ def _completion_prompts(prompt, tok: Tokenizer) -> list[list[int]]:
     return prompts
 
 
-async def _stream(request: Request, gen: Generation, fmt: "_Format", include_usage: bool,
+async def stream_response(request: Request, gen: Generation, fmt: "ResponseFormat", include_usage: bool,
                   chat: bool, echo: list[str] | None = None) -> EventStream:
     """Start the engine requests (errors become JSON 4xx here), then stream chunks."""
     events = gen.events()
@@ -124,7 +133,7 @@ async def _stream(request: Request, gen: Generation, fmt: "_Format", include_usa
     return EventStream(body())
 
 
-class _Format:
+class ResponseFormat:
     """OpenAI JSON shapes for one response."""
 
     def __init__(self, request_id: str, obj: str, model: str, tok: Tokenizer) -> None:

@@ -17,6 +17,7 @@ from server.api.errors import APIError, bad_request
 from server.api.state import AppState
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.engine import StepOutput
+from server.engine.sessions import SessionError
 
 log = logging.getLogger("workmem.api")
 
@@ -79,6 +80,14 @@ def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, 
     return requested
 
 
+SESSION_ERROR_STATUS = {"session_not_found": 404, "session_busy": 409, "too_many_sessions": 429,
+                        "session_exists": 409}
+
+
+def session_error(exc: SessionError) -> APIError:
+    return APIError(SESSION_ERROR_STATUS.get(exc.code, 400), str(exc), code=exc.code)
+
+
 def make_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
     try:
         return body.sampling_params(max_tokens, logprobs)
@@ -89,8 +98,10 @@ def make_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
 class Generation:
     """Runs a request's prompts in the engine and yields (choice index, StepOutput)."""
 
-    def __init__(self, state: AppState, request_id: str, prompts: list[list[int]], params: list[SamplingParams]):
+    def __init__(self, state: AppState, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                 session_id: str | None = None, new_messages: list[dict] | None = None):
         self.state, self.engine = state, ready_engine(state)
+        self.session_id, self.new_messages = session_id, new_messages
         self.request_id, self.prompts, self.params = request_id, prompts, params
         self.n = params[0].n
         self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
@@ -103,9 +114,13 @@ class Generation:
         streams, firsts = [], []
         try:
             for i, (prompt, params) in enumerate(zip(self.prompts, self.params)):
-                stream = self.engine.generate(f"{self.request_id}-{i}", prompt, params)
+                stream = self.engine.generate(f"{self.request_id}-{i}", prompt, params,
+                                              self.session_id, self.new_messages)
                 streams.append(stream)
                 firsts.append(await anext(stream))
+        except SessionError as exc:
+            await _close_all(streams)
+            raise session_error(exc) from None
         except ValueError as exc:
             await _close_all(streams)
             raise bad_request(exc) from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from server.async_engine import AsyncEngine, EngineStats
+from server.engine.config import DEFAULT_SESSION_TTL_S
 from server.metrics import Metrics
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
@@ -22,6 +23,7 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_queue_len: int | None = None
     retry_after_s: int = DEFAULT_QUEUE_RETRY_AFTER_S
+    session_ttl_s: float = DEFAULT_SESSION_TTL_S
 
 
 @dataclass

@@ -67,14 +67,17 @@ class SessionTable:
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.pins: dict[int, int] = {}  # block -> number of sessions pinning it
         self.num_evictions = 0
+        self.num_recomputes = 0  # turns of a dropped session (its KV recomputed)
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(s.block_table) for s in self.sessions.values())
+        """Distinct blocks held by sessions (a fork's shared blocks count once)."""
+        return len(self.pins)
 
     def create(self, session: Session) -> Session:
         if len(self.sessions) >= self.max_sessions:
@@ -95,6 +98,8 @@ class SessionTable:
         if session.busy:
             raise SessionError(f"session {session_id!r} already has a turn running", "session_busy")
         session.busy = True
+        if session.token_ids and not session.block_table:
+            self.num_recomputes += 1
         self._touch(session)
         return session
 
@@ -107,8 +112,8 @@ class SessionTable:
         if token_ids is None or session.session_id not in self.sessions:
             return
         full = min(len(block_hashes), len(block_table))
-        self.pool.acquire(block_table[:full])
-        self.pool.free(session.block_table)
+        self._pin(block_table[:full])
+        self._unpin(session.block_table)
         session.token_ids = list(token_ids)
         session.block_table = list(block_table[:full])
         session.block_hashes = list(block_hashes[:full])
@@ -123,7 +128,7 @@ class SessionTable:
         child = Session(new_id, ttl, token_ids=list(source.token_ids), messages=list(source.messages),
                         metadata=dict(source.metadata), num_turns=source.num_turns)
         self.create(child)
-        self.pool.acquire(source.block_table)
+        self._pin(source.block_table)
         child.block_table = list(source.block_table)
         child.block_hashes = list(source.block_hashes)
         self.enforce_budget()
@@ -144,12 +149,10 @@ class SessionTable:
 
     def enforce_budget(self) -> None:
         """Drop LRU idle sessions until the pinned blocks fit `max_pinned_blocks`."""
-        pinned = self.num_pinned_blocks
         for session in list(self.sessions.values()):
-            if pinned <= self.max_pinned_blocks:
+            if self.num_pinned_blocks <= self.max_pinned_blocks:
                 return
             if not session.busy and session.block_table:
-                pinned -= len(session.block_table)
                 self._evict(session)
 
     def reclaim(self) -> bool:
@@ -165,8 +168,20 @@ class SessionTable:
         self.num_evictions += 1
 
     def _release(self, session: Session) -> None:
-        self.pool.free(session.block_table)  # blocks become cached-free: still findable by hash
+        self._unpin(session.block_table)  # blocks become cached-free: still findable by hash
         session.block_table, session.block_hashes = [], []
+
+    def _pin(self, blocks: list[int]) -> None:
+        self.pool.acquire(blocks)
+        for b in blocks:
+            self.pins[b] = self.pins.get(b, 0) + 1
+
+    def _unpin(self, blocks: list[int]) -> None:
+        self.pool.free(blocks)
+        for b in blocks:
+            self.pins[b] -= 1
+            if not self.pins[b]:
+                del self.pins[b]
 
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()

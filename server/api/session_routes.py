@@ -1,0 +1,150 @@
+"""Sessions over HTTP: a conversation whose KV stays resident between turns.
+
+    POST   /v1/sessions                        create (optional initial messages)
+    POST   /v1/sessions/{id}/chat/completions  next turn: only the new messages
+    GET    /v1/sessions[/{id}]                 inspect
+    POST   /v1/sessions/{id}/fork              branch, sharing every KV block
+    DELETE /v1/sessions/{id}                   free everything
+
+A turn's prompt is the session's token transcript plus the tokens of the new text the
+chat template adds, so the model sees exactly the tokens it saw before (and its resident
+KV stays valid). Session state lives on the engine thread; routes reach it via
+`AsyncEngine.call`.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+
+from model.tokenizer import Tokenizer
+from server.api.errors import APIError
+from server.api.openai_routes import chat_response
+from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
+from server.api.serving import check_model, ready_engine, session_error
+from server.engine.sessions import Session, SessionError
+
+router = APIRouter()
+
+
+async def _call(request: Request, fn):
+    try:
+        return await ready_engine(request.app.state.workmem).call(fn)
+    except SessionError as exc:
+        raise session_error(exc) from None
+
+
+def _describe(request: Request, info: dict) -> dict:
+    return {"object": "session", "model": request.app.state.workmem.settings.served_model_name, **info}
+
+
+@router.post("/v1/sessions")
+async def create_session(body: SessionCreateRequest, request: Request):
+    state = request.app.state.workmem
+    check_model(state, body.model)
+    session_id = "sess_" + secrets.token_urlsafe(18)
+    ttl = body.ttl_seconds or state.settings.session_ttl_s
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    metadata = {**body.metadata, "overflow": body.overflow}
+
+    def create(engine):
+        engine.sessions.create(Session(session_id, ttl, messages=messages, metadata=metadata))
+        return engine.sessions.get(session_id).info(engine.config.block_size)
+
+    return _describe(request, await _call(request, create))
+
+
+@router.get("/v1/sessions")
+async def list_sessions(request: Request):
+    infos = await _call(request, lambda e: [s.info(e.config.block_size) for s in e.sessions.sessions.values()])
+    return {"object": "list", "data": [_describe(request, i) for i in infos]}
+
+
+@router.get("/v1/sessions/{session_id}")
+async def get_session(session_id: str, request: Request):
+    return _describe(request, await _call(request, lambda e: e.sessions.get(session_id).info(e.config.block_size)))
+
+
+@router.delete("/v1/sessions/{session_id}")
+async def delete_session(session_id: str, request: Request):
+    def delete(engine):
+        if engine.sessions.get(session_id).busy:
+            raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
+        engine.sessions.delete(session_id)
+
+    await _call(request, delete)
+    return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+@router.post("/v1/sessions/{session_id}/fork")
+async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = None):
+    new_id = "sess_" + secrets.token_urlsafe(18)
+    ttl = (body.ttl_seconds if body else None) or request.app.state.workmem.settings.session_ttl_s
+
+    def fork(engine):
+        return engine.sessions.fork(session_id, new_id, ttl).info(engine.config.block_size)
+
+    return _describe(request, await _call(request, fork))
+
+
+@router.post("/v1/sessions/{session_id}/chat/completions")
+async def session_turn(session_id: str, body: SessionChatRequest, request: Request):
+    state = request.app.state.workmem
+    check_model(state, body.model)
+    engine = ready_engine(state)
+    snapshot = await _call(request, lambda e: _snapshot(e, session_id))
+    if snapshot["busy"]:
+        raise APIError(409, f"session {session_id!r} already has a turn running", code="session_busy")
+    new = body.template_messages()
+    prompt = turn_prompt(engine.engine.tokenizer, snapshot, new, engine.engine.max_model_len)
+    return await chat_response(request, body, prompt, session_id=session_id, new_messages=new)
+
+
+def _snapshot(engine, session_id: str) -> dict:
+    s = engine.sessions.get(session_id)
+    s.last_used = time.time()
+    return {"token_ids": list(s.token_ids), "messages": list(s.messages), "busy": s.busy,
+            "overflow": s.metadata.get("overflow", "error")}
+
+
+def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: int) -> list[int]:
+    """Transcript tokens + the new text's tokens; re-rendered whole if the template does
+    not extend the transcript. Over the context: 400, or drop old turns ("truncate")."""
+    history, transcript = snapshot["messages"], snapshot["token_ids"]
+    try:
+        prompt = _extend(tok, history + new, transcript)
+        while len(prompt) >= max_model_len and snapshot["overflow"] == "truncate":
+            history = _drop_oldest_turn(history)
+            if history is None:
+                break
+            prompt = tok.encode_chat(history + new)
+    except ValueError as exc:
+        raise APIError(400, f"chat template failed: {exc}", param="messages") from None
+    if len(prompt) >= max_model_len:
+        raise APIError(400, f"the session's conversation with this turn has {len(prompt)} tokens but the "
+                       f"maximum context length is {max_model_len}; start a new session or create it "
+                       f"with overflow=truncate", param="messages", code="context_length_exceeded")
+    return prompt
+
+
+def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int]) -> list[int]:
+    if not transcript:
+        return tok.encode_chat(messages)
+    full = tok.apply_chat_template(messages, add_generation_prompt=True)
+    seen = tok.decode(transcript, skip_special_tokens=False)
+    if full.startswith(seen):
+        return transcript + tok.encode(full[len(seen):], add_special_tokens=False)
+    return tok.encode(full, add_special_tokens=False)
+
+
+def _drop_oldest_turn(history: list[dict]) -> list[dict] | None:
+    """History without its oldest non-system message pair; None when nothing is left."""
+    keep = [i for i, m in enumerate(history) if m["role"] != "system"]
+    if not keep:
+        return None
+    first = keep[0]
+    end = first + 1
+    while end < len(history) and history[end]["role"] == "assistant":
+        end += 1
+    return history[:first] + history[end:]
