@@ -5,16 +5,19 @@ Same bodies, stream parsing and retry policy as `client.client` (see its docstri
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
 from client.client import (
-    DEFAULT_BACKOFF_S, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, Completion,
-    Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error,
-    normalize_base_url, request_body, response_json, retry_delay,
+    DEFAULT_BACKOFF_S, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, SESSIONS_PATH,
+    Completion, Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error,
+    may_retry_transport, normalize_base_url, request_body, response_json, retry_delay,
 )
 from client.errors import WorkmemError, error_from_response
+
+if TYPE_CHECKING:
+    from client.sessions import AsyncSession
 
 
 class AsyncClient:
@@ -54,6 +57,26 @@ class AsyncClient:
         async for item in self._stream("/v1/chat/completions", body, chat=True):
             yield item
 
+    async def create_session(
+        self, system: str | None = None, ttl_seconds: float | None = None, messages: Messages | None = None,
+        metadata: dict[str, Any] | None = None, overflow: str | None = None,
+    ) -> AsyncSession:
+        """A new server-side session (see client.sessions); `system` becomes its first message."""
+        from client.sessions import AsyncSession, create_body  # sessions.py builds on this module
+
+        body = create_body(self.model, system, ttl_seconds, messages, metadata, overflow)
+        data = response_json(await self._send(SESSIONS_PATH, body, idempotent=False))
+        return AsyncSession(self, data["id"], data)
+
+    def session(self, session_id: str) -> AsyncSession:
+        """Handle on an existing session (e.g. to resume it); makes no request."""
+        from client.sessions import AsyncSession
+
+        return AsyncSession(self, session_id)
+
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return response_json(await self._send(SESSIONS_PATH)).get("data", [])
+
     async def models(self) -> list[str]:
         return [m["id"] for m in response_json(await self._send("/v1/models")).get("data", [])]
 
@@ -86,8 +109,10 @@ class AsyncClient:
             model = self.model = ids[0]
         return model
 
-    async def _stream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str | Usage]:
-        resp = await self._send(path, body, stream=True)
+    async def _stream(
+        self, path: str, body: dict[str, Any], chat: bool, idempotent: bool = True,
+    ) -> AsyncIterator[str | Usage]:
+        resp = await self._send(path, body, stream=True, idempotent=idempotent)
         parser = StreamParser(chat)
         try:
             async for line in resp.aiter_lines():
@@ -102,18 +127,23 @@ class AsyncClient:
         finally:
             await resp.aclose()
 
-    async def _send(self, path: str, body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
-        """POST `body` (GET when None) with retries; returns a < 400 response."""
+    async def _send(
+        self, path: str, body: dict[str, Any] | None = None, stream: bool = False,
+        method: str | None = None, idempotent: bool = True,
+    ) -> httpx.Response:
+        """`method` (default: POST `body`, GET when None) with retries; returns a < 400 response."""
         attempt = 0
         while True:
             request = self._http.build_request(
-                "GET" if body is None else "POST", self.base_url + path, json=body,
+                method or ("GET" if body is None else "POST"), self.base_url + path, json=body,
                 headers=auth_headers(self.api_key, stream),
             )
+            retryable = True
             try:
                 resp = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 err: WorkmemError = connection_error(exc)
+                retryable = may_retry_transport(exc, idempotent)
             else:
                 if resp.status_code < 400:
                     return resp
@@ -125,7 +155,7 @@ class AsyncClient:
                 finally:
                     await resp.aclose()
                 err = error_from_response(resp.status_code, text, resp.headers)
-            delay = retry_delay(err, attempt, self.backoff) if attempt < self.max_retries else None
+            delay = retry_delay(err, attempt, self.backoff) if retryable and attempt < self.max_retries else None
             if delay is None:
                 raise err
             await self._sleep(delay)

@@ -5,13 +5,15 @@ Retries: 429, 503 and transport failures are retried up to `max_retries` times, 
 the server's Retry-After when sent, else `backoff * 2**attempt`, each wait capped at
 MAX_RETRY_WAIT_S. Other errors are raised at once. A stream is retried only while it is
 being opened (before its 200 status line); once open, a failure is raised to the caller.
+A non-idempotent request (one that changes a server-side session) is retried after a
+transport failure only when the request provably never left (connect/pool errors).
 """
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import httpx
 
@@ -27,8 +29,12 @@ DEFAULT_BACKOFF_S = 0.5
 MAX_RETRY_WAIT_S = 60.0  # cap on one wait, whether from Retry-After or from backoff
 USER_AGENT = "workmem-client/0.1"
 SSE_DONE = "[DONE]"
+SESSIONS_PATH = "/v1/sessions"
 
 Messages = list[dict[str, Any]]
+
+if TYPE_CHECKING:
+    from client.sessions import Session
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ def auth_headers(api_key: str | None, stream: bool = False) -> dict[str, str]:
 def connection_error(exc: httpx.TransportError) -> APIConnectionError:
     cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
     return cls(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+def may_retry_transport(exc: httpx.TransportError, idempotent: bool) -> bool:
+    """A non-idempotent request is retried only if it never reached the server."""
+    return idempotent or isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 def retry_delay(err: WorkmemError, attempt: int, backoff: float) -> float | None:
@@ -218,6 +229,26 @@ class Client:
         body = request_body(self._model_for(params), "messages", chat_messages(messages), params, stream=True)
         yield from self._stream("/v1/chat/completions", body, chat=True)
 
+    def create_session(
+        self, system: str | None = None, ttl_seconds: float | None = None, messages: Messages | None = None,
+        metadata: dict[str, Any] | None = None, overflow: str | None = None,
+    ) -> Session:
+        """A new server-side session (see client.sessions); `system` becomes its first message."""
+        from client.sessions import Session, create_body  # sessions.py builds on this module
+
+        body = create_body(self.model, system, ttl_seconds, messages, metadata, overflow)
+        data = response_json(self._send(SESSIONS_PATH, body, idempotent=False))
+        return Session(self, data["id"], data)
+
+    def session(self, session_id: str) -> Session:
+        """Handle on an existing session (e.g. to resume it); makes no request."""
+        from client.sessions import Session
+
+        return Session(self, session_id)
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return response_json(self._send(SESSIONS_PATH)).get("data", [])
+
     def models(self) -> list[str]:
         return [m["id"] for m in response_json(self._send("/v1/models")).get("data", [])]
 
@@ -247,8 +278,8 @@ class Client:
             model = self.model = ids[0]
         return model
 
-    def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str | Usage]:
-        resp = self._send(path, body, stream=True)
+    def _stream(self, path: str, body: dict[str, Any], chat: bool, idempotent: bool = True) -> Iterator[str | Usage]:
+        resp = self._send(path, body, stream=True, idempotent=idempotent)
         parser = StreamParser(chat)
         try:
             for line in resp.iter_lines():
@@ -261,18 +292,23 @@ class Client:
         finally:
             resp.close()
 
-    def _send(self, path: str, body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
-        """POST `body` (GET when None) with retries; returns a < 400 response."""
+    def _send(
+        self, path: str, body: dict[str, Any] | None = None, stream: bool = False,
+        method: str | None = None, idempotent: bool = True,
+    ) -> httpx.Response:
+        """`method` (default: POST `body`, GET when None) with retries; returns a < 400 response."""
         attempt = 0
         while True:
             request = self._http.build_request(
-                "GET" if body is None else "POST", self.base_url + path, json=body,
+                method or ("GET" if body is None else "POST"), self.base_url + path, json=body,
                 headers=auth_headers(self.api_key, stream),
             )
+            retryable = True
             try:
                 resp = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
                 err: WorkmemError = connection_error(exc)
+                retryable = may_retry_transport(exc, idempotent)
             else:
                 if resp.status_code < 400:
                     return resp
@@ -284,7 +320,7 @@ class Client:
                 finally:
                     resp.close()
                 err = error_from_response(resp.status_code, text, resp.headers)
-            delay = retry_delay(err, attempt, self.backoff) if attempt < self.max_retries else None
+            delay = retry_delay(err, attempt, self.backoff) if retryable and attempt < self.max_retries else None
             if delay is None:
                 raise err
             self._sleep(delay)

@@ -26,6 +26,7 @@ log = logging.getLogger("workmem.async_engine")
 T = TypeVar("T")
 
 IDLE_WAIT_S = 0.5  # how long the idle engine thread blocks on its inbox before re-checking
+SESSION_EXPIRY_INTERVAL_S = 0.5  # how often the engine thread looks for expired sessions
 
 
 class QueueFullError(RuntimeError):
@@ -134,6 +135,7 @@ class AsyncEngine:
 
     # -- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
+        next_expiry = 0.0
         try:
             self._publish_stats()  # /metrics is right from the first scrape, not after IDLE_WAIT_S
             while not self._stop.is_set():
@@ -141,7 +143,9 @@ class AsyncEngine:
                 self._drain_inbox(block)
                 if self.engine.has_unfinished():
                     self._step()
-                self.engine.expire_sessions()
+                if time.monotonic() >= next_expiry:
+                    self.engine.expire_sessions()
+                    next_expiry = time.monotonic() + SESSION_EXPIRY_INTERVAL_S
                 self._publish_stats()
         except BaseException as exc:  # the engine is broken: fail everyone, report unhealthy
             log.exception("engine thread died")

@@ -90,8 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from client.chat import run_chat
 
+    session_id = None if args.new_session else args.session
     return run_chat(args.url, api_key=args.api_key, model=args.model, system=args.system,
-                    temperature=args.temperature, max_tokens=args.max_tokens)
+                    temperature=args.temperature, max_tokens=args.max_tokens, session_id=session_id)
 
 
 def _model_name(path: str) -> str:
@@ -141,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="server base URL")
     chat.add_argument("--api-key", default=None, help="API key (also WORKMEM_API_KEY)")
     chat.add_argument("--model", default=None, help="model id (default: the server's first)")
-    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--system", default=None, help="system prompt of a new session (not applied when resuming)")
+    which = chat.add_mutually_exclusive_group()
+    which.add_argument("--session", default=None, metavar="ID",
+                       help="resume this server-side session (its history stays on the server)")
+    which.add_argument("--new-session", action="store_true",
+                       help="start a new session (the default; overrides WORKMEM_SESSION)")
     chat.add_argument("--temperature", type=float, default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
