@@ -116,3 +116,56 @@ def test_ttl_expiry_and_limits(engine):
     engine.sessions.create(Session("one", ttl=60))
     with pytest.raises(SessionError, match="maximum of 1 sessions"):
         engine.sessions.create(Session("two", ttl=60))
+
+
+def make_engine(tiny_checkpoint, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), dtype="float32", device="cpu",
+                                  block_size=BS, num_kv_blocks=64, max_model_len=128, **kw))
+
+
+def conversation(engine: LLMEngine, sid: str, turns: list[list[int]]) -> list[list[int]]:
+    outs = []
+    for i, new in enumerate(turns):
+        prompt = engine.sessions.get(sid).token_ids + new
+        outs.append(run(engine, f"{sid}-{i}-{id(engine)}", prompt, sid)[0])
+    return outs
+
+
+def test_restart_with_session_dir_continues_identically(tiny_checkpoint, tmp_path):
+    turns = [ids(9, 20), ids(6, 21), ids(7, 22)]
+    never_restarted = make_engine(tiny_checkpoint)
+    never_restarted.sessions.create(Session("s", ttl=600))
+    expected = conversation(never_restarted, "s", turns)
+
+    first = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    first.sessions.create(Session("s", ttl=600))
+    assert conversation(first, "s", turns[:2]) == expected[:2]
+    del first  # no shutdown hook runs: like kill -9 after the second turn's response
+    second = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    restored = second.sessions.get("s")
+    assert restored.num_turns == 2 and restored.tier == "dropped" and len(restored.messages) == 4
+    assert conversation(second, "s", turns[2:]) == expected[2:]
+    assert second.sessions.num_recomputes == 1
+    third = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    assert third.sessions.get("s").num_turns == 3
+
+
+def test_corrupt_session_file_fails_only_that_session(tiny_checkpoint, tmp_path):
+    engine = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    for sid in ("good", "bad", "stale"):
+        engine.sessions.create(Session(sid, ttl=600))
+        conversation(engine, sid, [ids(5, 30)])
+    bad = tmp_path / "bad.session.json"
+    bad.write_text(bad.read_text().replace('"num_turns', '"num_turnz'))  # payload edited: checksum fails
+    stale = tmp_path / "stale.session.json"
+    stale.write_text(stale.read_text().replace('"format_version": 1', '"format_version": 99'))
+    (tmp_path / "junk.session.json").write_text("{not json")
+    reloaded = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    assert reloaded.sessions.get("good").num_turns == 1
+    for sid, why in (("bad", "checksum"), ("stale", "format version"), ("junk", "unreadable")):
+        with pytest.raises(SessionError, match=why) as err:
+            reloaded.add_request("x", [1, 2, 3], GREEDY, session_id=sid)
+        assert err.value.code == "session_corrupt"
+    reloaded.sessions.delete("bad")
+    assert not bad.exists()
+    conversation(reloaded, "good", [ids(4, 31)])  # the others keep working

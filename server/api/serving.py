@@ -81,7 +81,7 @@ def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, 
 
 
 SESSION_ERROR_STATUS = {"session_not_found": 404, "session_busy": 409, "too_many_sessions": 429,
-                        "session_exists": 409}
+                        "session_exists": 409, "session_corrupt": 422}
 
 
 def session_error(exc: SessionError) -> APIError:

@@ -43,6 +43,7 @@ class EngineConfig:
     seed: int | None = None
     max_sessions: int = DEFAULT_MAX_SESSIONS
     session_memory_fraction: float = DEFAULT_SESSION_MEMORY_FRACTION
+    session_dir: str | None = None  # durable session transcripts (restored after a restart)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -18,6 +18,7 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
+from server.engine.session_store import SessionStore
 from server.engine.sessions import Session, SessionTable
 
 log = logging.getLogger("workmem.engine")
@@ -48,7 +49,8 @@ class LLMEngine:
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.sessions = SessionTable(
-            self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks)
+            self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks),
+            store=SessionStore(config.session_dir) if config.session_dir else None,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),

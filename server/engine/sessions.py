@@ -16,9 +16,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
+
+if TYPE_CHECKING:
+    from server.engine.session_store import SessionStore
 
 
 class SessionError(ValueError):
@@ -62,14 +65,30 @@ class Session:
 class SessionTable:
     """All sessions, in least-recently-used order; owns their block pins."""
 
-    def __init__(self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int) -> None:
+    def __init__(
+        self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int, store: "SessionStore | None" = None
+    ) -> None:
         self.pool = pool
+        self.store = store
+        self.broken: dict[str, str] = {}  # session id -> why its file could not be loaded
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.pins: dict[int, int] = {}  # block -> number of sessions pinning it
         self.num_evictions = 0
         self.num_recomputes = 0  # turns of a dropped session (its KV recomputed)
+        if store is not None:
+            self._load(store)
+
+    def _load(self, store: "SessionStore") -> None:
+        """Sessions saved by an earlier run come back in the dropped tier (KV recomputed)."""
+        from server.engine.session_store import BrokenSession
+
+        for found in store.load_all():
+            if isinstance(found, BrokenSession):
+                self.broken[found.session_id] = found.error
+            else:
+                self.sessions[found.session_id] = found
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -85,9 +104,12 @@ class SessionTable:
         if session.session_id in self.sessions:
             raise SessionError(f"session {session.session_id!r} already exists", "session_exists")
         self.sessions[session.session_id] = session
+        self._save(session)
         return session
 
     def get(self, session_id: str) -> Session:
+        if session_id in self.broken:
+            raise SessionError(self.broken[session_id], "session_corrupt")
         session = self.sessions.get(session_id)
         if session is None:
             raise SessionError(f"session {session_id!r} does not exist", "session_not_found")
@@ -120,6 +142,7 @@ class SessionTable:
         if messages is not None:
             session.messages = messages
         session.num_turns += 1
+        self._save(session)  # durable before the turn's response finishes
         self.enforce_budget()
 
     def fork(self, source_id: str, new_id: str, ttl: float) -> Session:
@@ -131,13 +154,16 @@ class SessionTable:
         self._pin(source.block_table)
         child.block_table = list(source.block_table)
         child.block_hashes = list(source.block_hashes)
+        self._save(child)
         self.enforce_budget()
         return child
 
     def delete(self, session_id: str) -> None:
-        session = self.get(session_id)
-        self._release(session)
-        del self.sessions[session_id]
+        if self.broken.pop(session_id, None) is None:
+            self._release(self.get(session_id))
+            del self.sessions[session_id]
+        if self.store is not None:
+            self.store.delete(session_id)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Delete idle sessions whose TTL passed; returns their ids."""
@@ -182,6 +208,10 @@ class SessionTable:
             self.pins[b] -= 1
             if not self.pins[b]:
                 del self.pins[b]
+
+    def _save(self, session: Session) -> None:
+        if self.store is not None:
+            self.store.save(session)
 
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()
