@@ -19,7 +19,8 @@ DEFAULT_PORT = 8000
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from server.engine.config import (
-        DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
+        DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_SESSIONS,
+        DEFAULT_SESSION_MEMORY_FRACTION,
     )
 
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -33,6 +34,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=None, help="seed of the shared sampling generator")
+    parser.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
+                        help=f"sessions the server holds (default {DEFAULT_MAX_SESSIONS}; 429 beyond)")
+    parser.add_argument("--session-memory-fraction", type=float, default=DEFAULT_SESSION_MEMORY_FRACTION,
+                        help=f"share of the KV pool idle sessions may pin (default {DEFAULT_SESSION_MEMORY_FRACTION})")
+    parser.add_argument("--session-dir", default=None,
+                        help="keep session transcripts here, durably, across restarts (default: memory only)")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -45,6 +52,8 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        max_sessions=args.max_sessions, session_memory_fraction=args.session_memory_fraction,
+        session_dir=args.session_dir,
     )
 
 
@@ -74,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_name=name, api_key=args.api_key or None,
         max_request_bytes=args.max_request_bytes, max_queue_len=args.max_queue_len,
+        session_ttl_s=args.session_ttl,
     )
 
     def load() -> AsyncEngine:
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from server.api.state import DEFAULT_MAX_REQUEST_BYTES
+    from server.engine.config import DEFAULT_SESSION_TTL_S
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-queue-len", type=int, default=None, help="waiting requests beyond it get 429 (default: unbounded)")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (also WORKMEM_API_KEY)")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
+    serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
+                       help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 

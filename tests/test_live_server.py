@@ -45,7 +45,7 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
-def _start(model_dir: Path, log_path: Path) -> LiveServer:
+def _start(model_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> LiveServer:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKMEM_")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -53,7 +53,7 @@ def _start(model_dir: Path, log_path: Path) -> LiveServer:
         sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--dtype", "float32",
         "--device", "cpu", "--port", str(port), "--served-model-name", MODEL,
         "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "64", "--block-size", "16",
-        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--max-num-seqs", str(MAX_NUM_SEQS), *extra,
     ]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
