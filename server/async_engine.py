@@ -51,6 +51,9 @@ class EngineStats:
     session_blocks_pinned: int = 0
     session_evictions: int = 0
     session_restores_recompute: int = 0
+    session_restores_disk: int = 0
+    session_restores_memory: int = 0
+    session_offloads: int = 0
 
 
 @dataclass
@@ -86,6 +89,10 @@ class AsyncEngine:
         self._inbox.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive():  # the engine is ours again: keep sessions' KV
+                saved = self.engine.sessions.save_all()
+                if saved:
+                    log.info("saved the KV of %d resident sessions", saved)
 
     @property
     def is_alive(self) -> bool:
@@ -230,6 +237,9 @@ class AsyncEngine:
             session_blocks_pinned=sessions.num_pinned_blocks,
             session_evictions=sessions.num_evictions,
             session_restores_recompute=sessions.num_recomputes,
+            session_restores_disk=sessions.num_disk_restores,
+            session_restores_memory=sessions.num_memory_restores,
+            session_offloads=sessions.num_offloads,
         )
 
 

@@ -41,11 +41,12 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "workmem_session_evictions", "Idle sessions whose KV left the pool", value=s.session_evictions
         )
-        yield CounterMetricFamily("workmem_session_offloads", "Session KV offloads to host or disk", value=0)
+        yield CounterMetricFamily("workmem_session_offloads", "Session KV offloads to disk", value=s.session_offloads)
         restores = CounterMetricFamily(
             "workmem_session_restores", "Session turns whose KV was brought back", labels=["source"]
         )
-        for source, value in (("memory", 0), ("disk", 0), ("recompute", s.session_restores_recompute)):
+        for source, value in (("memory", s.session_restores_memory), ("disk", s.session_restores_disk),
+                              ("recompute", s.session_restores_recompute)):
             restores.add_metric([source], value)
         yield restores
 

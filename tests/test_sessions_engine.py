@@ -169,3 +169,46 @@ def test_corrupt_session_file_fails_only_that_session(tiny_checkpoint, tmp_path)
     reloaded.sessions.delete("bad")
     assert not bad.exists()
     conversation(reloaded, "good", [ids(4, 31)])  # the others keep working
+
+
+def test_offload_to_disk_and_restore_give_identical_tokens(tiny_checkpoint, tmp_path):
+    turns = [ids(20, 40), ids(6, 41)]
+    plain = make_engine(tiny_checkpoint)
+    plain.sessions.create(Session("s", ttl=600))
+    expected = conversation(plain, "s", turns)
+
+    engine = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    engine.sessions.create(Session("s", ttl=600))
+    conversation(engine, "s", turns[:1])
+    s = engine.sessions.get("s")
+    assert engine.sessions.reclaim() and s.tier == "offloaded" and engine.sessions.num_offloads == 1
+    assert (tmp_path / "s.kv.pt").exists()
+    for k in range(3):  # fill the pool so the session's freed blocks are evicted and reused
+        engine.add_request(f"flush{k}", ids(100, 42 + k), GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    out = conversation(engine, "s", turns[1:])
+    assert out == expected[1:]
+    assert engine.sessions.num_disk_restores == 1 and engine.sessions.num_recomputes == 0
+    assert not (tmp_path / "s.kv.pt").exists()
+
+
+def test_graceful_shutdown_saves_kv_and_restart_restores_it(tiny_checkpoint, tmp_path):
+    turns = [ids(20, 50), ids(6, 51)]
+    plain = make_engine(tiny_checkpoint)
+    plain.sessions.create(Session("s", ttl=600))
+    expected = conversation(plain, "s", turns)
+    first = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    first.sessions.create(Session("s", ttl=600))
+    conversation(first, "s", turns[:1])
+    assert first.sessions.save_all() == 1
+    second = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    assert second.sessions.get("s").tier == "offloaded"
+    assert conversation(second, "s", turns[1:]) == expected[1:]
+    assert second.sessions.num_disk_restores == 1  # a new engine's pool holds nothing
+    # A corrupt KV file only costs a recompute.
+    second.sessions.save_all()
+    (tmp_path / "s.kv.pt").write_bytes(b"not a tensor file")
+    third = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    out = conversation(third, "s", [ids(3, 52)])
+    assert third.sessions.num_recomputes == 1 and third.sessions.num_disk_restores == 0 and out

@@ -18,6 +18,7 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
+from server.engine.offload import KVSwapper
 from server.engine.session_store import SessionStore
 from server.engine.sessions import Session, SessionTable
 
@@ -48,17 +49,19 @@ class LLMEngine:
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner = Runner(
+            self.model, self.model_config, self.plan.num_blocks, config.block_size,
+            self.device, self.dtype, seed=config.seed,
+        )
         self.sessions = SessionTable(
             self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks),
             store=SessionStore(config.session_dir) if config.session_dir else None,
+            swapper=KVSwapper(self.runner.kv_cache, config.block_size, config.session_dir)
+            if config.session_dir else None,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.pool, reclaim=self.sessions.reclaim,
-        )
-        self.runner = Runner(
-            self.model, self.model_config, self.plan.num_blocks, config.block_size,
-            self.device, self.dtype, seed=config.seed,
         )
         self.streams: dict[Sequence, TextStream] = {}
         log.info(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from server.engine.memory import BlockPool
 
 if TYPE_CHECKING:
+    from server.engine.offload import KVSwapper, OffloadedKV
     from server.engine.session_store import SessionStore
 
 
@@ -47,10 +48,13 @@ class Session:
     last_used: float = field(default_factory=time.time)
     num_turns: int = 0
     busy: bool = False
+    offloaded: "OffloadedKV | None" = None  # where its KV went when it left the pool
 
     @property
     def tier(self) -> str:
-        return "resident" if self.block_table else "dropped"
+        if self.block_table:
+            return "resident"
+        return "offloaded" if self.offloaded is not None else "dropped"
 
     def info(self, block_size: int) -> dict[str, Any]:
         return {
@@ -66,10 +70,12 @@ class SessionTable:
     """All sessions, in least-recently-used order; owns their block pins."""
 
     def __init__(
-        self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int, store: "SessionStore | None" = None
+        self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int,
+        store: "SessionStore | None" = None, swapper: "KVSwapper | None" = None,
     ) -> None:
         self.pool = pool
         self.store = store
+        self.swapper = swapper  # offload tier; without it evicted sessions are dropped
         self.broken: dict[str, str] = {}  # session id -> why its file could not be loaded
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
@@ -77,6 +83,9 @@ class SessionTable:
         self.pins: dict[int, int] = {}  # block -> number of sessions pinning it
         self.num_evictions = 0
         self.num_recomputes = 0  # turns of a dropped session (its KV recomputed)
+        self.num_offloads = 0
+        self.num_disk_restores = 0
+        self.num_memory_restores = 0
         if store is not None:
             self._load(store)
 
@@ -88,6 +97,8 @@ class SessionTable:
             if isinstance(found, BrokenSession):
                 self.broken[found.session_id] = found.error
             else:
+                if self.swapper is not None:
+                    found.offloaded = self.swapper.find(found.session_id)
                 self.sessions[found.session_id] = found
 
     def __len__(self) -> int:
@@ -121,9 +132,39 @@ class SessionTable:
             raise SessionError(f"session {session_id!r} already has a turn running", "session_busy")
         session.busy = True
         if session.token_ids and not session.block_table:
-            self.num_recomputes += 1
+            if not self._restore(session):
+                self.num_recomputes += 1
         self._touch(session)
         return session
+
+    def _restore(self, session: Session) -> bool:
+        """Bring an offloaded session's KV back into the pool (blocks still cached in the
+        pool are re-acquired, the rest read from disk). False: it will be recomputed."""
+        offloaded, session.offloaded = session.offloaded, None
+        if offloaded is None or self.swapper is None:
+            return False
+        saved = self.swapper.read(offloaded)
+        self.swapper.discard(session.session_id)
+        if saved is None:
+            return False
+        hits = self.pool.lookup(saved.block_hashes)
+        missing = len(saved.block_hashes) - len(hits)
+        while not self.pool.can_allocate(missing + self.pool.num_acquirable_free(hits)):
+            if not self.reclaim():
+                return False
+        self._pin(hits)
+        fresh = self.pool.allocate(missing)
+        self.swapper.write_blocks(saved, len(hits), fresh)
+        for block, content in zip(fresh, saved.block_hashes[len(hits):]):
+            self.pool.register(block, content)
+            self.pins[block] = self.pins.get(block, 0) + 1
+        session.block_table = hits + fresh
+        session.block_hashes = list(saved.block_hashes)
+        if missing:
+            self.num_disk_restores += 1
+        else:
+            self.num_memory_restores += 1  # every block was still cached in the pool
+        return True
 
     def end_turn(self, session: Session, token_ids: list[int] | None, block_table: list[int],
                  block_hashes: list[int], messages: list[dict[str, Any]] | None) -> None:
@@ -164,6 +205,20 @@ class SessionTable:
             del self.sessions[session_id]
         if self.store is not None:
             self.store.delete(session_id)
+        if self.swapper is not None:
+            self.swapper.discard(session_id)
+
+    def save_all(self) -> int:
+        """At graceful shutdown: write every resident session's KV to disk so the next
+        run restores it instead of recomputing. Returns how many were saved."""
+        if self.swapper is None:
+            return 0
+        saved = 0
+        for session in self.sessions.values():
+            if session.block_table:
+                self.swapper.save(session.session_id, session.block_table, session.block_hashes)
+                saved += 1
+        return saved
 
     def expire(self, now: float | None = None) -> list[str]:
         """Delete idle sessions whose TTL passed; returns their ids."""
@@ -190,6 +245,9 @@ class SessionTable:
         return False
 
     def _evict(self, session: Session) -> None:
+        if self.swapper is not None:
+            session.offloaded = self.swapper.save(session.session_id, session.block_table, session.block_hashes)
+            self.num_offloads += 1
         self._release(session)
         self.num_evictions += 1
 
