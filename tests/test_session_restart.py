@@ -54,6 +54,8 @@ def test_session_survives_kill_9_and_continues_identically(tiny_checkpoint, tmp_
     try:
         r = httpx.get(f"{third_server.url}/v1/sessions/sess_corrupt")
         assert r.status_code == 422 and r.json()["error"]["code"] == "session_corrupt"
-        assert httpx.get(f"{third_server.url}/v1/sessions/{sid}").json()["num_turns"] == 3
+        info = httpx.get(f"{third_server.url}/v1/sessions/{sid}").json()
+        assert info["num_turns"] == 3
+        assert info["tier"] == "offloaded"  # SIGTERM saved its KV: the next turn reads it back
     finally:
         _stop(third_server)
