@@ -212,3 +212,39 @@ def test_graceful_shutdown_saves_kv_and_restart_restores_it(tiny_checkpoint, tmp
     third = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
     out = conversation(third, "s", [ids(3, 52)])
     assert third.sessions.num_recomputes == 1 and third.sessions.num_disk_restores == 0 and out
+
+
+def batch(engine: LLMEngine, prompts: dict[str, tuple[list[int], str | None]]) -> dict[str, list[int]]:
+    """Run requests concurrently: {request_id: (prompt, session_id)} -> tokens."""
+    out: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for rid, (prompt, sid) in prompts.items():
+        engine.add_request(rid, prompt, GREEDY, session_id=sid)
+    while engine.has_unfinished():
+        for step in engine.step():
+            out[step.request_id] += step.new_token_ids
+    return out
+
+
+@pytest.mark.parametrize("with_disk", [False, True])
+def test_fifty_sessions_on_a_small_pool_all_continue_correctly(tiny_checkpoint, tmp_path, with_disk):
+    engine = make_engine(tiny_checkpoint, session_dir=str(tmp_path) if with_disk else None)
+    names = [f"s{i}" for i in range(50)]
+    for name in names:
+        engine.sessions.create(Session(name, ttl=600))
+    for wave in range(0, 50, 10):  # ten sessions' first turns at a time
+        batch(engine, {f"{n}-1": (ids(12, i), n) for i, n in enumerate(names[wave:wave + 10], start=wave)})
+    tiers = [engine.sessions.get(n).tier for n in names]
+    assert tiers.count("resident") < 50  # the pool (64 blocks, half for idle sessions) cannot keep all
+    assert ("offloaded" in tiers) == with_disk and ("dropped" in tiers) != with_disk
+    prompts = {n: engine.sessions.get(n).token_ids + ids(5, 100 + i) for i, n in enumerate(names)}
+    second = {}
+    for wave in range(0, 50, 10):
+        second.update(batch(engine, {f"{n}-2": (prompts[n], n) for n in names[wave:wave + 10]}))
+    reference = batch(make_engine(tiny_checkpoint, enable_prefix_caching=False),
+                      {f"{n}-2": (prompts[n], None) for n in names})
+    assert second == reference
+    assert all(engine.sessions.get(n).num_turns == 2 for n in names)
+    assert engine.pool.num_used == engine.sessions.num_pinned_blocks
+    assert engine.sessions.num_evictions > 0
+    if with_disk:
+        assert engine.sessions.num_offloads > 0 and engine.sessions.num_disk_restores > 0
