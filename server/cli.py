@@ -93,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return engine
 
     app = create_app(settings, load=load)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                access_log=not args.no_access_log)
     return 0
 
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
+    serve.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request line")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
