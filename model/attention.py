@@ -33,6 +33,7 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool: key visible to query
     flat_index: torch.Tensor  # [num_valid] int64: positions of valid queries in flattened [B*max_q]
     out_rows: torch.Tensor  # [num_valid] int64: their rows in the flat token batch
+    whole_batch: bool = False  # one query per sequence, covering the batch in order (all decodes)
 
 
 @dataclass
@@ -68,6 +69,7 @@ def build_attention_metadata(
         for idx in (decode, prefill)
         if idx
     ]
+    groups[0].whole_batch = not prefill
     return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=start)
 
 
@@ -120,10 +122,10 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H, d]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = q.new_empty(q.shape)
+        out = None if meta.groups[0].whole_batch else q.new_empty(q.shape)
         for g in meta.groups:
             batch, max_q = g.token_index.shape
-            qg = q[g.token_index].transpose(1, 2)  # [B, H, max_q, d]
+            qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
             kg = _gather(k_cache, g.block_tables)  # [B, kvH, L, d]
             vg = _gather(v_cache, g.block_tables)
             o = F.scaled_dot_product_attention(
@@ -131,6 +133,8 @@ class TorchPagedAttention:
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )  # [B, H, max_q, d]
             o = o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
+            if g.whole_batch:
+                return o
             out[g.out_rows] = o[g.flat_index]
         return out
 

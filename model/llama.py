@@ -24,7 +24,7 @@ PACKED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -38,13 +38,12 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
-        self.rotary = rotary
         self.attn = TorchPagedAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5
         )
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -52,41 +51,42 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
-        qk = self.rotary(positions, qk)  # q and k rotated in one pass: [T, H + kvH, d]
+        qk = RotaryEmbedding.rotate(qk, rope)  # q and k rotated in one pass: [T, H + kvH, d]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn.forward(q, k, v, kv[0], kv[1], meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
+        self.self_attn = LlamaAttention(config)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, positions, x, kv, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv, meta)
+    def forward(self, rope, x, kv, meta):
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(
+        self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config) for _ in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids, positions, kv_cache, meta):
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.table(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x, kv_cache[i], meta)
+            x = layer(rope, x, kv_cache[i], meta)
         return self.norm(x)
 
 
