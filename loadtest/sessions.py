@@ -6,7 +6,9 @@ Starts two local servers on the default model (one with prefix caching, one with
 then runs the same conversation three ways and prints TTFT per turn:
   (a) a workmem session: each turn sends only its new message,
   (b) stateless /v1/chat/completions with the whole history, prefix caching on,
-  (c) the same with prefix caching off (every turn re-prefills the history).
+  (c) the same with prefix caching off (every turn re-prefills the history),
+  (d) a session on a server that offloads every idle session to `--session-dir`
+      (`--session-memory-fraction 0`): each turn first reads its KV back from disk.
 Speaks HTTP only.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(b) stateless, prefix cache": run_stateless(url, turns, params)}
     with server(args.port + 1, extra + ["--no-prefix-caching"], f"{logs}/workmem-bench-c.log") as url:
         results["(c) stateless, no prefix cache"] = run_stateless(url, turns, params)
+    with tempfile.TemporaryDirectory() as session_dir:
+        offload = ["--session-dir", session_dir, "--session-memory-fraction", "0"]
+        with server(args.port + 2, extra + offload, f"{logs}/workmem-bench-d.log") as url:
+            results["(d) session, offloaded to disk"] = run_session(url, turns, params)
     names = list(results)
     print("| turn | prompt tokens | " + " | ".join(f"{n} TTFT s" for n in names) + " |")
     print("|---:|---:|" + "---:|" * len(names))
