@@ -112,19 +112,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     turns = [user_message(rng, args.words_per_turn, i + 1) for i in range(args.turns)]
+    warmup = [user_message(rng, args.words_per_turn, i + 1) for i in range(2)]
+
+    def tagged(mode: str) -> list[str]:
+        """The same conversation, opened with a per-mode tag so no run reuses another's cache."""
+        return [f"[{mode}] {turns[0]}", *turns[1:]]
+
     params = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     extra = ["--model", args.model] if args.model else []
     logs = os.environ.get("TMPDIR", "/tmp")
     with server(args.port, extra, f"{logs}/workmem-bench-a.log") as url:
-        run_stateless(url, turns[:2], params)  # warm-up
-        results = {"(a) session": run_session(url, turns, params),
-                   "(b) stateless, prefix cache": run_stateless(url, turns, params)}
+        run_stateless(url, warmup, params)
+        results = {"(a) session": run_session(url, tagged("a"), params),
+                   "(b) stateless, prefix cache": run_stateless(url, tagged("b"), params)}
     with server(args.port + 1, extra + ["--no-prefix-caching"], f"{logs}/workmem-bench-c.log") as url:
-        results["(c) stateless, no prefix cache"] = run_stateless(url, turns, params)
+        run_stateless(url, warmup, params)
+        results["(c) stateless, no prefix cache"] = run_stateless(url, tagged("c"), params)
     with tempfile.TemporaryDirectory() as session_dir:
         offload = ["--session-dir", session_dir, "--session-memory-fraction", "0"]
         with server(args.port + 2, extra + offload, f"{logs}/workmem-bench-d.log") as url:
-            results["(d) session, offloaded to disk"] = run_session(url, turns, params)
+            run_stateless(url, warmup, params)
+            results["(d) session, offloaded to disk"] = run_session(url, tagged("d"), params)
     names = list(results)
     print("| turn | prompt tokens | " + " | ".join(f"{n} TTFT s" for n in names) + " |")
     print("|---:|---:|" + "---:|" * len(names))
