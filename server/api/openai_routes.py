@@ -69,7 +69,8 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     params = make_params(body, max_tokens, logprobs)
     gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages)
-    fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name, engine.engine.tokenizer)
+    fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
+                         engine.engine.tokenizer, top_logprobs=logprobs)
     if body.stream:
         return await stream_response(request, gen, fmt, body.include_usage, chat=True)
     choices = await until_disconnect(request, gen.run_to_end())
@@ -136,8 +137,9 @@ async def stream_response(request: Request, gen: Generation, fmt: "ResponseForma
 class ResponseFormat:
     """OpenAI JSON shapes for one response."""
 
-    def __init__(self, request_id: str, obj: str, model: str, tok: Tokenizer) -> None:
+    def __init__(self, request_id: str, obj: str, model: str, tok: Tokenizer, top_logprobs: int | None = None) -> None:
         self.id, self.obj, self.model, self.tok = request_id, obj, model, tok
+        self.top_logprobs = top_logprobs  # chat: alternatives listed per token
         self.created = int(time.time())
 
     def response(self, choices: list[dict], usage: dict) -> JSONResponse:
@@ -154,9 +156,8 @@ class ResponseFormat:
     def delta(self, choice: Choice, out, chat: bool) -> dict:
         lps = out.new_logprobs
         if chat:
-            want = choice_logprobs_k(lps)
             return {"index": choice.index, "delta": {"content": out.text} if out.text else {},
-                    "logprobs": self.chat_logprobs(out.new_token_ids, lps, want) if lps is not None else None,
+                    "logprobs": self.chat_logprobs(out.new_token_ids, lps, self.top_logprobs) if lps is not None else None,
                     "finish_reason": out.finish_reason if out.finished else None}
         return {"index": choice.index, "text": out.text,
                 "logprobs": self.completion_logprobs(out.new_token_ids, lps) if lps is not None else None,
@@ -186,7 +187,3 @@ class ResponseFormat:
                             "top_logprobs": [{"token": self.token_text(i), "logprob": v,
                                               "bytes": list(self.token_text(i).encode())} for i, v in top]})
         return {"content": content}
-
-
-def choice_logprobs_k(lps) -> int | None:
-    return max((len(lp) for lp in lps), default=0) if lps else None

@@ -128,7 +128,7 @@ class LLMEngine:
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
-        self.scheduler.update(out, sampled.token_ids, sampled.logprobs)
+        self.scheduler.update(out, sampled.token_ids)
         outputs = []
         for (_, seq), token, lp in zip(out.samples, sampled.token_ids, sampled.logprobs):
             outputs.append(self._advance(seq, token, lp))
@@ -174,7 +174,7 @@ class LLMEngine:
             request_id=seq.request_id,
             index=seq.index,
             new_token_ids=tokens,
-            new_logprobs=[logprob] if (tokens and logprob is not None) else ([] if seq.logprobs is not None else None),
+            new_logprobs=None if seq.params.logprobs is None else ([logprob] if tokens else []),
             text=text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,

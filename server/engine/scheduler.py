@@ -203,7 +203,7 @@ class Scheduler:
         return budget
 
     # -- after the forward ------------------------------------------------------------
-    def update(self, out: SchedulerOutput, token_ids: list[int], logprobs: list) -> None:
+    def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
         """Advance counters, hash newly full blocks, fork n > 1 children, append tokens."""
         for seq, num in out.scheduled.items():
             full_before = seq.num_computed_tokens // self.block_size
@@ -213,12 +213,10 @@ class Scheduler:
                 self._extend_hashes(seq, full_after)
                 for i in range(full_before, full_after):
                     self.pool.register(seq.block_table[i], seq.block_hashes[i])
-        for (src, dst), token, lp in zip(out.samples, token_ids, logprobs):
+        for (src, dst), token in zip(out.samples, token_ids):
             if dst.status is SequenceStatus.FORK_PENDING:
                 self._fork(src, dst)
             dst.token_ids.append(token)
-            if dst.logprobs is not None:
-                dst.logprobs.append(lp)
         for seq in out.scheduled:
             seq.fork_children = [c for c in seq.fork_children if c.status is SequenceStatus.FORK_PENDING]
 

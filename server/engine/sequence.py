@@ -49,7 +49,6 @@ class Sequence:
     session_turn: Any = None  # SessionTurn when this sequence is a session's turn
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    logprobs: list[dict[int, float]] | None = None
 
     @classmethod
     def new(
@@ -62,7 +61,6 @@ class Sequence:
         return cls(
             request_id=request_id, prompt_len=len(prompt), token_ids=list(prompt), params=params,
             eos_token_ids=eos_token_ids, index=index, generator=generator,
-            logprobs=[] if params.logprobs is not None else None,
         )
 
     @property
