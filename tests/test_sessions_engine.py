@@ -46,12 +46,13 @@ def test_turns_reuse_resident_kv_and_match_a_fresh_engine(engine, tiny_checkpoin
     out1, cached1 = run(engine, "t1", turn1, "s")
     session = engine.sessions.get("s")
     assert session.token_ids == turn1 + out1 and session.num_turns == 1
-    assert len(session.block_table) == (len(turn1) + len(out1) - 1) // BS  # full computed blocks pinned
+    computed = len(turn1) + len(out1) - 1  # the last reply token has no KV yet
+    assert session.num_kv_tokens == computed and len(session.block_table) == -(-computed // BS)
     assert all(engine.pool.refcounts[b] == 1 for b in session.block_table)
     turn2 = session.token_ids + ids(7, 2)
     out2, cached2 = run(engine, "t2", turn2, "s")
     assert cached1 == 0
-    assert cached2 == 12  # 10 + 6 tokens: 15 computed, 3 full blocks resident
+    assert cached2 == 15  # every computed token of turn 1, the partial block included: only new tokens prefilled
     assert out2 == reference(tiny_checkpoint, turn2)
     assert session.messages[-1]["role"] == "assistant" and len(session.messages) == 4
     assert engine.pool.num_used == len(session.block_table)
@@ -63,13 +64,15 @@ def test_fork_shares_blocks_and_branches_diverge(engine, tiny_checkpoint):
     a = engine.sessions.get("a")
     b = engine.sessions.fork("a", "b", ttl=60)
     assert b.block_table == a.block_table and all(engine.pool.refcounts[x] == 2 for x in a.block_table)
-    shared = len(b.block_table)
+    shared, shared_tokens = len(b.block_table), b.num_kv_tokens
     out_a, _ = run(engine, "ta", a.token_ids + ids(5, 4), "a")
     out_b, cached_b = run(engine, "tb", b.token_ids + ids(5, 5), "b")
-    assert cached_b == shared * BS  # the fork's turn prefilled only what its source had not
+    assert cached_b == shared_tokens  # the fork's turn prefilled only its new tokens
     assert out_b == reference(tiny_checkpoint, b.token_ids[: -len(out_b)])
     assert a.token_ids != b.token_ids
-    assert a.block_table[:shared] == b.block_table[:shared]  # the common history is still shared
+    full = shared_tokens // BS
+    assert a.block_table[:full] == b.block_table[:full]  # the common full blocks are still shared
+    assert a.block_table[full] != b.block_table[full]  # each branch copied the partial block on write
 
 
 def test_aborted_turn_leaves_session_unchanged(engine):

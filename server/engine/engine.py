@@ -107,6 +107,9 @@ class LLMEngine:
                 raise ValueError("sessions need prefix caching (drop --no-prefix-caching)")
             session = self.sessions.begin_turn(session_id)
             seqs[0].session_turn = SessionTurn(session, list(new_messages or []))
+            kv = session.num_kv_tokens
+            if 0 < kv < len(prompt_token_ids) and prompt_token_ids[:kv] == session.token_ids[:kv]:
+                seqs[0].resume = (list(session.block_table), kv)  # start from the resident KV
         for seq in seqs:
             self.streams[seq] = TextStream(self.tokenizer, seq)
         self.scheduler.add(seqs)
@@ -116,7 +119,7 @@ class LLMEngine:
         aborted = self.scheduler.abort(request_id)
         for seq in aborted:
             if seq.session_turn is not None:  # the session stays as it was before the turn
-                self.sessions.end_turn(seq.session_turn.session, None, [], [], None)
+                self.sessions.end_turn(seq.session_turn.session, None, [], [], 0, None)
         return [self._final(seq, []) for seq in aborted]
 
     def has_unfinished(self) -> bool:
@@ -161,9 +164,9 @@ class LLMEngine:
     def _commit_turn(self, seq: Sequence, reply: str) -> None:
         """Hand the finished turn's transcript and full KV blocks to its session."""
         turn = seq.session_turn
-        full = seq.num_computed_tokens // self.config.block_size
         messages = turn.session.messages + turn.new_messages + [{"role": "assistant", "content": reply}]
-        self.sessions.end_turn(turn.session, seq.token_ids, seq.block_table[:full], seq.block_hashes[:full], messages)
+        self.sessions.end_turn(turn.session, seq.token_ids, seq.block_table, seq.block_hashes,
+                               seq.num_computed_tokens, messages)
 
     def _final(self, seq: Sequence, tokens: list[int], logprob=None, text: str = "") -> StepOutput:
         self.streams.pop(seq, None)

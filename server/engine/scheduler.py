@@ -144,12 +144,7 @@ class Scheduler:
             if victim is seq:
                 return False
         if cow:
-            index = seq.num_computed_tokens // self.block_size
-            old = seq.block_table[index]
-            (new,) = self.pool.allocate(1)
-            out.copies.append((old, new))
-            self.pool.free([old])
-            seq.block_table[index] = new
+            self._copy_on_write(seq, seq.num_computed_tokens // self.block_size, out)
             needed -= 1
         seq.block_table.extend(self.pool.allocate(needed))
         return True
@@ -161,6 +156,27 @@ class Scheduler:
             if self.reclaim is None or not self.reclaim():
                 return False
         return True
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
+        """(blocks, tokens) of KV the sequence can start from: blocks it was handed (a
+        session's resident memory) or the longest prefix-cache hit, always leaving at least
+        one token to compute so there are logits to sample from."""
+        if seq.resume is not None:
+            return seq.resume
+        if not self.pool.enable_prefix_caching:
+            return [], 0
+        max_hits = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, max_hits)
+        hits = self.pool.lookup(seq.block_hashes[:max_hits])
+        return hits, len(hits) * self.block_size
+
+    def _copy_on_write(self, seq: Sequence, index: int, out: SchedulerOutput) -> None:
+        """Give `seq` its own copy of block `index` before it writes into it."""
+        old = seq.block_table[index]
+        (new,) = self.pool.allocate(1)
+        out.copies.append((old, new))
+        self.pool.free([old])
+        seq.block_table[index] = new
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -179,19 +195,18 @@ class Scheduler:
             if len(self.running) + pending + slots > self.config.max_num_seqs:
                 break
             # Reuse cached full blocks, but always leave one token to compute (for logits).
-            hits = []
-            if self.pool.enable_prefix_caching:
-                max_hits = (seq.num_tokens - 1) // self.block_size
-                self._extend_hashes(seq, max_hits)
-                hits = self.pool.lookup(seq.block_hashes[:max_hits])
-            num_cached = len(hits) * self.block_size
+            hits, num_cached = self._cached_prefix(seq)
             num = min(seq.num_tokens - num_cached, budget)
             new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
-            if not self._make_room(lambda: new_blocks + self.pool.num_acquirable_free(hits)):
+            cow = num_cached % self.block_size != 0  # resuming into a shared partial block
+            if not self._make_room(lambda: new_blocks + cow + self.pool.num_acquirable_free(hits)):
                 break
             self.waiting.popleft()
             self.pool.acquire(hits)
             seq.block_table = hits + self.pool.allocate(new_blocks)
+            seq.resume = None
+            if cow:
+                self._copy_on_write(seq, len(hits) - 1, out)
             seq.num_computed_tokens = num_cached
             if seq.num_cached_tokens is None:  # first admission only
                 seq.num_cached_tokens = num_cached

@@ -47,6 +47,7 @@ class Sequence:
     fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
     finish_reason: str | None = None
     session_turn: Any = None  # SessionTurn when this sequence is a session's turn
+    resume: tuple[list[int], int] | None = None  # (blocks, n): KV of the first n tokens, held already
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
 

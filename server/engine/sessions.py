@@ -40,8 +40,9 @@ class Session:
     session_id: str
     ttl: float
     token_ids: list[int] = field(default_factory=list)  # transcript exactly as the model saw it
-    block_table: list[int] = field(default_factory=list)  # pinned full blocks (a prefix of it)
-    block_hashes: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # pinned blocks: full ones + a partial tail
+    block_hashes: list[int] = field(default_factory=list)  # content hashes of the full ones
+    num_kv_tokens: int = 0  # tokens (a prefix of token_ids) whose KV the pinned blocks hold
     messages: list[dict[str, Any]] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -60,7 +61,7 @@ class Session:
         return {
             "id": self.session_id, "created": int(self.created), "last_used": int(self.last_used),
             "expires_at": int(self.last_used + self.ttl), "num_turns": self.num_turns,
-            "num_tokens": len(self.token_ids), "num_resident_tokens": len(self.block_table) * block_size,
+            "num_tokens": len(self.token_ids), "num_resident_tokens": self.num_kv_tokens,
             "num_kv_blocks": len(self.block_table), "tier": self.tier, "busy": self.busy,
             "messages": list(self.messages), "metadata": dict(self.metadata),
         }
@@ -160,6 +161,7 @@ class SessionTable:
             self.pins[block] = self.pins.get(block, 0) + 1
         session.block_table = hits + fresh
         session.block_hashes = list(saved.block_hashes)
+        session.num_kv_tokens = len(session.block_table) * self.pool.block_size
         if missing:
             self.num_disk_restores += 1
         else:
@@ -167,19 +169,21 @@ class SessionTable:
         return True
 
     def end_turn(self, session: Session, token_ids: list[int] | None, block_table: list[int],
-                 block_hashes: list[int], messages: list[dict[str, Any]] | None) -> None:
+                 block_hashes: list[int], num_kv_tokens: int, messages: list[dict[str, Any]] | None) -> None:
         """Commit a finished turn (pin the sequence's full blocks before it frees them), or
         with `token_ids=None` leave the session exactly as it was before the turn."""
         session.busy = False
         self._touch(session)
         if token_ids is None or session.session_id not in self.sessions:
             return
-        full = min(len(block_hashes), len(block_table))
-        self._pin(block_table[:full])
+        bs = self.pool.block_size
+        blocks = block_table[: -(-num_kv_tokens // bs)]  # the full blocks and the partial tail
+        self._pin(blocks)
         self._unpin(session.block_table)
         session.token_ids = list(token_ids)
-        session.block_table = list(block_table[:full])
-        session.block_hashes = list(block_hashes[:full])
+        session.block_table = list(blocks)
+        session.block_hashes = list(block_hashes[: num_kv_tokens // bs])
+        session.num_kv_tokens = num_kv_tokens
         if messages is not None:
             session.messages = messages
         session.num_turns += 1
@@ -195,6 +199,7 @@ class SessionTable:
         self._pin(source.block_table)
         child.block_table = list(source.block_table)
         child.block_hashes = list(source.block_hashes)
+        child.num_kv_tokens = source.num_kv_tokens
         self._save(child)
         self.enforce_budget()
         return child
@@ -216,7 +221,7 @@ class SessionTable:
         saved = 0
         for session in self.sessions.values():
             if session.block_table:
-                self.swapper.save(session.session_id, session.block_table, session.block_hashes)
+                self.swapper.save(session.session_id, *self._full_blocks(session))
                 saved += 1
         return saved
 
@@ -246,14 +251,19 @@ class SessionTable:
 
     def _evict(self, session: Session) -> None:
         if self.swapper is not None:
-            session.offloaded = self.swapper.save(session.session_id, session.block_table, session.block_hashes)
+            session.offloaded = self.swapper.save(session.session_id, *self._full_blocks(session))
             self.num_offloads += 1
         self._release(session)
         self.num_evictions += 1
 
     def _release(self, session: Session) -> None:
         self._unpin(session.block_table)  # blocks become cached-free: still findable by hash
-        session.block_table, session.block_hashes = [], []
+        session.block_table, session.block_hashes, session.num_kv_tokens = [], [], 0
+
+    @staticmethod
+    def _full_blocks(session: Session) -> tuple[list[int], list[int]]:
+        """(full blocks, their hashes): what is worth saving (the tail is recomputed)."""
+        return session.block_table[: len(session.block_hashes)], session.block_hashes
 
     def _pin(self, blocks: list[int]) -> None:
         self.pool.acquire(blocks)
