@@ -1,9 +1,9 @@
 """Sessions: a conversation's working memory, kept resident between turns.
 
-A session holds references on the full KV blocks of its token transcript, so the prefix
-cache's LRU cannot evict them; the next turn's prompt (transcript + new tokens) finds
-them by hash at admission and prefills only what is new (plus the partial last block,
-at most block_size - 1 tokens, which is recomputed).
+A session holds references on the KV blocks of its token transcript (the full blocks and
+the partial last one), so the prefix cache's LRU cannot evict them. The next turn's
+sequence starts from those blocks (`Sequence.resume`; the shared partial block is copied
+on its first write) and prefills only the new tokens.
 
 Tiers: "resident" (blocks pinned) or "dropped" (no pins; the transcript is kept and its
 KV recomputed at the next turn, often partly from the prefix cache). Idle sessions may
