@@ -251,3 +251,26 @@ def test_fifty_sessions_on_a_small_pool_all_continue_correctly(tiny_checkpoint, 
     assert engine.sessions.num_evictions > 0
     if with_disk:
         assert engine.sessions.num_offloads > 0 and engine.sessions.num_disk_restores > 0
+
+
+def test_host_memory_offload_tier_restores_identically(tiny_checkpoint):
+    """The CUDA tier (host memory), exercised on the CPU by installing it by hand."""
+    from server.engine.offload import HostKVSwapper
+
+    turns = [ids(20, 60), ids(6, 61)]
+    plain = make_engine(tiny_checkpoint)
+    plain.sessions.create(Session("s", ttl=600))
+    expected = conversation(plain, "s", turns)
+    engine = make_engine(tiny_checkpoint)
+    assert engine.sessions.swapper is None  # CPU without --session-dir: evicted sessions are dropped
+    engine.sessions.swapper = HostKVSwapper(engine.runner.kv_cache)
+    engine.sessions.create(Session("s", ttl=600))
+    conversation(engine, "s", turns[:1])
+    assert engine.sessions.reclaim() and engine.sessions.get("s").tier == "offloaded"
+    for k in range(3):  # evict the freed blocks from the pool
+        engine.add_request(f"flush{k}", ids(100, 62 + k), GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    assert conversation(engine, "s", turns[1:]) == expected[1:]
+    assert engine.sessions.num_memory_restores == 1 and engine.sessions.num_recomputes == 0
+    assert engine.sessions.swapper.saved == {}

@@ -18,7 +18,7 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.offload import KVSwapper
+from server.engine.offload import HostKVSwapper, KVSwapper
 from server.engine.session_store import SessionStore
 from server.engine.sessions import Session, SessionTable
 
@@ -56,8 +56,7 @@ class LLMEngine:
         self.sessions = SessionTable(
             self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks),
             store=SessionStore(config.session_dir) if config.session_dir else None,
-            swapper=KVSwapper(self.runner.kv_cache, config.block_size, config.session_dir)
-            if config.session_dir else None,
+            swapper=self._offload_tier(),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
@@ -69,6 +68,15 @@ class LLMEngine:
             config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
             self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
         )
+
+    def _offload_tier(self) -> KVSwapper | HostKVSwapper | None:
+        """Where idle sessions' KV goes when it leaves the pool: --session-dir, else host
+        memory on CUDA, else nowhere (dropped and recomputed; on CPU the pool is host memory)."""
+        if self.config.session_dir:
+            return KVSwapper(self.runner.kv_cache, self.config.block_size, self.config.session_dir)
+        if self.device.type == "cuda":
+            return HostKVSwapper(self.runner.kv_cache)
+        return None
 
     # -- requests ---------------------------------------------------------------------
     def add_request(

@@ -1,5 +1,7 @@
-"""KV offload for idle sessions: their blocks' contents go to disk (`--session-dir`) and
-come back into freshly allocated blocks at the next turn, much faster than recomputing.
+"""KV offload for idle sessions: their blocks' contents leave the pool and come back into
+freshly allocated blocks at the next turn, much faster than recomputing. `KVSwapper` keeps
+them on disk (`--session-dir`); `HostKVSwapper` keeps them in host memory (CUDA only:
+on CPU the pool already is host memory).
 
 File `{session_id}.kv.pt`: a format version, the block size, the blocks' content hashes
 and their K/V `[num_layers, 2, n, block_size, num_kv_heads, head_dim]`, with a SHA-256 of
@@ -23,9 +25,9 @@ KV_SUFFIX = ".kv.pt"
 
 @dataclass
 class OffloadedKV:
-    """Where an idle session's KV went, and the content hashes of its blocks."""
+    """Where an idle session's KV went (a file, or host memory when `path` is None)."""
 
-    path: Path
+    path: Path | None
     block_hashes: list[int]
 
 
@@ -52,7 +54,7 @@ class KVSwapper:
         os.replace(tmp, path)
         return OffloadedKV(path, list(block_hashes))
 
-    def read(self, offloaded: OffloadedKV) -> "SavedKV | None":
+    def read(self, offloaded: OffloadedKV, session_id: str = "") -> "SavedKV | None":
         """The saved blocks, validated against this engine; None if unusable (recompute)."""
         try:
             record = torch.load(offloaded.path, map_location="cpu", weights_only=True)
@@ -90,6 +92,33 @@ class KVSwapper:
 class SavedKV:
     block_hashes: list[int]
     kv: torch.Tensor  # [num_layers, 2, n, block_size, kvH, d] on the CPU
+
+
+class HostKVSwapper:
+    """Same interface as KVSwapper, keeping offloaded blocks in (pinned) host memory."""
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+        self.saved: dict[str, SavedKV] = {}
+
+    def save(self, session_id: str, blocks: list[int], block_hashes: list[int]) -> OffloadedKV:
+        index = torch.tensor(blocks, dtype=torch.int64, device=self.kv_cache.device)
+        data = self.kv_cache.index_select(2, index).to("cpu")
+        if data.device != self.kv_cache.device and torch.cuda.is_available():
+            data = data.pin_memory()
+        self.saved[session_id] = SavedKV(list(block_hashes), data)
+        return OffloadedKV(None, list(block_hashes))
+
+    def read(self, offloaded: OffloadedKV, session_id: str = "") -> SavedKV | None:
+        return self.saved.get(session_id)
+
+    write_blocks = KVSwapper.write_blocks
+
+    def discard(self, session_id: str) -> None:
+        self.saved.pop(session_id, None)
+
+    def find(self, session_id: str) -> OffloadedKV | None:
+        return None  # host memory does not survive a restart
 
 
 def _digest(data: torch.Tensor) -> str:

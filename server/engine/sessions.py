@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from server.engine.memory import BlockPool
 
 if TYPE_CHECKING:
-    from server.engine.offload import KVSwapper, OffloadedKV
+    from server.engine.offload import HostKVSwapper, KVSwapper, OffloadedKV
     from server.engine.session_store import SessionStore
 
 
@@ -72,7 +72,7 @@ class SessionTable:
 
     def __init__(
         self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int,
-        store: "SessionStore | None" = None, swapper: "KVSwapper | None" = None,
+        store: "SessionStore | None" = None, swapper: "KVSwapper | HostKVSwapper | None" = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -144,7 +144,7 @@ class SessionTable:
         offloaded, session.offloaded = session.offloaded, None
         if offloaded is None or self.swapper is None:
             return False
-        saved = self.swapper.read(offloaded)
+        saved = self.swapper.read(offloaded, session.session_id)
         self.swapper.discard(session.session_id)
         if saved is None:
             return False
@@ -162,10 +162,10 @@ class SessionTable:
         session.block_table = hits + fresh
         session.block_hashes = list(saved.block_hashes)
         session.num_kv_tokens = len(session.block_table) * self.pool.block_size
-        if missing:
+        if missing and offloaded.path is not None:
             self.num_disk_restores += 1
-        else:
-            self.num_memory_restores += 1  # every block was still cached in the pool
+        else:  # from host memory, or every block was still cached in the pool
+            self.num_memory_restores += 1
         return True
 
     def end_turn(self, session: Session, token_ids: list[int] | None, block_table: list[int],
@@ -250,7 +250,7 @@ class SessionTable:
         return False
 
     def _evict(self, session: Session) -> None:
-        if self.swapper is not None:
+        if self.swapper is not None and session.block_hashes:
             session.offloaded = self.swapper.save(session.session_id, *self._full_blocks(session))
             self.num_offloads += 1
         self._release(session)
