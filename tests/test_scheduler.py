@@ -488,7 +488,7 @@ def test_concurrent_identical_prompts_share_cached_prefix():
     assert b.num_cached_tokens == 16
     assert a.block_table[:4] == b.block_table[:4]
     assert all(engine.pool.refcounts[x] == 2 for x in a.block_table[:4])
-    results = run(engine)
+    run(engine)
     assert a.output_token_ids == b.output_token_ids == reference(prompt, 10)
     assert engine.pool.num_used == 0
 

@@ -64,7 +64,7 @@ def test_fork_shares_blocks_and_branches_diverge(engine, tiny_checkpoint):
     a = engine.sessions.get("a")
     b = engine.sessions.fork("a", "b", ttl=60)
     assert b.block_table == a.block_table and all(engine.pool.refcounts[x] == 2 for x in a.block_table)
-    shared, shared_tokens = len(b.block_table), b.num_kv_tokens
+    shared_tokens = b.num_kv_tokens
     out_a, _ = run(engine, "ta", a.token_ids + ids(5, 4), "a")
     out_b, cached_b = run(engine, "tb", b.token_ids + ids(5, 5), "b")
     assert cached_b == shared_tokens  # the fork's turn prefilled only its new tokens

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from model.tokenizer import Tokenizer
-from server.api.errors import APIError, bad_request
+from server.api.errors import APIError
 from server.api.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, ChatCompletionRequest, CompletionRequest,
 )
