@@ -51,7 +51,7 @@ class SeqAttention:
 
     num_new: int
     context_len: int  # tokens with K/V after this step's write
-    block_table: Sequence[int]
+    block_table: torch.Tensor  # [num_blocks] int64, on the CPU
 
 
 def build_attention_metadata(
@@ -91,7 +91,7 @@ def _build_group(
     mask[:, :, 0] |= ~valid  # padded queries see one key so softmax stays finite
     tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
     for row, s in enumerate(seqs):
-        tables[row, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
+        tables[row, : len(s.block_table)] = s.block_table
     flat_index = valid.flatten().nonzero().squeeze(1)
     return AttentionGroup(
         token_index=token_index.to(device),

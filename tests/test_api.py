@@ -225,8 +225,6 @@ async def test_health_503_while_loading_and_after_load_failure():
     from server.api.app import create_app
     from server.api.state import ServerSettings
 
-    gate = asyncio.Event()
-
     def never_ready():
         raise RuntimeError("weights are corrupt")
 
@@ -240,4 +238,3 @@ async def test_health_503_while_loading_and_after_load_failure():
         state.load_in_background(never_ready).join()
         r = await c.get("/health")
         assert r.status_code == 503 and "weights are corrupt" in r.json()["error"]["message"]
-    gate.set()

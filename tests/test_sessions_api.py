@@ -138,7 +138,9 @@ async def test_ttl_expiry_and_metrics(client):
     await asyncio.sleep(1.2)  # the engine thread checks expiry at least every 0.5 s
     assert (await client.get(f"/v1/sessions/{s['id']}")).status_code == 404
     text = (await client.get("/metrics")).text
-    assert metric(text, "workmem_sessions_active") >= 0
+    listed = (await client.get("/v1/sessions")).json()["data"]
+    assert s["id"] not in [x["id"] for x in listed]
+    assert metric(text, "workmem_sessions_active") == len(listed)
     metric(text, "workmem_session_blocks_pinned")
     metric(text, "workmem_session_evictions_total")
     assert 'workmem_session_restores_total{source="recompute"}' in text

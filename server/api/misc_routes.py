@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, error_body
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
-from server.api.serving import check_model, ready_engine
+from server.api.serving import serving_engine
 
 router = APIRouter()
 
@@ -28,8 +28,8 @@ async def models(request: Request):
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     state = request.app.state.workmem
-    check_model(state, body.model)
-    tok = ready_engine(state).engine.tokenizer
+    engine = serving_engine(state, body.model).engine
+    tok = engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
     try:
@@ -40,14 +40,13 @@ async def tokenize(body: TokenizeRequest, request: Request):
             tokens = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": ready_engine(state).engine.max_model_len}
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = request.app.state.workmem
-    check_model(state, body.model)
-    tok = ready_engine(state).engine.tokenizer
+    tok = serving_engine(state, body.model).engine.tokenizer
     if any(t < 0 or t >= tok.vocab_size for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
     return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}

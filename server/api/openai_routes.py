@@ -13,7 +13,7 @@ from server.api.errors import APIError
 from server.api.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, ChatCompletionRequest, CompletionRequest,
 )
-from server.api.serving import Choice, Generation, check_model, fit_max_tokens, make_params, ready_engine
+from server.api.serving import Choice, Generation, fit_max_tokens, make_params, ready_engine, serving_engine
 from server.api.sse import DONE, EventStream, sse, until_disconnect
 
 router = APIRouter()
@@ -26,8 +26,7 @@ def _state(request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
-    check_model(state, body.model)
-    engine = ready_engine(state)
+    engine = serving_engine(state, body.model)
     tok = engine.engine.tokenizer
     prompts = _completion_prompts(body.prompt, tok)
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS) for p in prompts]
@@ -46,10 +45,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    state = _state(request)
-    check_model(state, body.model)
-    engine = ready_engine(state)
-    tok = engine.engine.tokenizer
+    tok = serving_engine(_state(request), body.model).engine.tokenizer
     try:
         prompt = tok.encode_chat(body.template_messages(), add_generation_prompt=body.add_generation_prompt)
     except ValueError as exc:

@@ -64,6 +64,12 @@ def check_model(state: AppState, model: str | None) -> None:
                        f"{state.settings.served_model_name!r}", param="model", code="model_not_found")
 
 
+def serving_engine(state: AppState, model: str | None) -> AsyncEngine:
+    """The engine for a request naming `model`: 404 for another model, 503 when not ready."""
+    check_model(state, model)
+    return ready_engine(state)
+
+
 def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None) -> int:
     """The request's max_tokens, checked against the context; 400 with both numbers."""
     limit = engine.engine.max_model_len

@@ -22,7 +22,7 @@ from model.tokenizer import Tokenizer
 from server.api.errors import APIError
 from server.api.openai_routes import chat_response
 from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
-from server.api.serving import check_model, ready_engine, session_error
+from server.api.serving import check_model, ready_engine, serving_engine, session_error
 from server.engine.sessions import Session, SessionError
 
 router = APIRouter()
@@ -91,8 +91,7 @@ async def fork_session(session_id: str, request: Request, body: SessionForkReque
 @router.post("/v1/sessions/{session_id}/chat/completions")
 async def session_turn(session_id: str, body: SessionChatRequest, request: Request):
     state = request.app.state.workmem
-    check_model(state, body.model)
-    engine = ready_engine(state)
+    engine = serving_engine(state, body.model)
     snapshot = await _call(request, lambda e: _snapshot(e, session_id))
     if snapshot["busy"]:
         raise APIError(409, f"session {session_id!r} already has a turn running", code="session_busy")

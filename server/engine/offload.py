@@ -72,12 +72,7 @@ class KVSwapper:
         return SavedKV([int(h) for h in record["block_hashes"]], data)
 
     def write_blocks(self, saved: "SavedKV", first: int, blocks: list[int]) -> None:
-        """Copy saved blocks `first : first + len(blocks)` into the cache at `blocks`."""
-        if not blocks:
-            return
-        index = torch.tensor(blocks, dtype=torch.int64, device=self.kv_cache.device)
-        chunk = saved.kv[:, :, first : first + len(blocks)].to(self.kv_cache.device)
-        self.kv_cache.index_copy_(2, index, chunk)
+        _write_blocks(self.kv_cache, saved, first, blocks)
 
     def discard(self, session_id: str) -> None:
         self.path(session_id).unlink(missing_ok=True)
@@ -112,13 +107,22 @@ class HostKVSwapper:
     def read(self, offloaded: OffloadedKV, session_id: str = "") -> SavedKV | None:
         return self.saved.get(session_id)
 
-    write_blocks = KVSwapper.write_blocks
+    def write_blocks(self, saved: SavedKV, first: int, blocks: list[int]) -> None:
+        _write_blocks(self.kv_cache, saved, first, blocks)
 
     def discard(self, session_id: str) -> None:
         self.saved.pop(session_id, None)
 
     def find(self, session_id: str) -> OffloadedKV | None:
         return None  # host memory does not survive a restart
+
+
+def _write_blocks(kv_cache: torch.Tensor, saved: SavedKV, first: int, blocks: list[int]) -> None:
+    """Copy saved blocks `first : first + len(blocks)` into `kv_cache` at `blocks`."""
+    if not blocks:
+        return
+    index = torch.tensor(blocks, dtype=torch.int64, device=kv_cache.device)
+    kv_cache.index_copy_(2, index, saved.kv[:, :, first : first + len(blocks)].to(kv_cache.device))
 
 
 def _digest(data: torch.Tensor) -> str:

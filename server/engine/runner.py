@@ -82,20 +82,20 @@ class Runner:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         seq_attn: list[SeqAttention] = []
-        tables: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
         for seq, num in scheduled.items():
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + num])
             pos = torch.arange(start, start + num)
             positions.append(pos)
-            table = torch.tensor(seq.block_table, dtype=torch.int64)
-            tables.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            seq_attn.append(SeqAttention(num, start + num, seq.block_table))
+            table = torch.tensor(seq.block_table, dtype=torch.int64)  # built once per step, shared
+            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            seq_attn.append(SeqAttention(num, start + num, table))
         to = dict(device=self.device, dtype=torch.int64)
         return (
             torch.tensor(ids).to(**to),
             torch.cat(positions).to(**to),
-            torch.cat(tables).to(**to),
+            torch.cat(slots).to(**to),
             seq_attn,
         )
 
