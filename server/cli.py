@@ -2,7 +2,8 @@
   serve      the OpenAI-compatible HTTP server
   chat       interactive terminal chat with a running server (streams tokens)
   generate   offline generation through the engine (no HTTP)
-  bench      benchmarks (`workmem bench offline` = `python -m loadtest.offline`)
+  bench      benchmarks (`workmem bench offline` = `python -m loadtest.offline`,
+             `workmem bench step` = `python -m loadtest.step_profile`)
 """
 from __future__ import annotations
 
@@ -176,14 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench offline [ARGS]` (see --help there)")
-    bench.add_argument("which", choices=["offline"])
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench offline|step [ARGS]` (see --help there)")
+    bench.add_argument("which", choices=["offline", "step"])
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "offline"]:  # its own parser takes the rest
         from loadtest.offline import main as bench_main
 
         return bench_main(argv[2:])
+    if argv[:2] == ["bench", "step"]:
+        from loadtest.step_profile import main as step_main
+
+        return step_main(argv[2:])
     for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)
