@@ -18,7 +18,9 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from model.config import ModelConfig, RopeScaling
+from model.gguf_quant import gguf_group_quant
 from model.gguf_tokenizer import GGUFMeta, add_bos_token, build_tokenizer_backend
+from model.quant import GroupQuant
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
@@ -86,16 +88,16 @@ class GGUFCheckpoint(NamedTuple):
     """What a GGUF file holds, in the shapes the rest of workmem expects."""
 
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]  # HF names, float32, HF shapes
+    tensors: dict[str, "torch.Tensor | GroupQuant"]  # HF names and shapes; float32 or GroupQuant
     tokenizer: "Tokenizer"
 
 
-def load_gguf(path: str | Path) -> GGUFCheckpoint:
+def load_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFCheckpoint:
     from model.tokenizer import Tokenizer  # imported here: model/tokenizer.py needs no gguf
 
     reader = _FastReader(str(path))
     config = read_gguf_config(reader)
-    tensors = read_gguf_tensors(reader, config)
+    tensors = read_gguf_tensors(reader, config, keep_quantized)
     meta = GGUFMeta(reader)
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -262,21 +264,31 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, original: 
 # --------------------------------------------------------------------------------- tensors
 
 
-def read_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to float32, under its HF name and in HF layout."""
+def read_gguf_tensors(
+    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False
+) -> dict[str, torch.Tensor | GroupQuant]:
+    """Every tensor under its HF name and in HF layout: dequantized to float32, or with
+    `keep_quantized` a `GroupQuant` where the block type maps onto one exactly (Q4_0, Q4_1,
+    Q4_K, Q8_0; not GPT-2's transposed Conv1D weights)."""
     family = config.family
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | GroupQuant] = {}
     for tensor in reader.tensors:
         if tensor.name in _SKIPPED_TENSORS:
             continue
         hf_name, block_key = _hf_name(tensor.name, family)
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        weight = _dequantize(tensor)  # [*reversed(ggml shape)]
+        conv1d = family == "gpt2" and block_key in _GPT2_CONV1D and hf_name.endswith(".weight")
+        weight = _group_quant(tensor) if keep_quantized and not conv1d else None
+        if weight is None:
+            weight = _dequantize(tensor)  # [*reversed(ggml shape)]
         if config.model_type == "llama" and block_key in ("attn_q", "attn_k"):  # qwen: not permuted
             heads = config.num_heads if block_key == "attn_q" else config.num_kv_heads
-            weight = unpermute_qk(weight, heads)
-        if family == "gpt2" and block_key in _GPT2_CONV1D and hf_name.endswith(".weight"):
+            if isinstance(weight, GroupQuant):
+                weight = weight.rows(unpermute_qk(torch.arange(weight.shape[0]), heads))
+            else:
+                weight = unpermute_qk(weight, heads)
+        if conv1d:
             weight = weight.t().contiguous()  # nn.Linear [out, in] -> Conv1D [in, out]
         tensors[hf_name] = weight
     return tensors
@@ -295,6 +307,14 @@ def _hf_name(name: str, family: str) -> tuple[str, str | None]:
     if top and top.group(1) in _TOP_NAMES[family]:
         return f"{_TOP_NAMES[family][top.group(1)]}.{top.group(2)}", None
     raise ValueError(f"GGUF tensor {name!r} has no {family} counterpart; not supported")
+
+
+def _group_quant(tensor: Any) -> GroupQuant | None:
+    """The tensor's blocks as a GroupQuant (2-D weights of a mapped type), else None."""
+    if len(tensor.shape) != 2:
+        return None
+    cols, rows = (int(d) for d in tensor.shape)  # GGML lists the fastest dim first
+    return gguf_group_quant(tensor.data, tensor.tensor_type, rows, cols)
 
 
 def _dequantize(tensor: Any) -> torch.Tensor:

@@ -75,14 +75,18 @@ class GPT2LMHeadModel(nn.Module):
     """GPT-2 stack with the tied LM head; same forward/compute_logits contract as Llama."""
 
     packed: dict[str, tuple[str, int]] = {}
+    tied_head_source = "transformer.wte.weight"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
+        self.quant_head: nn.Module | None = None  # the tied head's packed copy (model/quant.py)
 
     def forward(self, input_ids, positions, kv_cache, meta):
         return self.transformer(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quant_head is not None:
+            return self.quant_head(hidden).float()
         return torch.nn.functional.linear(hidden, self.transformer.wte.weight).float()

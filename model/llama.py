@@ -95,6 +95,7 @@ class LlamaForCausalLM(nn.Module):
     `compute_logits` projects the rows that need sampling to float32 logits [S, vocab]."""
 
     packed = PACKED
+    tied_head_source = "model.embed_tokens.weight"  # the LM head's weight when tied
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -102,6 +103,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.quant_head: nn.Module | None = None  # a tied head's packed copy (model/quant.py)
 
     def forward(
         self,
@@ -113,6 +115,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quant_head is not None:
+            return self.quant_head(hidden).float()
         weight = (
             self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         )

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.gpt2 import CONV1D
+from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear
 from model.tokenizer import Tokenizer
 
 # Buffers some checkpoints carry that are recomputed here.
@@ -28,13 +29,17 @@ class LoadedModel(NamedTuple):
     tokenizer: Tokenizer
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file)."""
+def load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, quant: QuantConfig = QuantConfig()
+) -> LoadedModel:
+    """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
+    `quant` says which linears run on weight-only int4/int8 kernels (CPU only)."""
     path = Path(path)
+    quant = quant.for_device(device, dtype)
     if path.suffix == ".gguf":
         from model.gguf import load_gguf
 
-        ckpt = load_gguf(path)
+        ckpt = load_gguf(path, keep_quantized=quant.mode != "none")
         config, tensors, tokenizer = ckpt.config, iter(ckpt.tensors.items()), ckpt.tokenizer
     elif path.is_dir():
         config = ModelConfig.from_hf(path)
@@ -43,7 +48,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> Lo
     else:
         raise FileNotFoundError(f"model path {str(path)!r} is neither a directory nor a .gguf file")
     model = build_model(config)
-    load_weights(model, tensors)
+    load_weights(model, tensors, quant)
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, config, tokenizer)
 
@@ -74,12 +79,19 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model`'s parameters (casting dtype)."""
+def load_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, "torch.Tensor | GroupQuant"]],
+    quant: QuantConfig = QuantConfig(),
+) -> None:
+    """Copy checkpoint tensors into `model`'s parameters (casting dtype); linear weights that
+    `quant` picks are packed into QuantLinears instead (shards of a fused one together)."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, int]] = getattr(model, "packed", {})
     config: ModelConfig = model.config
+    linears = linear_weight_names(model)
+    tied = getattr(model, "tied_head_source", None) if config.tie_word_embeddings else None
     filled: dict[str, int] = {}  # param name -> shards filled
+    to_pack: dict[str, dict[int, torch.Tensor | GroupQuant]] = {}  # linear weight -> shard -> value
     for name, tensor in tensors:
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -92,13 +104,37 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             raise ValueError(f"unexpected tensor {name!r} in checkpoint (no parameter {target!r})")
         param = params[target]
         dest = param.data if shard is None else _shard(param.data, model, name, shard)
-        if dest.shape != tensor.shape:
+        if dest.shape != tuple(tensor.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-        dest.copy_(tensor)
+        if target in linears and quant.bits_for(tensor) is not None:
+            to_pack.setdefault(target, {})[shard or 0] = tensor
+        else:
+            dest.copy_(tensor.dequantize() if isinstance(tensor, GroupQuant) else tensor)
+        if target == tied and quant.bits_for(tensor) is not None:
+            model.quant_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above)
         filled[target] = filled.get(target, 0) + 1
     missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:8])}")
+    for target, shards in to_pack.items():
+        _pack_linear(model, target, [shards[i] for i in sorted(shards)], quant)
+
+
+def linear_weight_names(model: nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantConfig) -> None:
+    """Replace the nn.Linear owning `weight_name` by a QuantLinear of its (fused) shards."""
+    bits = {quant.bits_for(s) for s in shards}
+    if len(bits) != 1:  # mixed block types inside one fused weight: pack them alike
+        bits = {max(bits)}
+    weight = fuse_shards(shards)
+    path = weight_name.removesuffix(".weight")
+    parent_name, _, attr = path.rpartition(".")
+    linear = model.get_submodule(path)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, make_quant_linear(weight, bits.pop(), linear.bias, quant.dense_above))
 
 
 def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:

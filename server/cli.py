@@ -23,6 +23,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_SESSIONS,
         DEFAULT_SESSION_MEMORY_FRACTION,
     )
+    from model.quant import DEFAULT_DENSE_ABOVE
 
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
@@ -41,6 +42,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help=f"share of the KV pool idle sessions may pin (default {DEFAULT_SESSION_MEMORY_FRACTION})")
     parser.add_argument("--session-dir", default=None,
                         help="keep session transcripts here, durably, across restarts (default: memory only)")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                        help="weight-only kernels (CPU): auto = a GGUF's own 4/8-bit blocks, safetensors "
+                             "dense; int4/int8 = quantize every linear; none = dense (default auto)")
+    parser.add_argument("--quant-dense-above", type=int, default=DEFAULT_DENSE_ABOVE,
+                        help="quantized linears keep a dense copy for batches wider than this many "
+                             f"rows (faster there; 0 = no copy, less memory; default {DEFAULT_DENSE_ABOVE})")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -54,7 +61,8 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         max_sessions=args.max_sessions, session_memory_fraction=args.session_memory_fraction,
-        session_dir=args.session_dir,
+        session_dir=args.session_dir, quantization=args.quantization,
+        quant_dense_above=args.quant_dense_above,
     )
 
 
@@ -67,6 +75,7 @@ def llm_from_args(args: argparse.Namespace):
         num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
         max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
+        quantization=c.quantization, quant_dense_above=c.quant_dense_above,
     )
 
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from model.config import ModelConfig
+from model.quant import DEFAULT_DENSE_ABOVE, QuantConfig
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 64
@@ -44,6 +45,12 @@ class EngineConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     session_memory_fraction: float = DEFAULT_SESSION_MEMORY_FRACTION
     session_dir: str | None = None  # durable session transcripts (restored after a restart)
+    quantization: str = "auto"  # auto | none | int4 | int8 (model/quant.py)
+    quant_dense_above: int = DEFAULT_DENSE_ABOVE  # batches wider than this use dense weights
+
+    @property
+    def quant(self) -> QuantConfig:
+        return QuantConfig(self.quantization, self.quant_dense_above)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -55,6 +62,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
+        self.quant  # validates quantization and quant_dense_above
 
 
 def resolve_device(name: str) -> torch.device:

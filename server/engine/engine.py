@@ -41,7 +41,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if loaded is None:
-            loaded = load_model(config.model, self.dtype, self.device)
+            loaded = load_model(config.model, self.dtype, self.device, config.quant)
         self.model, self.model_config, self.tokenizer = loaded
         self.plan = plan_kv_cache(config, self.model_config, self.dtype, self.device)
         self.max_model_len = self.plan.max_model_len

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+from model.quant import DEFAULT_DENSE_ABOVE
 from model.sampling import SamplingParams
 from server.engine.config import (
     DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig,
@@ -19,6 +20,9 @@ class LLM:
     where the CPU has native bf16 matmul. The KV pool is `num_kv_blocks` blocks of
     `block_size` tokens, or as many as fit in `kv_cache_memory` bytes. At most
     `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step.
+    quantization: "auto" runs a GGUF's 4-bit blocks on int4 and Q8_0 on int8 kernels (CPU),
+    safetensors dense; "int4"/"int8" quantize every linear; "none" keeps all dense.
+    Batches wider than `quant_dense_above` rows use a dense copy (0: keep none).
     """
 
     def __init__(
@@ -34,6 +38,8 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int | None = None,
+        quantization: str = "auto",
+        quant_dense_above: int = DEFAULT_DENSE_ABOVE,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -41,6 +47,7 @@ class LLM:
                 num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
+                quantization=quantization, quant_dense_above=quant_dense_above,
             )
         )
         self.tokenizer = self.engine.tokenizer
