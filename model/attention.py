@@ -11,8 +11,9 @@ query each; prefill: a chunk each). A group is padded to `[B, max_q]` queries an
 `[B, max_kv]` keys; the masks and gather indices are built once per step by
 `build_attention_metadata` and shared by all layers.
 
-`TorchPagedAttention` is the reference backend (any device). A faster backend plugs in
-by implementing `forward(q, k, v, k_cache, v_cache, meta)`; one is chosen at start-up.
+`TorchPagedAttention` is the reference backend (any device). `NativeCPUPagedAttention`
+runs decode groups on a C kernel (model/csrc/paged_attention.c) that reads K/V in place.
+`select_attention_backend` picks one at start-up.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class AttentionGroup:
     mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool: key visible to query
     flat_index: torch.Tensor  # [num_valid] int64: positions of valid queries in flattened [B*max_q]
     out_rows: torch.Tensor  # [num_valid] int64: their rows in the flat token batch
+    context_lens: torch.Tensor  # [B] int64: tokens with K/V after this step's write
     whole_batch: bool = False  # one query per sequence, covering the batch in order (all decodes)
 
 
@@ -100,6 +102,7 @@ def _build_group(
         mask=mask.unsqueeze(1).to(device),
         flat_index=flat_index.to(device),
         out_rows=token_index.flatten()[flat_index].to(device),
+        context_lens=ctx.to(device),
     )
 
 
@@ -124,19 +127,79 @@ class TorchPagedAttention:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = None if meta.groups[0].whole_batch else q.new_empty(q.shape)
         for g in meta.groups:
-            batch, max_q = g.token_index.shape
-            qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
-            kg = _gather(k_cache, g.block_tables)  # [B, kvH, L, d]
-            vg = _gather(v_cache, g.block_tables)
-            o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )  # [B, H, max_q, d]
-            o = o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
+            o = self.attend(q, g, k_cache, v_cache)  # [B * max_q, H, d]
             if g.whole_batch:
                 return o
             out[g.out_rows] = o[g.flat_index]
         return out
+
+    def attend(
+        self, q: torch.Tensor, g: AttentionGroup, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """One group's attention output [B * max_q, H, d] (padded query rows included)."""
+        batch, max_q = g.token_index.shape
+        qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
+        kg = _gather(k_cache, g.block_tables)  # [B, kvH, L, d]
+        vg = _gather(v_cache, g.block_tables)
+        o = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, max_q, d]
+        return o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
+
+
+class NativeCPUPagedAttention(TorchPagedAttention):
+    """Decode groups (one query per sequence) on the native kernel, which reads each
+    sequence's K/V in place through its block table: no per-step copy of the context.
+    Prefill chunks, and anything not on the CPU in bfloat16/float32, take the SDPA path."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, lib) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        self.kernels = {torch.bfloat16: lib.paged_decode_attention_bf16,
+                        torch.float32: lib.paged_decode_attention_f32}
+
+    def attend(self, q, g, k_cache, v_cache):
+        batch, max_q = g.token_index.shape
+        kernel = self.kernels.get(q.dtype)
+        if max_q != 1 or kernel is None or not q.is_cpu or k_cache.dtype != q.dtype:
+            return super().attend(q, g, k_cache, v_cache)
+        rows = q if g.whole_batch else q.index_select(0, g.token_index[:, 0])  # [B, H, d]
+        if rows.stride(2) != 1 or rows.stride(1) != self.head_dim:
+            rows = rows.contiguous()
+        out = torch.empty(batch, self.num_heads, self.head_dim, dtype=q.dtype)
+        tables = g.block_tables  # [B, max_blocks] int64, contiguous
+        kernel(
+            rows.data_ptr(), rows.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            tables.data_ptr(), tables.shape[1], g.context_lens.data_ptr(), out.data_ptr(),
+            batch, self.num_heads, self.num_kv_heads, self.head_dim, k_cache.shape[1], self.scale,
+        )
+        return out
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "native")
+
+
+def select_attention_backend(model: torch.nn.Module, name: str, device: torch.device) -> str:
+    """Give every layer the backend `name` (once, at start-up); returns the one in use.
+    auto: native on the CPU where the kernels build, else torch."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return "torch"
+    from model.native import native_kernels
+
+    lib = native_kernels()
+    if lib is None:
+        if name == "native":
+            raise ValueError("attention backend 'native' needs a working C compiler (see log)")
+        return "torch"
+    for module in model.modules():
+        attn = getattr(module, "attn", None)
+        if isinstance(attn, TorchPagedAttention):
+            module.attn = NativeCPUPagedAttention(
+                attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, lib
+            )
+    return "native"
 
 
 def write_kv(

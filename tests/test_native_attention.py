@@ -1,0 +1,81 @@
+"""model/native.py + NativeCPUPagedAttention: the C decode kernel equals the SDPA reference
+on scattered block tables, GQA and MHA, bf16 and float32, mixed decode + prefill batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.attention import (
+    NativeCPUPagedAttention, SeqAttention, TorchPagedAttention, build_attention_metadata,
+    select_attention_backend,
+)
+from model.native import native_kernels
+
+BLOCK = 4
+
+
+def _case(heads: int, kv_heads: int, num_new: list[int], context: list[int], dtype: torch.dtype):
+    """Random pools and a step whose sequences own scattered (permuted) blocks."""
+    g = torch.Generator().manual_seed(sum(context) + heads)
+    d = 16
+    per_seq = [-(-c // BLOCK) for c in context]
+    num_blocks = sum(per_seq) + 3
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, d, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g)
+    seqs, slots, start = [], [], 0
+    for n, c, nb in zip(num_new, context, per_seq):
+        table = order[start : start + nb]
+        start += nb
+        seqs.append(SeqAttention(n, c, table))
+        pos = torch.arange(c - n, c)
+        slots.append(table[pos // BLOCK] * BLOCK + pos % BLOCK)
+    meta = build_attention_metadata(seqs, torch.cat(slots), BLOCK, torch.device("cpu"))
+    qkv = torch.randn(sum(num_new), heads + 2 * kv_heads, d, generator=g).to(dtype)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # strided views, as the model makes
+    return q, k, v, k_cache, v_cache, meta, d
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4), (3, 1)])
+@pytest.mark.parametrize("num_new,context", [
+    ([1, 1, 1], [1, 9, 30]),   # decodes only (the whole-batch path)
+    ([1, 5, 1], [13, 5, 7]),   # decodes around a prefill chunk
+])
+def test_native_decode_equals_sdpa(dtype, tol, heads, kv_heads, num_new, context):
+    lib = native_kernels()
+    assert lib is not None, "the C compiler is part of the test environment"
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, num_new, context, dtype)
+    ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
+    native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
+    want = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    got = native.forward(q, k, v, k_cache, v_cache, meta)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() < tol
+
+
+def test_backend_selection(tiny_checkpoint):
+    from model.loader import load_model
+
+    model = load_model(tiny_checkpoint("llama"), torch.float32, torch.device("cpu")).model
+    assert select_attention_backend(model, "torch", torch.device("cpu")) == "torch"
+    assert select_attention_backend(model, "auto", torch.device("cpu")) == "native"
+    kinds = {type(layer.self_attn.attn).__name__ for layer in model.model.layers}
+    assert kinds == {"NativeCPUPagedAttention"}
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        select_attention_backend(model, "flash", torch.device("cpu"))
+
+
+def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
+    """Where no C compiler exists, native_kernels() is None and auto keeps torch."""
+    monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("WORKMEM_CACHE_DIR", str(tmp_path / "cache"))
+    native_kernels.cache_clear()
+    try:
+        assert native_kernels() is None
+        assert select_attention_backend(torch.nn.Linear(1, 1), "auto", torch.device("cpu")) == "torch"
+        with pytest.raises(ValueError, match="C compiler"):
+            select_attention_backend(torch.nn.Linear(1, 1), "native", torch.device("cpu"))
+    finally:
+        native_kernels.cache_clear()
