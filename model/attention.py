@@ -13,7 +13,7 @@ query each; prefill: a chunk each). A group is padded to `[B, max_q]` queries an
 
 `TorchPagedAttention` is the reference backend (any device). `NativeCPUPagedAttention`
 runs decode groups on a C kernel (model/csrc/paged_attention.c) that reads K/V in place.
-`select_attention_backend` picks one at start-up.
+`model.native.select_kernels` picks one at start-up.
 """
 from __future__ import annotations
 
@@ -153,53 +153,25 @@ class NativeCPUPagedAttention(TorchPagedAttention):
     sequence's K/V in place through its block table: no per-step copy of the context.
     Prefill chunks, and anything not on the CPU in bfloat16/float32, take the SDPA path."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, lib) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
-        self.kernels = {torch.bfloat16: lib.paged_decode_attention_bf16,
-                        torch.float32: lib.paged_decode_attention_f32}
+        self.ops = ops  # model.native.NativeOps
 
     def attend(self, q, g, k_cache, v_cache):
         batch, max_q = g.token_index.shape
-        kernel = self.kernels.get(q.dtype)
-        if max_q != 1 or kernel is None or not q.is_cpu or k_cache.dtype != q.dtype:
+        if max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu or k_cache.dtype != q.dtype:
             return super().attend(q, g, k_cache, v_cache)
         rows = q if g.whole_batch else q.index_select(0, g.token_index[:, 0])  # [B, H, d]
         if rows.stride(2) != 1 or rows.stride(1) != self.head_dim:
             rows = rows.contiguous()
         out = torch.empty(batch, self.num_heads, self.head_dim, dtype=q.dtype)
         tables = g.block_tables  # [B, max_blocks] int64, contiguous
-        kernel(
+        self.ops.attention(q.dtype)(
             rows.data_ptr(), rows.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             tables.data_ptr(), tables.shape[1], g.context_lens.data_ptr(), out.data_ptr(),
             batch, self.num_heads, self.num_kv_heads, self.head_dim, k_cache.shape[1], self.scale,
         )
         return out
-
-
-ATTENTION_BACKENDS = ("auto", "torch", "native")
-
-
-def select_attention_backend(model: torch.nn.Module, name: str, device: torch.device) -> str:
-    """Give every layer the backend `name` (once, at start-up); returns the one in use.
-    auto: native on the CPU where the kernels build, else torch."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    if name == "torch" or (name == "auto" and device.type != "cpu"):
-        return "torch"
-    from model.native import native_kernels
-
-    lib = native_kernels()
-    if lib is None:
-        if name == "native":
-            raise ValueError("attention backend 'native' needs a working C compiler (see log)")
-        return "torch"
-    for module in model.modules():
-        attn = getattr(module, "attn", None)
-        if isinstance(attn, TorchPagedAttention):
-            module.attn = NativeCPUPagedAttention(
-                attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, lib
-            )
-    return "native"
 
 
 def write_kv(

@@ -7,6 +7,7 @@ concatenated and attention metadata says where each one starts.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +17,42 @@ from model.config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as transformers does, then cast back."""
+    """RMSNorm computed in float32, as transformers does, then cast back. `native` (set by
+    model/native.py) is the fused C kernel used for CPU bf16/float32 inputs."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = None  # NativeOps or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_native(x):
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            out = torch.empty_like(flat)
+            self.native.add_rms_norm(None, flat, self.weight, out, self.eps)
+            return out.view(x.shape)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def forward_residual(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) for x, residual [T, dim]; residual None: x alone.
+        The native path adds into `residual` in place (the model owns that tensor)."""
+        if residual is None:
+            return self(x), x
+        if self._use_native(x) and residual.is_contiguous() and x.is_contiguous():
+            out = torch.empty_like(x)
+            self.native.add_rms_norm(x, residual, self.weight, out, self.eps)
+            return out, residual
+        residual = x + residual
+        return self(residual), residual
+
+    def _use_native(self, x: torch.Tensor) -> bool:
+        return self.native is not None and x.is_cpu and x.dtype == self.weight.dtype and x.dtype in self.native.dtypes
 
 
 class LayerNorm(nn.LayerNorm):
@@ -54,6 +79,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
     return inv_freq
 
 
+class Rope(NamedTuple):
+    """One step's rotary tables: cos/sin [T, 1, head_dim // 2] gathered for the torch path,
+    or, with `native`, the positions [T] and whole tables for the fused kernel."""
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    positions: torch.Tensor
+    native: Any = None  # NativeOps, with the whole tables below
+    cos_table: torch.Tensor | None = None  # [max_pos, head_dim // 2] float32
+    sin_table: torch.Tensor | None = None
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half rotary embedding with a precomputed cos/sin table [max_pos, head_dim // 2]."""
 
@@ -63,15 +100,24 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.native = None  # NativeOps or None (model/native.py)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` [T], each [T, 1, head_dim // 2]; computed once per step."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def table(self, positions: torch.Tensor) -> Rope:
+        """The step's tables for `positions` [T]; computed once per step."""
+        if self.native is not None and positions.is_cpu and self.cos.dtype == torch.float32:
+            return Rope(None, None, positions.contiguous(), self.native, self.cos, self.sin)
+        return Rope(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions)
 
     @staticmethod
-    def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] (in float32, like transformers) by `table()`."""
-        cos, sin = rope
+    def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] (in float32, like transformers) by `table()`; the
+        native path rotates in place (x: heads contiguous, any token stride)."""
+        native = rope.native
+        if native is not None and x.dtype in native.dtypes and x.stride(1) == x.shape[2] and x.stride(2) == 1:
+            native.rotary(x, rope.positions, rope.cos_table, rope.sin_table)
+            return x
+        cos, sin = (rope.cos, rope.sin) if rope.cos is not None else (
+            rope.cos_table[rope.positions].unsqueeze(1), rope.sin_table[rope.positions].unsqueeze(1))
         x1, x2 = x.float().chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out.to(x.dtype)

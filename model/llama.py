@@ -11,7 +11,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, TorchPagedAttention
 from model.config import ModelConfig
-from model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear_config_rows
+from model.layers import GatedMLP, RMSNorm, Rope, RotaryEmbedding, linear_config_rows
 
 # checkpoint name part -> (fused parameter name part, shard index)
 PACKED = {
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
+        self, rope: Rope, x: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -65,9 +65,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
-    def forward(self, rope, x, kv, meta):
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, residual, kv, meta):
+        """x: the previous layer's output [T, hidden]; residual: the stream before it (None
+        at the first layer). Returns this layer's (output, residual); the caller adds them."""
+        h, residual = self.input_layernorm.forward_residual(x, residual)
+        h = self.self_attn(rope, h, kv, meta)
+        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -83,11 +87,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(self, input_ids, positions, kv_cache, meta):
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary.table(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(rope, x, kv_cache[i], meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, kv_cache[i], meta)
+        return self.norm.forward_residual(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

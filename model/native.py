@@ -1,8 +1,9 @@
 """Native CPU kernels (model/csrc/*.c): compiled on first use with the system C compiler,
 cached per source + CPU, loaded with ctypes. No torch headers, so a build takes ~1 s.
 
-`native_kernels()` returns the loaded library, or None (with one warning) where no
-compiler works; callers then keep their torch path. `WORKMEM_NATIVE=0` turns it off.
+`native_kernels()` returns them as `NativeOps`, or None (with one warning) where no
+compiler works; `select_kernels` installs them in a model (else the torch paths stay).
+`WORKMEM_NATIVE=0` turns them off.
 OpenMP comes from torch's own `libgomp.so.1` (already loaded, same soname), so the kernels
 share torch's thread pool and follow `torch.set_num_threads`.
 """
@@ -19,9 +20,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from model.attention import NativeCPUPagedAttention, TorchPagedAttention
+from model.layers import RMSNorm, RotaryEmbedding
+
 log = logging.getLogger("workmem.native")
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.c",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layer_ops.c"))
 # -fassociative-math (and what it needs) lets the compiler vectorize the dot products' sums
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fno-math-errno",
           "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
@@ -29,30 +36,87 @@ CACHE_ENV = "WORKMEM_CACHE_DIR"  # default: ~/.cache/workmem
 DISABLE_ENV = "WORKMEM_NATIVE"  # "0" disables the native kernels
 COMPILE_TIMEOUT_S = 120
 
+KERNEL_BACKENDS = ("auto", "torch", "native")
+
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-# paged_decode_attention_*(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens,
-#                          out, B, H, kvH, D, block_size, scale)
-_ATTENTION_ARGS = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32]
+_SIGNATURES = {
+    # (q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, block_size, scale)
+    "paged_decode_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
+    "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
+    "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
+}
+_SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+class NativeOps:
+    """Typed doors to the compiled kernels; tensors must be CPU, contiguous where noted,
+    and of a dtype in `dtypes`. Shapes and semantics: model/csrc/*.c."""
+
+    dtypes = frozenset(_SUFFIXES)
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
+        for name, argtypes in _SIGNATURES.items():
+            for dtype, suffix in _SUFFIXES.items():
+                fn = getattr(lib, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+                self.fns[name, dtype] = fn
+
+    def attention(self, dtype: torch.dtype):
+        return self.fns["paged_decode_attention", dtype]
+
+    def add_rms_norm(self, x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
+                     out: torch.Tensor, eps: float) -> None:
+        """out = norm(residual += x) (x None: norm(residual)); all [n, dim] contiguous."""
+        n, dim = residual.shape
+        self.fns["add_rms_norm", residual.dtype](
+            None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            n, dim, eps)
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate x [n, heads, head_dim] in place (heads contiguous, any token stride)."""
+        n, heads, head_dim = x.shape
+        self.fns["rotary", x.dtype](x.data_ptr(), x.stride(0), n, heads, head_dim, positions.data_ptr(),
+                                    cos.data_ptr(), sin.data_ptr())
 
 
 @functools.cache
-def native_kernels() -> ctypes.CDLL | None:
+def native_kernels() -> NativeOps | None:
     """The compiled kernels (built once per process, cached on disk), or None."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: native CPU attention disabled (torch fallback, slower decode)")
+        log.warning("no C compiler found: native CPU kernels disabled (torch fallback, slower decode)")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
+        return NativeOps(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         log.warning("native CPU kernels unavailable (%s): using the torch fallback", exc)
         return None
-    for name in ("paged_decode_attention_bf16", "paged_decode_attention_f32"):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _ATTENTION_ARGS, None
-    return lib
+
+
+def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
+    """Give the model backend `name`'s kernels (once, at start-up); returns the one in use.
+    auto: native on the CPU where the kernels build, else torch. Native swaps each layer's
+    attention for NativeCPUPagedAttention and hands the fused norm/rotary kernels to the
+    RMSNorm and RotaryEmbedding modules; both paths stay in place for other inputs."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)}, got {name!r}")
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return "torch"
+    ops = native_kernels()
+    if ops is None:
+        if name == "native":
+            raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
+        return "torch"
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, RotaryEmbedding)):
+            module.native = ops
+        attn = getattr(module, "attn", None)
+        if isinstance(attn, TorchPagedAttention):
+            module.attn = NativeCPUPagedAttention(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, ops)
+    return "native"
 
 
 def _build(compiler: str) -> Path:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import (
-    NativeCPUPagedAttention, SeqAttention, TorchPagedAttention, build_attention_metadata,
-    select_attention_backend,
-)
-from model.native import native_kernels
+from model.attention import NativeCPUPagedAttention, SeqAttention, TorchPagedAttention, build_attention_metadata
+from model.native import native_kernels, select_kernels
 
 BLOCK = 4
 
@@ -58,12 +55,12 @@ def test_backend_selection(tiny_checkpoint):
     from model.loader import load_model
 
     model = load_model(tiny_checkpoint("llama"), torch.float32, torch.device("cpu")).model
-    assert select_attention_backend(model, "torch", torch.device("cpu")) == "torch"
-    assert select_attention_backend(model, "auto", torch.device("cpu")) == "native"
+    assert select_kernels(model, "torch", torch.device("cpu")) == "torch"
+    assert select_kernels(model, "auto", torch.device("cpu")) == "native"
     kinds = {type(layer.self_attn.attn).__name__ for layer in model.model.layers}
     assert kinds == {"NativeCPUPagedAttention"}
-    with pytest.raises(ValueError, match="attention backend must be one of"):
-        select_attention_backend(model, "flash", torch.device("cpu"))
+    with pytest.raises(ValueError, match="kernel backend must be one of"):
+        select_kernels(model, "flash", torch.device("cpu"))
 
 
 def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
@@ -74,8 +71,38 @@ def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
     native_kernels.cache_clear()
     try:
         assert native_kernels() is None
-        assert select_attention_backend(torch.nn.Linear(1, 1), "auto", torch.device("cpu")) == "torch"
+        assert select_kernels(torch.nn.Linear(1, 1), "auto", torch.device("cpu")) == "torch"
         with pytest.raises(ValueError, match="C compiler"):
-            select_attention_backend(torch.nn.Linear(1, 1), "native", torch.device("cpu"))
+            select_kernels(torch.nn.Linear(1, 1), "native", torch.device("cpu"))
     finally:
         native_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_norm_and_rotary_equal_torch(dtype, tol):
+    from model.config import RopeScaling
+    from model.layers import RMSNorm, RotaryEmbedding
+
+    ops = native_kernels()
+    g = torch.Generator().manual_seed(0)
+    torch_norm = RMSNorm(64, 1e-5)
+    torch_norm.weight.data = torch.randn(64, generator=g)
+    torch_norm.to(dtype)
+    native_norm = RMSNorm(64, 1e-5).to(dtype)
+    native_norm.weight.data = torch_norm.weight.data.clone()
+    native_norm.native = ops
+    x, res = (torch.randn(5, 64, generator=g).to(dtype) for _ in range(2))
+    assert (native_norm(x).float() - torch_norm(x).float()).abs().max() < tol
+    want_out, want_res = torch_norm.forward_residual(x, res.clone())
+    got_out, got_res = native_norm.forward_residual(x, res.clone())
+    assert torch.equal(got_res, want_res)  # the residual sum is rounded exactly as torch does
+    assert (got_out.float() - want_out.float()).abs().max() < tol
+
+    rope = RotaryEmbedding(16, 64, 10000.0, RopeScaling())
+    positions = torch.tensor([0, 7, 63])
+    qkv = torch.randn(3, 6, 16, generator=g).to(dtype)
+    want = RotaryEmbedding.rotate(qkv[:, :4], rope.table(positions))
+    rope.native = ops
+    got = RotaryEmbedding.rotate(qkv[:, :4], rope.table(positions))  # in place on the strided view
+    assert (got.float() - want.float()).abs().max() < tol
+    assert (qkv[:, :4].float() - want.float()).abs().max() < tol

@@ -87,10 +87,10 @@ def test_bfloat16_close_to_reference(case):
     assert agree >= len(prompts) - 1
 
 
-def test_torch_attention_backend(case):
+def test_torch_kernel_backend(case):
     """The reference SDPA backend (what runs where no C compiler is) holds parity too;
     the tests above run the default backend, the native CPU decode kernel."""
     path, prompts, expected = case
-    llm = LLM(str(path), dtype="float32", device="cpu", attention_backend="torch", block_size=4)
-    assert llm.engine.attention_backend == "torch"
+    llm = LLM(str(path), dtype="float32", device="cpu", kernel_backend="torch", block_size=4)
+    assert llm.engine.kernel_backend == "torch"
     assert_matches(llm.generate(prompts, GREEDY), expected)

@@ -47,7 +47,7 @@ class EngineConfig:
     session_dir: str | None = None  # durable session transcripts (restored after a restart)
     quantization: str = "auto"  # auto | none | int4 | int8 (model/quant.py)
     quant_dense_above: int = DEFAULT_DENSE_ABOVE  # batches wider than this use dense weights
-    attention_backend: str = "auto"  # auto | torch | native (model/attention.py)
+    kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
 
     @property
     def quant(self) -> QuantConfig:

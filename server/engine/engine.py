@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from model.attention import select_attention_backend
 from model.loader import LoadedModel, load_model
+from model.native import select_kernels
 from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
 from server.engine.memory import BlockPool
@@ -44,7 +44,7 @@ class LLMEngine:
         if loaded is None:
             loaded = load_model(config.model, self.dtype, self.device, config.quant)
         self.model, self.model_config, self.tokenizer = loaded
-        self.attention_backend = select_attention_backend(self.model, config.attention_backend, self.device)
+        self.kernel_backend = select_kernels(self.model, config.kernel_backend, self.device)
         self.plan = plan_kv_cache(config, self.model_config, self.dtype, self.device)
         self.max_model_len = self.plan.max_model_len
         self.eos_token_ids = tuple(
@@ -67,10 +67,10 @@ class LLMEngine:
         self.streams: dict[Sequence, TextStream] = {}
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
-            "attention %s, quantization %s",
+            "kernels %s, quantization %s",
             config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
             self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
-            self.attention_backend, config.quantization,
+            self.kernel_backend, config.quantization,
         )
 
     def _offload_tier(self) -> KVSwapper | HostKVSwapper | None:

@@ -23,7 +23,8 @@ class LLM:
     quantization: "auto" runs a GGUF's 4-bit blocks on int4 and Q8_0 on int8 kernels (CPU),
     safetensors dense; "int4"/"int8" quantize every linear; "none" keeps all dense.
     Batches wider than `quant_dense_above` rows use a dense copy (0: keep none).
-    attention_backend: "auto" = the native CPU decode kernel where it builds, else torch's SDPA.
+    kernel_backend: "auto" = native CPU kernels (decode attention, norms, rotary) where a C
+    compiler builds them, else torch ops; "torch" / "native" force one.
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class LLM:
         seed: int | None = None,
         quantization: str = "auto",
         quant_dense_above: int = DEFAULT_DENSE_ABOVE,
-        attention_backend: str = "auto",
+        kernel_backend: str = "auto",
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -50,7 +51,7 @@ class LLM:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
                 quantization=quantization, quant_dense_above=quant_dense_above,
-                attention_backend=attention_backend,
+                kernel_backend=kernel_backend,
             )
         )
         self.tokenizer = self.engine.tokenizer

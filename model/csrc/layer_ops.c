@@ -1,0 +1,70 @@
+/* Fused per-token layer pieces for the CPU (bf16 and float32), replacing ~8-10 small torch
+ * ops each. Numerics follow the torch path they replace (transformers' order of roundings):
+ *
+ * add_rms_norm: residual += x (rounded to T), then out = T(T(r * rsqrt(mean(r^2) + eps)) * w)
+ *   with the statistics in float32. x == NULL: residual is the input, left unchanged.
+ *   x, residual, out: [n, dim] contiguous; weight [dim].
+ * rotary: rotate-half rotary embedding in place on heads [n, heads, head_dim] (token stride
+ *   `stride` elements, heads contiguous), in float32: x1' = x1 c - x2 s, x2' = x2 c + x1 s,
+ *   with c, s = cos/sin[positions[t]] from float32 tables [max_pos, head_dim / 2].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_load(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) { /* round to nearest even; inputs are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_round(float f) { return bf16_load(bf16_store(f)); }
+static inline float f32_load(float f) { return f; }
+static inline float f32_store(float f) { return f; }
+static inline float f32_round(float f) { return f; }
+
+#define DEFINE_OPS(SUFFIX, T, LOAD, STORE, ROUND)                                              \
+void add_rms_norm_##SUFFIX(const T *x, T *residual, const T *weight, T *out,                  \
+                           int64_t n, int64_t dim, float eps) {                                \
+    for (int64_t i = 0; i < n; i++) {                                                          \
+        T *r = residual + i * dim;                                                             \
+        float row[dim], ss = 0.f;                                                              \
+        for (int64_t d = 0; d < dim; d++) {                                                    \
+            const float v = x ? ROUND(LOAD(x[i * dim + d]) + LOAD(r[d])) : LOAD(r[d]);         \
+            row[d] = v;                                                                        \
+            ss += v * v;                                                                       \
+        }                                                                                      \
+        if (x)                                                                                 \
+            for (int64_t d = 0; d < dim; d++) r[d] = STORE(row[d]);                            \
+        const float inv = 1.f / sqrtf(ss / (float)dim + eps);                                  \
+        for (int64_t d = 0; d < dim; d++)                                                      \
+            out[i * dim + d] = STORE(ROUND(row[d] * inv) * LOAD(weight[d]));                   \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+void rotary_##SUFFIX(T *x, int64_t stride, int64_t n, int64_t heads, int64_t head_dim,        \
+                     const int64_t *positions, const float *cos, const float *sin) {           \
+    const int64_t half = head_dim / 2;                                                         \
+    for (int64_t t = 0; t < n; t++) {                                                          \
+        const float *c = cos + positions[t] * half, *s = sin + positions[t] * half;            \
+        for (int64_t h = 0; h < heads; h++) {                                                  \
+            T *p = x + t * stride + h * head_dim;                                              \
+            for (int64_t d = 0; d < half; d++) {                                               \
+                const float x1 = LOAD(p[d]), x2 = LOAD(p[d + half]);                           \
+                p[d] = STORE(x1 * c[d] - x2 * s[d]);                                           \
+                p[d + half] = STORE(x2 * c[d] + x1 * s[d]);                                    \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_OPS(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
+DEFINE_OPS(f32, float, f32_load, f32_store, f32_round)
