@@ -54,7 +54,8 @@ class StepProfile:
 
 
 class Clock:
-    """Accumulates wall time per key; nested keys are allowed (inner time stays in outer).
+    """Accumulates wall time per key; nested keys are allowed (inner time stays in outer;
+    a key nested in itself is counted once).
     `sync` (torch.cuda.synchronize on CUDA) runs at every edge so GPU work is attributed."""
 
     def __init__(self, sync: Callable[[], None]) -> None:
@@ -68,7 +69,9 @@ class Clock:
 
     def stop(self, key: str) -> None:
         self.sync()
-        self.total[key] += time.perf_counter() - self._open[key].pop()
+        start = self._open[key].pop()
+        if not self._open[key]:  # a key nested in itself counts once (the outermost span)
+            self.total[key] += time.perf_counter() - start
 
     def wrap(self, key: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -159,6 +162,9 @@ def instrumented(engine, clock: Clock) -> Iterator[None]:
     kv_modules = {attention_module} | {sys.modules[type(a).__module__] for a in backends}
     patches = [(a, "forward", clock.wrap("attention", a.forward)) for a in backends]
     patches += [(m, "write_kv", clock.wrap("kv_write", m.write_kv)) for m in kv_modules if hasattr(m, "write_kv")]
+    # Norms fused with the residual add run outside their module's __call__ (no hooks).
+    patches += [(m, "forward_residual", clock.wrap("norms", m.forward_residual))
+                for m in norm_modules(model) if hasattr(m, "forward_residual")]
     patches += [(model, "compute_logits", clock.wrap("lm_head", model.compute_logits)),
                 (runner, "sampler", TimedCall(runner.sampler, clock, "sampling")),
                 (runner, "execute", clock.wrap("execute", runner.execute)),
