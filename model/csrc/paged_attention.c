@@ -30,7 +30,25 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs a
     return (uint16_t)(u >> 16);
 }
 
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                    \
+/* q.k for bf16 rows of D elements (D % 32 == 0) with AVX512-BF16 where the build has it:
+ * exact products, float32 sums. Elsewhere the generic loop below does the same work. */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+static inline int fast_dot_bf16_ok(int64_t D) { return D % 32 == 0; }
+static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+    return _mm512_reduce_add_ps(acc);
+}
+#else
+static inline int fast_dot_bf16_ok(int64_t D) { (void)D; return 0; }
+static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
+#endif
+static inline int fast_dot_f32_ok(int64_t D) { (void)D; return 0; }
+static inline float fast_dot_f32(const float *a, const float *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
+
+#define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT)                                                    \
 void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,                   \
           const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, T *out,     \
           int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {            \
@@ -45,11 +63,13 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
             const T *qp = q + b * q_stride + h * D;                                            \
             for (int64_t d = 0; d < D; d++) { qf[d] = LOAD(qp[d]) * scale; acc[d] = 0.f; }     \
             float max = -INFINITY;                                                             \
+            const int fast = FAST_OK(D);                                                       \
             for (int64_t t = 0, blk = 0; t < len; blk++) { /* K pass: scores */                \
                 const T *kp = k_cache + (table[blk] * bs * kvH + kvh) * D;                     \
                 for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, kp += kvH * D) { \
                     float s = 0.f;                                                             \
-                    for (int64_t d = 0; d < D; d++) s += qf[d] * LOAD(kp[d]);                  \
+                    if (fast) s = FAST_DOT(qp, kp, D) * scale;                                 \
+                    else for (int64_t d = 0; d < D; d++) s += qf[d] * LOAD(kp[d]);             \
                     scores[t] = s;                                                             \
                     max = s > max ? s : max;                                                   \
                 }                                                                              \
@@ -72,5 +92,5 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
 
 #define LOAD_F32(x) (x)
 #define STORE_F32(x) (x)
-DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
-DEFINE_KERNEL(paged_decode_attention_f32, float, LOAD_F32, STORE_F32)
+DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16, fast_dot_bf16_ok, fast_dot_bf16)
+DEFINE_KERNEL(paged_decode_attention_f32, float, LOAD_F32, STORE_F32, fast_dot_f32_ok, fast_dot_f32)
