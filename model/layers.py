@@ -101,11 +101,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
         self.native = None  # NativeOps or None (model/native.py)
+        self.native_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def use_native(self, ops) -> None:
+        """Hand the fused kernel in; its float32 tables hold the values the torch path uses
+        (the buffers as cast with the model, e.g. rounded to bf16)."""
+        self.native = ops
+        self.native_tables = (self.cos.float().contiguous(), self.sin.float().contiguous())
 
     def table(self, positions: torch.Tensor) -> Rope:
         """The step's tables for `positions` [T]; computed once per step."""
-        if self.native is not None and positions.is_cpu and self.cos.dtype == torch.float32:
-            return Rope(None, None, positions.contiguous(), self.native, self.cos, self.sin)
+        if self.native is not None and positions.is_cpu:
+            return Rope(None, None, positions.contiguous(), self.native, *self.native_tables)
         return Rope(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions)
 
     @staticmethod

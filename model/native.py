@@ -111,8 +111,10 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
             raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
         return "torch"
     for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding)):
+        if isinstance(module, RMSNorm):
             module.native = ops
+        if isinstance(module, RotaryEmbedding):
+            module.use_native(ops)
         attn = getattr(module, "attn", None)
         if isinstance(attn, TorchPagedAttention):
             module.attn = NativeCPUPagedAttention(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, ops)
