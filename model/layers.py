@@ -138,9 +138,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
+        self.act_name = act
+        self.native = None  # NativeOps (model/native.py), given only for silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.native is not None and gate_up.is_cpu and gate_up.dtype in self.native.dtypes:
+            return self.down_proj(self.native.silu_and_mul(gate_up.contiguous()))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, kvH, d]
+        kv_cache,  # per layer (k, v) [num_blocks, block_size, kvH, d], or [num_layers, 2, ...]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_cache, meta)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model.attention import NativeCPUPagedAttention, TorchPagedAttention
-from model.layers import RMSNorm, RotaryEmbedding
+from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
 log = logging.getLogger("workmem.native")
 
@@ -44,6 +44,7 @@ _SIGNATURES = {
     "paged_decode_attention": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
+    "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -72,6 +73,13 @@ class NativeOps:
         self.fns["add_rms_norm", residual.dtype](
             None if x is None else x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
             n, dim, eps)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[n, 2I] contiguous -> silu(gate) * up [n, I]."""
+        n, two_i = gate_up.shape
+        out = gate_up.new_empty(n, two_i // 2)
+        self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
+        return out
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate x [n, heads, head_dim] in place (heads contiguous, any token stride)."""
@@ -111,7 +119,7 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
             raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
         return "torch"
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, RMSNorm) or (isinstance(module, GatedMLP) and module.act_name == "silu"):
             module.native = ops
         if isinstance(module, RotaryEmbedding):
             module.use_native(ops)

@@ -106,3 +106,15 @@ def test_fused_norm_and_rotary_equal_torch(dtype, tol):
     got = RotaryEmbedding.rotate(qkv[:, :4], rope.table(positions))  # in place on the strided view
     assert (got.float() - want.float()).abs().max() < tol
     assert (qkv[:, :4].float() - want.float()).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_silu_and_mul_equals_torch(dtype):
+    from model.layers import GatedMLP
+
+    mlp = GatedMLP(32, 48, "silu").to(dtype)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = mlp(x)
+    mlp.native = native_kernels()
+    got = mlp(x)
+    assert (got.float() - want.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)

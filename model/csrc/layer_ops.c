@@ -7,6 +7,7 @@
  * rotary: rotate-half rotary embedding in place on heads [n, heads, head_dim] (token stride
  *   `stride` elements, heads contiguous), in float32: x1' = x1 c - x2 s, x2' = x2 c + x1 s,
  *   with c, s = cos/sin[positions[t]] from float32 tables [max_pos, head_dim / 2].
+ * silu_and_mul: out [n, I] = T(T(silu(gate)) * up) for gate_up [n, 2I] = [gate | up].
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,5 +67,19 @@ void rotary_##SUFFIX(T *x, int64_t stride, int64_t n, int64_t heads, int64_t hea
     }                                                                                          \
 }
 
+#define DEFINE_SILU(SUFFIX, T, LOAD, STORE, ROUND)                                             \
+void silu_and_mul_##SUFFIX(const T *gate_up, T *out, int64_t n, int64_t inter) {               \
+    for (int64_t i = 0; i < n; i++) {                                                          \
+        const T *g = gate_up + i * 2 * inter, *u = g + inter;                                  \
+        T *o = out + i * inter;                                                                \
+        for (int64_t d = 0; d < inter; d++) {                                                  \
+            const float x = LOAD(g[d]);                                                        \
+            o[d] = STORE(ROUND(x / (1.f + expf(-x))) * LOAD(u[d]));                            \
+        }                                                                                      \
+    }                                                                                          \
+}
+
 DEFINE_OPS(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
+DEFINE_SILU(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
+DEFINE_SILU(f32, float, f32_load, f32_store, f32_round)
 DEFINE_OPS(f32, float, f32_load, f32_store, f32_round)

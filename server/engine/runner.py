@@ -53,6 +53,8 @@ class Runner:
             config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
             dtype=dtype, device=device,
         )
+        # per layer (k_cache, v_cache) views, made once: what the model indexes each step
+        self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(seed=seed)
 
     @torch.inference_mode()
@@ -61,7 +63,7 @@ class Runner:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
         meta = build_attention_metadata(seq_attn, slot_mapping, self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # [T, hidden]
+        hidden = self.model(input_ids, positions, self.kv_layers, meta)  # [T, hidden]
         # Row of each sampled sequence's last token in the flat batch.
         last_row, end = {}, 0
         for seq, num in out.scheduled.items():
