@@ -54,6 +54,8 @@ class EngineStats:
     session_restores_disk: int = 0
     session_restores_memory: int = 0
     session_offloads: int = 0
+    step_seconds: float = 0.0  # engine thread inside LLMEngine.step()
+    idle_seconds: float = 0.0  # engine thread blocked on an empty inbox with nothing to run
 
 
 @dataclass
@@ -78,6 +80,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.step_listeners: list = []  # callables(list[StepOutput]) run on the engine thread
+        self._step_seconds = 0.0  # engine thread only; published in `stats`
+        self._idle_seconds = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +166,7 @@ class AsyncEngine:
             self._requests.clear()
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a step failed: fail what was in flight, keep serving
@@ -171,15 +176,21 @@ class AsyncEngine:
                 _send(req, RuntimeError(f"engine step failed: {exc}"))
             self._requests.clear()
             return
+        finally:
+            self._step_seconds += time.perf_counter() - start
         self._deliver(outputs)
         for listener in self.step_listeners:
             listener(outputs)
 
     def _drain_inbox(self, block: bool) -> None:
+        start = time.perf_counter()
         try:
             message = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        finally:
+            if block:
+                self._idle_seconds += time.perf_counter() - start
         while True:
             self._handle(message)
             try:
@@ -240,6 +251,8 @@ class AsyncEngine:
             session_restores_disk=sessions.num_disk_restores,
             session_restores_memory=sessions.num_memory_restores,
             session_offloads=sessions.num_offloads,
+            step_seconds=self._step_seconds,
+            idle_seconds=self._idle_seconds,
         )
 
 

@@ -41,6 +41,13 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "workmem_session_evictions", "Idle sessions whose KV left the pool", value=s.session_evictions
         )
+        yield CounterMetricFamily(
+            "workmem_engine_step_seconds", "Engine thread time inside step() (model, scheduler, detokenizer)",
+            value=s.step_seconds,
+        )
+        yield CounterMetricFamily(
+            "workmem_engine_idle_seconds", "Engine thread time waiting with no request to run", value=s.idle_seconds
+        )
         yield CounterMetricFamily("workmem_session_offloads", "Session KV offloads to disk", value=s.session_offloads)
         restores = CounterMetricFamily(
             "workmem_session_restores", "Session turns whose KV was brought back", labels=["source"]

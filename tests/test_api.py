@@ -221,6 +221,23 @@ async def test_metrics_exposed(client):
     assert 'workmem_request_success_total{finished_reason="length"}' in text
 
 
+async def test_engine_busy_and_idle_seconds_grow(client):
+    def engine_seconds(text: str) -> tuple[float, float]:
+        return metric(text, "workmem_engine_step_seconds_total"), metric(text, "workmem_engine_idle_seconds_total")
+
+    step0, idle0 = engine_seconds((await client.get("/metrics")).text)
+    r = await client.post("/v1/completions", json={"prompt": "time me", "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200
+    step1, _ = engine_seconds((await client.get("/metrics")).text)
+    assert step1 > step0  # the request's first steps are published before its last output
+    for _ in range(40):  # the idle wait is counted when it ends (at most IDLE_WAIT_S later)
+        _, idle1 = engine_seconds((await client.get("/metrics")).text)
+        if idle1 > idle0:
+            break
+        await asyncio.sleep(0.05)
+    assert idle1 > idle0
+
+
 async def test_health_503_while_loading_and_after_load_failure():
     from server.api.app import create_app
     from server.api.state import ServerSettings
