@@ -225,10 +225,15 @@ class AsyncEngine:
             self._requests.pop(request_id, None)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
+        """Hand a step's outputs over with ONE wake-up per event loop: every
+        call_soon_threadsafe writes the loop's self-pipe and hands it the GIL."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
         for out in outputs:
             req = self._requests.get(out.request_id)
             if req is not None:
-                _send(req, out)
+                batches.setdefault(req.loop, []).append((req.queue, out))
+        for loop, items in batches.items():
+            _post(loop, items)
         for out in outputs:  # forget finished requests only after every sibling's output went out
             if out.finished and out.request_id not in self.engine.scheduler.requests:
                 self._requests.pop(out.request_id, None)
@@ -258,10 +263,19 @@ class AsyncEngine:
 
 def _send(req: _Request, item: StepOutput | BaseException) -> None:
     """Hand an item to the request's event loop (a closed loop just drops it)."""
+    _post(req.loop, [(req.queue, item)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
     try:
-        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        loop.call_soon_threadsafe(_put_all, items)
     except RuntimeError:
-        pass
+        pass  # the loop is closed
+
+
+def _put_all(items: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
