@@ -25,10 +25,11 @@ from torch import nn
 
 from model.attention import NativeCPUPagedAttention, TorchPagedAttention
 from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from model.quant import QuantLinear
 
 log = logging.getLogger("workmem.native")
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layer_ops.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layer_ops.c", "quant_gemv.c"))
 # -fassociative-math (and what it needs) lets the compiler vectorize the dot products' sums
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-fno-math-errno",
           "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
@@ -45,6 +46,8 @@ _SIGNATURES = {
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
+    "quant_matmul_q4": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],  # (x, M, K, codes, scale_zero, out, N)
+    "quant_matmul_q8": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -80,6 +83,13 @@ class NativeOps:
         out = gate_up.new_empty(n, two_i // 2)
         self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
         return out
+
+    def quant_matmul(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, bits: int,
+                     out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.native_pack (4 or 8 bits)."""
+        m, k = x.shape
+        self.fns[f"quant_matmul_q{bits}", x.dtype](x.data_ptr(), m, k, codes.data_ptr(), scale_zero.data_ptr(),
+                                                   out.data_ptr(), out.shape[1])
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate x [n, heads, head_dim] in place (heads contiguous, any token stride)."""
@@ -121,7 +131,7 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
     for module in model.modules():
         if isinstance(module, RMSNorm) or (isinstance(module, GatedMLP) and module.act_name == "silu"):
             module.native = ops
-        if isinstance(module, RotaryEmbedding):
+        if isinstance(module, (RotaryEmbedding, QuantLinear)):
             module.use_native(ops)
         attn = getattr(module, "attn", None)
         if isinstance(attn, TorchPagedAttention):

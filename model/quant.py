@@ -14,6 +14,11 @@ Both kernels are 2-5x faster than a bf16 linear for a few rows (decode) and slow
 many (measured here: the crossover is near 8-16 rows for SmolLM2-135M shapes), so a
 QuantLinear may also keep a dense copy of its weight and use it above `dense_above` rows.
 The model files never see any of this: the loader decides what to pack.
+
+With the native kernels (model/native.py `select_kernels`), `QuantLinear.use_native`
+repacks the weight for model/csrc/quant_gemv.c (`native_pack`: groups of 32, bf16 scale
+and zero per group, Q8_0 as real 8-bit codes) and drops torch's buffers; decode rows then
+run there.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
 INT4_ROW_MULTIPLE = 16  # the int4 packer wants N divisible by this
+NATIVE_GROUP = 32  # model/csrc/quant_gemv.c: one scale and zero per 32 columns
+NATIVE_K_MULTIPLE = 64  # ... and K padded to a multiple of this (zero groups)
+NATIVE_CODE_OFFSET = {4: 8, 8: 128}  # its w = (c - offset) * scale + zero, c unsigned
 
 
 @dataclass
@@ -153,6 +161,57 @@ def int8_as_int4_planes(w: GroupQuant) -> GroupQuant:
     return GroupQuant.cat([high, low])
 
 
+def native_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout of model/csrc/quant_gemv.c from unsigned codes [N, K] (4-bit: 0..15,
+    8-bit: 0..255) with w = (c - NATIVE_CODE_OFFSET[bits]) * scale + zero and scale, zero
+    [N, K / 32]: (codes uint8 [N, Kp * bits / 8], scale/zero int16 [N, Kp / 32, 2] holding
+    bf16 bits), Kp = K rounded up to NATIVE_K_MULTIPLE with zero groups."""
+    n, k = codes.shape
+    pad = -k % NATIVE_K_MULTIPLE
+    c = F.pad(codes.to(torch.int32), (0, pad)).to(torch.uint8)
+    kp = k + pad
+    if bits == 4:  # per 128 columns 32 16-bit words, nibble q = group q (csrc for the tail)
+        full = kp // 128
+        parts = [_nibble_words(c[:, : full * 128].reshape(n, full, 4, 32)).reshape(n, -1)]
+        if kp % 128:
+            parts.append(_nibble_words(c[:, full * 128 :].reshape(n, 1, 4, 16)).reshape(n, -1))
+        packed = torch.cat(parts, 1)
+    elif bits == 8:  # per 64 columns 32 words: low byte from the first group, high the second
+        packed = c.reshape(n, kp // 64, 2, 32).transpose(2, 3).reshape(n, kp)
+    else:
+        raise ValueError(f"unsupported bits {bits}")
+    sz = torch.stack([F.pad(t.float(), (0, pad // NATIVE_GROUP)) for t in (scale, zero)], -1)
+    return packed.contiguous(), sz.to(torch.bfloat16).view(torch.int16).contiguous()
+
+
+def _nibble_words(c: torch.Tensor) -> torch.Tensor:
+    """[..., 4, W] nibbles -> [..., W, 2] bytes of the words c0 | c1 << 4 | c2 << 8 | c3 << 12."""
+    lo, hi = c[..., 0, :] | (c[..., 1, :] << 4), c[..., 2, :] | (c[..., 3, :] << 4)
+    return torch.stack((lo, hi), -1)
+
+
+def _int4pack_codes(packed: torch.Tensor, n: int, k: int, group: int) -> torch.Tensor:
+    """The codes [n, k] int32 behind torch's CPU int4 packing (n a multiple of 16). Its layout
+    depends on torch's build (AVX512: per 64 rows and column, 32 bytes, byte j = rows j and
+    j + 32; a last partial block pairs rows 2j, 2j + 1): the decode is checked by packing
+    again, and where it differs the codes are read back through the kernel itself."""
+    flat = packed.reshape(-1)
+    full = n // 64
+    blocks = flat[: full * k * 32].reshape(full, k, 32)
+    parts = [torch.cat((blocks & 15, blocks >> 4), -1).permute(0, 2, 1).reshape(full * 64, k)]
+    if n % 64:
+        tail = flat[full * k * 32 :].reshape(k, (n % 64) // 2)
+        parts.append(torch.stack((tail & 15, tail >> 4), -1).reshape(k, n % 64).t())
+    codes = torch.cat(parts).to(torch.int32).contiguous()
+    if torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), packed):
+        return codes
+    ones = torch.ones(k // group, n, dtype=torch.bfloat16)  # scale 1, zero 8: y = code
+    unit = torch.stack((ones, ones * INT4_CODE_OFFSET), -1)
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().to(torch.int32).contiguous()
+
+
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W held as int4 groups or int8 rows (see module doc).
 
@@ -168,6 +227,7 @@ class QuantLinear(nn.Module):
         self.planes = 1  # 2: an int8 weight split into two int4 planes (int8_as_int4_planes)
         self.padded = False  # int4 rows padded to INT4_ROW_MULTIPLE
         self.dense_above = dense_above
+        self.native = None  # NativeOps once `use_native` repacked the weight for them
         if bits == 4:
             self._init_int4(weight)
         elif bits == 8:
@@ -204,10 +264,61 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
 
+    def use_native(self, ops) -> bool:
+        """Repack the weight for model/csrc/quant_gemv.c (`ops`: model.native.NativeOps) and
+        drop torch's buffers; from then on every quantized call runs there (float32 rows on
+        its portable path, other dtypes through bf16). False (torch's kernels stay) where the
+        weight is not on the CPU or its rows do not split into groups of 32."""
+        if self.native is not None:
+            return True
+        if ops is None or self.in_features % NATIVE_GROUP or self.dense is not None and self.dense.device.type != "cpu":
+            return False
+        n, k = self.out_features, self.in_features
+        if self.bits == 4:
+            if self.packed.device.type != "cpu":
+                return False
+            rows = self.scales_zeros.shape[1]  # N (x planes), padded
+            codes = _int4pack_codes(self.packed, rows, k, self.group)
+            sz = self.scales_zeros.float().repeat_interleave(self.group // NATIVE_GROUP, 0)
+            scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [rows, K / 32]; w = (c - 8) s + z
+            if self.planes == 2:  # c8 = 16 (hi - 8) + lo, unsigned 16 hi + lo; low plane's scale
+                codes = codes[:n] * 16 + codes[n : 2 * n]
+                scale, zero = scale[n : 2 * n], zero[n : 2 * n] - INT4_CODE_OFFSET * scale[n : 2 * n]
+                bits = 8
+            else:
+                codes, scale, zero, bits = codes[:n], scale[:n], zero[:n], 4
+            del self.packed, self.scales_zeros
+        else:
+            codes = self.codes.to(torch.int32) + 128
+            scale = self.scales.float()[:, None].expand(n, k // NATIVE_GROUP)
+            zero, bits = torch.zeros_like(scale), 8
+            del self.codes, self.scales
+        ncodes, nsz = native_pack(codes, scale, zero, bits)
+        self.register_buffer("native_codes", ncodes, persistent=False)
+        self.register_buffer("native_sz", nsz, persistent=False)
+        self.native_bits, self.native_k, self.native = bits, ncodes.shape[1] * 8 // bits, ops
+        return True
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype in self.native.dtypes and x.shape[0] and self.native_k == self.in_features:
+            x = x.contiguous()  # the common case, with as few torch calls as possible
+            y = x.new_empty(x.shape[0], self.out_features)
+            self.native.quant_matmul(x, self.native_codes, self.native_sz, self.native_bits, y)
+            return y
+        x2 = x.reshape(-1, self.in_features)
+        dtype = x.dtype if x.dtype in self.native.dtypes else torch.bfloat16
+        xin = F.pad(x2.to(dtype), (0, self.native_k - self.in_features)).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=dtype)
+        if x2.shape[0]:
+            self.native.quant_matmul(xin, self.native_codes, self.native_sz, self.native_bits, y)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.dense_above:
             return F.linear(x, self.dense, self.bias)
-        if self.bits == 4:
+        if self.native is not None:
+            y = self._native_forward(x)
+        elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
             n = self.out_features
             if self.planes == 2:  # [M, 2N (+ pad)]: high plane + low plane
@@ -219,5 +330,6 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
+        bits = self.native_bits if self.native is not None else self.bits
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{self.bits}, dense_above={self.dense_above}")
+                f"int{bits}{', native' if self.native is not None else ''}, dense_above={self.dense_above}")
