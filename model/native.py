@@ -131,8 +131,10 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
     for module in model.modules():
         if isinstance(module, RMSNorm) or (isinstance(module, GatedMLP) and module.act_name == "silu"):
             module.native = ops
-        if isinstance(module, (RotaryEmbedding, QuantLinear)):
+        if isinstance(module, RotaryEmbedding):
             module.use_native(ops)
+        if isinstance(module, QuantLinear) and module.holds_8bit:
+            module.use_native(ops)  # 8-bit weights only: for 4-bit, torch's int4 kernel measured as fast
         attn = getattr(module, "attn", None)
         if isinstance(attn, TorchPagedAttention):
             module.attn = NativeCPUPagedAttention(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, ops)

@@ -2,13 +2,14 @@
 
 A checkpoint's quantized weight arrives as a `GroupQuant` (integer codes with one scale and
 one minimum per group of columns; GGUF's Q4_0/Q4_1/Q4_K and Q8_0 blocks map onto it
-exactly). `quantize_linears` swaps the model's `nn.Linear`s for `QuantLinear`s:
+exactly). The loader (model/loader.py) swaps the model's `nn.Linear`s for `QuantLinear`s:
 
   int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)`, which computes
         w = (code - 8) * scale + zero per group of 32..256 columns, so a group with
         w = code * scale + min has zero = min + 8 * scale (exact for Q4_0/Q4_1/Q4_K).
   int8: `aten._weight_int8pack_mm(x, codes [N, K] int8, scales [N])`, one scale per row;
-        GGUF's Q8_0 (a scale per 32) is requantized per row (error measured in the tests).
+        GGUF's Q8_0 (a scale per 32) instead runs exactly as two int4 planes (see
+        `int8_as_int4_planes`).
 
 Both kernels are 2-5x faster than a bf16 linear for a few rows (decode) and slower for
 many (measured here: the crossover is near 8-16 rows for SmolLM2-135M shapes), so a
@@ -18,7 +19,9 @@ The model files never see any of this: the loader decides what to pack.
 With the native kernels (model/native.py `select_kernels`), `QuantLinear.use_native`
 repacks the weight for model/csrc/quant_gemv.c (`native_pack`: groups of 32, bf16 scale
 and zero per group, Q8_0 as real 8-bit codes) and drops torch's buffers; decode rows then
-run there.
+run there. `select_kernels` does so for 8-bit weights only (the default model's Q8_0 LM
+head: 1.2-1.5x torch's two-plane int4 call); on 4-bit weights torch's int4 kernel measured
+as fast or faster.
 """
 from __future__ import annotations
 
@@ -263,6 +266,11 @@ class QuantLinear(nn.Module):
             w = quantize_int8_rows(w.dequantize())
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
+
+    @property
+    def holds_8bit(self) -> bool:
+        """An 8-bit weight (int8 rows, or groups held as two int4 planes)."""
+        return self.planes == 2 or self.bits == 8 or getattr(self, "native_bits", 0) == 8
 
     def use_native(self, ops) -> bool:
         """Repack the weight for model/csrc/quant_gemv.c (`ops`: model.native.NativeOps) and

@@ -97,7 +97,8 @@ def test_default_model_answers_on_native_kernels() -> None:
 
     llm = LLM(str(default_model_path()), dtype="bfloat16", num_kv_blocks=128, max_model_len=1024)
     quant = [m for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
-    assert quant and all(m.native is not None for m in quant)
+    assert quant and all((m.native is not None) == m.holds_8bit for m in quant)  # the LM head only
+    assert llm.engine.model.quant_head.native is not None
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0]
     assert "4" in llm.tokenizer.decode(out.token_ids)

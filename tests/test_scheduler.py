@@ -33,7 +33,7 @@ EOS = 0  # the tokenizer's eos; most tests set ignore_eos
 
 
 class ContextSumModel(nn.Module):
-    """Runner contract: forward(ids [T], positions [T], kv_cache, meta) -> hidden [T, 4];
+    """Runner contract: forward(ids [T], positions [T], kv_cache (per layer (k, v)), meta) -> hidden [T, 4];
     compute_logits(hidden [S, 4]) -> float32 [S, VOCAB]."""
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -41,7 +41,7 @@ class ContextSumModel(nn.Module):
         kv = torch.stack(
             [input_ids.float(), positions.float(), torch.ones(num), torch.zeros(num)], dim=-1
         )[:, None, :]  # [T, 1, 4]
-        k_cache, v_cache = kv_cache[0, 0], kv_cache[0, 1]
+        k_cache, v_cache = kv_cache[0]
         write_kv(kv, kv, k_cache, v_cache, meta.slot_mapping)
         hidden = torch.zeros(num, 4)
         for g in meta.groups:
