@@ -48,6 +48,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-dense-above", type=int, default=DEFAULT_DENSE_ABOVE,
                         help="quantized linears keep a dense copy for batches wider than this many "
                              f"rows (faster there; 0 = no copy, less memory; default {DEFAULT_DENSE_ABOVE})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the engine (default: torch's, one per core)")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "native"],
                         help="auto = native C kernels on the CPU (decode attention, norms, rotary; built on "
                              "first use with the system C compiler; torch ops where none), torch = torch "
@@ -67,6 +69,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_sessions=args.max_sessions, session_memory_fraction=args.session_memory_fraction,
         session_dir=args.session_dir, quantization=args.quantization,
         quant_dense_above=args.quant_dense_above, kernel_backend=args.kernel_backend,
+        num_threads=args.threads,
     )
 
 
@@ -80,7 +83,7 @@ def llm_from_args(args: argparse.Namespace):
         max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
         quantization=c.quantization, quant_dense_above=c.quant_dense_above,
-        kernel_backend=c.kernel_backend,
+        kernel_backend=c.kernel_backend, num_threads=c.num_threads,
     )
 
 

@@ -48,6 +48,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto | none | int4 | int8 (model/quant.py)
     quant_dense_above: int = DEFAULT_DENSE_ABOVE  # batches wider than this use dense weights
     kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
+    num_threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
 
     @property
     def quant(self) -> QuantConfig:
@@ -59,7 +60,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.session_memory_fraction <= 1.0:
             raise ValueError(f"session_memory_fraction must be in [0, 1], got {self.session_memory_fraction}")
-        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len"):
+        for name in ("num_kv_blocks", "kv_cache_memory", "max_model_len", "num_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")

@@ -43,6 +43,7 @@ class LLM:
         quantization: str = "auto",
         quant_dense_above: int = DEFAULT_DENSE_ABOVE,
         kernel_backend: str = "auto",
+        num_threads: int | None = None,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -51,7 +52,7 @@ class LLM:
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
                 quantization=quantization, quant_dense_above=quant_dense_above,
-                kernel_backend=kernel_backend,
+                kernel_backend=kernel_backend, num_threads=num_threads,
             )
         )
         self.tokenizer = self.engine.tokenizer
