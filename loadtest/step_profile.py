@@ -236,6 +236,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     add("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     add("--quantization", default=None, help="passed to EngineConfig when this build has it")
+    add("--kernel-backend", default=None, help="auto | torch | native, passed to EngineConfig")
     add("--enforce-eager", action="store_true", help="passed to EngineConfig when this build has it")
     add("--batch-sizes", default="1,4,16,32", help="decode batch sizes (default: %(default)s)")
     add("--contexts", default="256,2048", help="prompt tokens per request (default: %(default)s)")
@@ -264,6 +265,8 @@ def build_engine(args: argparse.Namespace):
     if args.quantization is not None and "quantization" not in names:
         raise ValueError("--quantization: not supported by this build (EngineConfig has no 'quantization')")
     extra = {"quantization": args.quantization} if args.quantization is not None else {}
+    if args.kernel_backend is not None:
+        extra["kernel_backend"] = args.kernel_backend
     if args.enforce_eager and "enforce_eager" not in names:
         print("# --enforce-eager: not supported by this build (its engine is always eager)", flush=True)
     elif args.enforce_eager:
