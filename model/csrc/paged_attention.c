@@ -6,10 +6,10 @@
  *   tables   [B, max_blocks] int64;  context_lens [B] int64 (>= 1)
  *   out      [B, H, D] contiguous
  * Query head h reads kv head h / (H / kvH) (GQA). Scores, softmax and the weighted sum
- * are in float32; one OpenMP task per (sequence, query head), two passes over the context
- * (K: scores; V: weighted sum). The query heads sharing a kv head re-read its rows, mostly
- * from cache: serving them together in one task measured slower (the inner loops stop
- * vectorizing). Built by model/native.py; no torch headers.
+ * are in float32. One OpenMP task per sequence (per (sequence, kv head) below
+ * MIN_SEQS_FOR_ROW_TASKS sequences, to use every thread) serves all its query heads, so
+ * each K/V row is read from memory once per step. Two passes over the context: K
+ * (scores), V (weighted sums). Built by model/native.py; no torch headers.
  */
 #include <math.h>
 #include <stdint.h>
@@ -48,43 +48,61 @@ static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t 
 static inline int fast_dot_f32_ok(int64_t D) { (void)D; return 0; }
 static inline float fast_dot_f32(const float *a, const float *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
 
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT)                                                    \
+#define MIN_SEQS_FOR_ROW_TASKS 4 /* from this batch on, one task per sequence reads whole rows */
+
+#define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT)                                 \
 void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,                   \
           const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, T *out,     \
           int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {            \
-    const int64_t group = H / kvH;                                                             \
+    const int64_t kv_per_task = B >= MIN_SEQS_FOR_ROW_TASKS ? kvH : 1;                         \
+    const int64_t tasks = kvH / kv_per_task, nh = kv_per_task * (H / kvH), row = kvH * D;     \
+    const int fast = FAST_OK(D);                                                               \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                               \
     for (int64_t b = 0; b < B; b++) {                                                          \
-        for (int64_t h = 0; h < H; h++) {                                                      \
-            const int64_t len = context_lens[b], kvh = h / group;                              \
-            const int64_t *table = tables + b * max_blocks;                                    \
-            float *scores = malloc(sizeof(float) * len);                                       \
-            float qf[D], acc[D];                                                               \
-            const T *qp = q + b * q_stride + h * D;                                            \
-            for (int64_t d = 0; d < D; d++) { qf[d] = LOAD(qp[d]) * scale; acc[d] = 0.f; }     \
-            float max = -INFINITY;                                                             \
-            const int fast = FAST_OK(D);                                                       \
-            for (int64_t t = 0, blk = 0; t < len; blk++) { /* K pass: scores */                \
-                const T *kp = k_cache + (table[blk] * bs * kvH + kvh) * D;                     \
-                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, kp += kvH * D) { \
-                    float s = 0.f;                                                             \
-                    if (fast) s = FAST_DOT(qp, kp, D) * scale;                                 \
-                    else for (int64_t d = 0; d < D; d++) s += qf[d] * LOAD(kp[d]);             \
-                    scores[t] = s;                                                             \
-                    max = s > max ? s : max;                                                   \
+        for (int64_t task = 0; task < tasks; task++) {                                         \
+            /* heads h0 .. h0 + nh - 1 read kv heads kv0 .. kv0 + kv_per_task - 1 */           \
+            const int64_t len = context_lens[b], kv0 = task * kv_per_task, h0 = kv0 * (H / kvH); \
+            const int64_t g = H / kvH, *table = tables + b * max_blocks;                       \
+            const T *qb = q + b * q_stride + h0 * D;                                           \
+            float *scores = malloc(sizeof(float) * (len * nh + 2 * nh * D)); /* [nh, len] */   \
+            float *qf = scores + len * nh, *acc = qf + nh * D; /* [nh, D] each */              \
+            float max[nh], sum[nh];                                                            \
+            for (int64_t i = 0; i < nh * D; i++) { qf[i] = LOAD(qb[i]) * scale; acc[i] = 0.f; } \
+            for (int64_t i = 0; i < nh; i++) { max[i] = -INFINITY; sum[i] = 0.f; }             \
+            for (int64_t t = 0, blk = 0; t < len; blk++) { /* K pass: each row read once */    \
+                const T *kr = k_cache + table[blk] * bs * row + kv0 * D;                       \
+                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, kr += row) {     \
+                    for (int64_t i = 0; i < nh; i++) {                                         \
+                        const T *kp = kr + (i / g) * D;                                        \
+                        float s = 0.f;                                                         \
+                        if (fast) s = FAST_DOT(qb + i * D, kp, D) * scale;                     \
+                        else for (int64_t d = 0; d < D; d++) s += qf[i * D + d] * LOAD(kp[d]); \
+                        scores[i * len + t] = s;                                               \
+                        max[i] = s > max[i] ? s : max[i];                                      \
+                    }                                                                          \
                 }                                                                              \
             }                                                                                  \
-            float sum = 0.f;                                                                   \
-            for (int64_t t = 0; t < len; t++) { scores[t] = expf(scores[t] - max); sum += scores[t]; } \
-            for (int64_t t = 0, blk = 0; t < len; blk++) { /* V pass: weighted sum */          \
-                const T *vp = v_cache + (table[blk] * bs * kvH + kvh) * D;                     \
-                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, vp += kvH * D) { \
-                    const float p = scores[t];                                                 \
-                    for (int64_t d = 0; d < D; d++) acc[d] += p * LOAD(vp[d]);                 \
+            for (int64_t i = 0; i < nh; i++)                                                   \
+                for (int64_t t = 0; t < len; t++) {                                            \
+                    const float e = expf(scores[i * len + t] - max[i]);                        \
+                    scores[i * len + t] = e;                                                   \
+                    sum[i] += e;                                                               \
+                }                                                                              \
+            for (int64_t t = 0, blk = 0; t < len; blk++) { /* V pass: weighted sums */         \
+                const T *vr = v_cache + table[blk] * bs * row + kv0 * D;                       \
+                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, vr += row) {     \
+                    for (int64_t i = 0; i < nh; i++) {                                         \
+                        const T *vp = vr + (i / g) * D;                                        \
+                        const float p = scores[i * len + t];                                   \
+                        float *a = acc + i * D;                                                \
+                        for (int64_t d = 0; d < D; d++) a[d] += p * LOAD(vp[d]);               \
+                    }                                                                          \
                 }                                                                              \
             }                                                                                  \
-            T *op = out + (b * H + h) * D;                                                     \
-            for (int64_t d = 0; d < D; d++) op[d] = STORE(acc[d] / sum);                       \
+            for (int64_t i = 0; i < nh; i++) {                                                 \
+                T *op = out + (b * H + h0 + i) * D;                                            \
+                for (int64_t d = 0; d < D; d++) op[d] = STORE(acc[i * D + d] / sum[i]);        \
+            }                                                                                  \
             free(scores);                                                                      \
         }                                                                                      \
     }                                                                                          \
