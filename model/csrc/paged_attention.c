@@ -11,6 +11,7 @@
  * each K/V row is read from memory once per step. Two passes over the context: K
  * (scores), V (weighted sums). Built by model/native.py; no torch headers.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -68,7 +69,7 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
             float *qf = scores + len * nh, *acc = qf + nh * D; /* [nh, D] each */              \
             float max[nh], sum[nh];                                                            \
             for (int64_t i = 0; i < nh * D; i++) { qf[i] = LOAD(qb[i]) * scale; acc[i] = 0.f; } \
-            for (int64_t i = 0; i < nh; i++) { max[i] = -INFINITY; sum[i] = 0.f; }             \
+            for (int64_t i = 0; i < nh; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }             \
             for (int64_t t = 0, blk = 0; t < len; blk++) { /* K pass: each row read once */    \
                 const T *kr = k_cache + table[blk] * bs * row + kv0 * D;                       \
                 for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, kr += row) {     \
