@@ -6,12 +6,11 @@
  *   tables   [B, max_blocks] int64;  context_lens [B] int64 (>= 1)
  *   out      [B, H, D] contiguous
  * Query head h reads kv head h / (H / kvH) (GQA). Scores, softmax and the weighted sum
- * are in float32. One OpenMP task per sequence (per (sequence, kv head) below
- * MIN_SEQS_FOR_ROW_TASKS sequences, to use every thread) serves all its query heads, so
- * each K/V row is read from memory once per step. Two passes over the context: K
- * (scores), V (weighted sums). Built by model/native.py; no torch headers.
+ * are in float32, two passes over the context: K (scores), V (weighted sums). Tasks are
+ * described above DEFINE_KERNEL. Built by model/native.py; no torch headers.
  */
 #include <float.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -49,64 +48,89 @@ static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t 
 static inline int fast_dot_f32_ok(int64_t D) { (void)D; return 0; }
 static inline float fast_dot_f32(const float *a, const float *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
 
-#define MIN_SEQS_FOR_ROW_TASKS 4 /* from this batch on, one task per sequence reads whole rows */
+#define MIN_SPLIT_TOKENS 64 /* a context is split across tasks only into pieces this long */
 
+/* Tasks: (sequence, piece of its context); every task serves all H query heads, reading
+ * each K/V row of its piece once, whole (all kv heads: contiguous memory). Few sequences
+ * are split into pieces so every thread has work; each piece leaves its max, sum of
+ * exponentials and weighted V sum per head in `part`, combined at the end (as
+ * flash-decoding does). */
 #define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT)                                 \
 void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,                   \
           const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, T *out,     \
           int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {            \
-    const int64_t kv_per_task = B >= MIN_SEQS_FOR_ROW_TASKS ? kvH : 1;                         \
-    const int64_t tasks = kvH / kv_per_task, nh = kv_per_task * (H / kvH), row = kvH * D;     \
+    const int64_t g = H / kvH, row = kvH * D, threads = omp_get_max_threads();                 \
+    int64_t longest = 0;                                                                       \
+    for (int64_t b = 0; b < B; b++) longest = context_lens[b] > longest ? context_lens[b] : longest; \
+    int64_t splits = (2 * threads + B - 1) / B; /* pieces per sequence */                      \
+    if (splits > longest / MIN_SPLIT_TOKENS) splits = longest / MIN_SPLIT_TOKENS;             \
+    if (splits < 1) splits = 1;                                                                \
+    const int64_t stride = H * (D + 2); /* per task: acc [H, D], max [H], sum [H] */          \
+    float *part = malloc(sizeof(float) * B * splits * stride);                                 \
     const int fast = FAST_OK(D);                                                               \
     _Pragma("omp parallel for collapse(2) schedule(dynamic, 1)")                               \
     for (int64_t b = 0; b < B; b++) {                                                          \
-        for (int64_t task = 0; task < tasks; task++) {                                         \
-            /* heads h0 .. h0 + nh - 1 read kv heads kv0 .. kv0 + kv_per_task - 1 */           \
-            const int64_t len = context_lens[b], kv0 = task * kv_per_task, h0 = kv0 * (H / kvH); \
-            const int64_t g = H / kvH, *table = tables + b * max_blocks;                       \
-            const T *qb = q + b * q_stride + h0 * D;                                           \
-            float *scores = malloc(sizeof(float) * (len * nh + 2 * nh * D)); /* [nh, len] */   \
-            float *qf = scores + len * nh, *acc = qf + nh * D; /* [nh, D] each */              \
-            float max[nh], sum[nh];                                                            \
-            for (int64_t i = 0; i < nh * D; i++) { qf[i] = LOAD(qb[i]) * scale; acc[i] = 0.f; } \
-            for (int64_t i = 0; i < nh; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }             \
-            for (int64_t t = 0, blk = 0; t < len; blk++) { /* K pass: each row read once */    \
-                const T *kr = k_cache + table[blk] * bs * row + kv0 * D;                       \
-                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, kr += row) {     \
-                    for (int64_t i = 0; i < nh; i++) {                                         \
-                        const T *kp = kr + (i / g) * D;                                        \
-                        float s = 0.f;                                                         \
-                        if (fast) s = FAST_DOT(qb + i * D, kp, D) * scale;                     \
-                        else for (int64_t d = 0; d < D; d++) s += qf[i * D + d] * LOAD(kp[d]); \
-                        scores[i * len + t] = s;                                               \
-                        max[i] = s > max[i] ? s : max[i];                                      \
-                    }                                                                          \
+        for (int64_t sp = 0; sp < splits; sp++) {                                              \
+            const int64_t len = context_lens[b], *table = tables + b * max_blocks;             \
+            const int64_t per = (len + splits - 1) / splits;                                   \
+            const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;   \
+            float *acc = part + (b * splits + sp) * stride, *max = acc + H * D, *sum = max + H; \
+            for (int64_t i = 0; i < H * D; i++) acc[i] = 0.f;                                  \
+            for (int64_t i = 0; i < H; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }               \
+            if (n <= 0) continue;                                                              \
+            const T *qb = q + b * q_stride;                                                    \
+            float *scores = malloc(sizeof(float) * (n * H + H * D)); /* [H, n] */              \
+            float *qf = scores + n * H; /* [H, D] */                                           \
+            for (int64_t i = 0; i < H * D; i++) qf[i] = LOAD(qb[i]) * scale;                   \
+            for (int64_t t = t0; t < t1; t++) { /* K pass: each row read once, whole */        \
+                const T *kr = k_cache + (table[t / bs] * bs + t % bs) * row;                   \
+                for (int64_t i = 0; i < H; i++) {                                              \
+                    const T *kp = kr + (i / g) * D;                                            \
+                    float s = 0.f;                                                             \
+                    if (fast) s = FAST_DOT(qb + i * D, kp, D) * scale;                         \
+                    else for (int64_t d = 0; d < D; d++) s += qf[i * D + d] * LOAD(kp[d]);     \
+                    scores[i * n + t - t0] = s;                                                \
+                    max[i] = s > max[i] ? s : max[i];                                          \
                 }                                                                              \
             }                                                                                  \
-            for (int64_t i = 0; i < nh; i++)                                                   \
-                for (int64_t t = 0; t < len; t++) {                                            \
-                    const float e = expf(scores[i * len + t] - max[i]);                        \
-                    scores[i * len + t] = e;                                                   \
+            for (int64_t i = 0; i < H; i++)                                                    \
+                for (int64_t t = 0; t < n; t++) {                                              \
+                    const float e = expf(scores[i * n + t] - max[i]);                          \
+                    scores[i * n + t] = e;                                                     \
                     sum[i] += e;                                                               \
                 }                                                                              \
-            for (int64_t t = 0, blk = 0; t < len; blk++) { /* V pass: weighted sums */         \
-                const T *vr = v_cache + table[blk] * bs * row + kv0 * D;                       \
-                for (int64_t end = t + bs < len ? t + bs : len; t < end; t++, vr += row) {     \
-                    for (int64_t i = 0; i < nh; i++) {                                         \
-                        const T *vp = vr + (i / g) * D;                                        \
-                        const float p = scores[i * len + t];                                   \
-                        float *a = acc + i * D;                                                \
-                        for (int64_t d = 0; d < D; d++) a[d] += p * LOAD(vp[d]);               \
-                    }                                                                          \
+            for (int64_t t = t0; t < t1; t++) { /* V pass: weighted sums */                    \
+                const T *vr = v_cache + (table[t / bs] * bs + t % bs) * row;                   \
+                for (int64_t i = 0; i < H; i++) {                                              \
+                    const T *vp = vr + (i / g) * D;                                            \
+                    const float p = scores[i * n + t - t0];                                    \
+                    float *a = acc + i * D;                                                    \
+                    for (int64_t d = 0; d < D; d++) a[d] += p * LOAD(vp[d]);                   \
                 }                                                                              \
-            }                                                                                  \
-            for (int64_t i = 0; i < nh; i++) {                                                 \
-                T *op = out + (b * H + h0 + i) * D;                                            \
-                for (int64_t d = 0; d < D; d++) op[d] = STORE(acc[i * D + d] / sum[i]);        \
             }                                                                                  \
             free(scores);                                                                      \
         }                                                                                      \
     }                                                                                          \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
+    for (int64_t b = 0; b < B; b++) {                                                          \
+        for (int64_t h = 0; h < H; h++) { /* combine the pieces: rescale to the global max */ \
+            float m = -FLT_MAX, l = 0.f, o[D];                                                 \
+            for (int64_t sp = 0; sp < splits; sp++) {                                          \
+                const float pm = part[(b * splits + sp) * stride + H * D + h];                 \
+                m = pm > m ? pm : m;                                                           \
+            }                                                                                  \
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;                                        \
+            for (int64_t sp = 0; sp < splits; sp++) {                                          \
+                const float *pt = part + (b * splits + sp) * stride;                           \
+                const float w = pt[H * D + H + h] > 0.f ? expf(pt[H * D + h] - m) : 0.f;       \
+                l += w * pt[H * D + H + h];                                                    \
+                for (int64_t d = 0; d < D; d++) o[d] += w * pt[h * D + d];                     \
+            }                                                                                  \
+            T *op = out + (b * H + h) * D;                                                     \
+            for (int64_t d = 0; d < D; d++) op[d] = STORE(o[d] / l);                           \
+        }                                                                                      \
+    }                                                                                          \
+    free(part);                                                                                \
 }
 
 #define LOAD_F32(x) (x)
