@@ -29,7 +29,9 @@ from model.quant import QuantLinear
 
 log = logging.getLogger("workmem.native")
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.c", "layer_ops.c", "quant_gemv.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "quant_gemv.c"))
+HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets the compiler vectorize the dot products' sums and call glibc's vector
 # expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffast-math")
@@ -145,7 +147,7 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
 def _build(compiler: str) -> Path:
     """Compile into the cache unless this source + flags + CPU was built before."""
     key = hashlib.sha256()
-    for src in SOURCES:
+    for src in (*SOURCES, *HEADERS):
         key.update(src.read_bytes())
     key.update(" ".join((compiler, *CFLAGS, *LIBS, platform.machine(), _cpu_signature())).encode())
     cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "workmem")) / "native"

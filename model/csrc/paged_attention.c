@@ -16,19 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs are finite */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* q.k for bf16 rows of D elements (D % 32 == 0) with AVX512-BF16 where the build has it:
  * exact products, float32 sums. Elsewhere the generic loop below does the same work. */
@@ -133,7 +121,5 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
     free(part);                                                                                \
 }
 
-#define LOAD_F32(x) (x)
-#define STORE_F32(x) (x)
-DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16, fast_dot_bf16_ok, fast_dot_bf16)
-DEFINE_KERNEL(paged_decode_attention_f32, float, LOAD_F32, STORE_F32, fast_dot_f32_ok, fast_dot_f32)
+DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_load, bf16_store, fast_dot_bf16_ok, fast_dot_bf16)
+DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f32_ok, fast_dot_f32)

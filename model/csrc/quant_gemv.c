@@ -24,22 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define QG 32 /* group size */
 #define QG_MAX_ROWS 8
-
-static inline float qg_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t qg_f32_to_bf16(float f) { /* round to nearest even; inputs are finite */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 static inline float qg_f32_id(float f) { return f; }
 
@@ -69,8 +57,8 @@ static void NAME(const T *x, int64_t M, int64_t K, const uint8_t *codes, const u
         const uint16_t *s = sz + n * (K / QG) * 2;                                             \
         float w[K];                                                                            \
         for (int64_t k = 0; k < K; k++)                                                        \
-            w[k] = (float)(CODE - (C0)) * qg_bf16_to_f32(s[k / QG * 2])                        \
-                   + qg_bf16_to_f32(s[k / QG * 2 + 1]);                                        \
+            w[k] = (float)(CODE - (C0)) * bf16_load(s[k / QG * 2])                        \
+                   + bf16_load(s[k / QG * 2 + 1]);                                        \
         for (int64_t m = 0; m < M; m++) {                                                      \
             const float *xm = xf + m * K;                                                      \
             float acc = 0.f;                                                                   \
@@ -81,8 +69,8 @@ static void NAME(const T *x, int64_t M, int64_t K, const uint8_t *codes, const u
     free(xf);                                                                                  \
 }
 
-DEFINE_GENERIC(q4_generic_bf16, uint16_t, qg_bf16_to_f32, qg_f32_to_bf16, q4_code(row, K, k), 8)
-DEFINE_GENERIC(q8_generic_bf16, uint16_t, qg_bf16_to_f32, qg_f32_to_bf16, q8_code(row, k), 128)
+DEFINE_GENERIC(q4_generic_bf16, uint16_t, bf16_load, bf16_store, q4_code(row, K, k), 8)
+DEFINE_GENERIC(q8_generic_bf16, uint16_t, bf16_load, bf16_store, q8_code(row, k), 128)
 DEFINE_GENERIC(q4_generic_f32, float, qg_f32_id, qg_f32_id, q4_code(row, K, k), 8)
 DEFINE_GENERIC(q8_generic_f32, float, qg_f32_id, qg_f32_id, q8_code(row, k), 128)
 
@@ -215,7 +203,7 @@ void NAME(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const u
     float *sumx = malloc(sizeof(float) * M * G);                                               \
     for (int64_t i = 0; i < M * G; i++) {                                                      \
         float acc = 0.f;                                                                       \
-        for (int j = 0; j < QG; j++) acc += qg_bf16_to_f32(x[i * QG + j]);                     \
+        for (int j = 0; j < QG; j++) acc += bf16_load(x[i * QG + j]);                     \
         sumx[i] = acc;                                                                         \
     }                                                                                          \
     _Pragma("omp parallel for schedule(static)")                                               \
@@ -228,7 +216,7 @@ void NAME(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const u
             const float *sx = sumx + m0 * G;                                                   \
             float res[QG_MAX_ROWS];                                                            \
             ROW_CASES(ROWFN)                                                                   \
-            for (int m = 0; m < mm; m++) out[(m0 + m) * N + n] = qg_f32_to_bf16(res[m]);       \
+            for (int m = 0; m < mm; m++) out[(m0 + m) * N + n] = bf16_store(res[m]);       \
         }                                                                                      \
     }                                                                                          \
     free(sumx);                                                                                \
