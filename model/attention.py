@@ -125,6 +125,12 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H, d]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend_all(q, k_cache, v_cache, meta)
+
+    def attend_all(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:  # [T, H, d]
+        """Every group's attention over the pools (this step's K/V already written)."""
         out = None if meta.groups[0].whole_batch else q.new_empty(q.shape)
         for g in meta.groups:
             o = self.attend(q, g, k_cache, v_cache)  # [B * max_q, H, d]
@@ -156,6 +162,11 @@ class NativeCPUPagedAttention(TorchPagedAttention):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.ops = ops  # model.native.NativeOps
+
+    def forward(self, q, k, v, k_cache, v_cache, meta):
+        if q.is_cpu and k_cache.dtype in self.ops.dtypes and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+            return self.attend_all(q, k_cache, v_cache, meta)  # K/V already written, one C call
+        return super().forward(q, k, v, k_cache, v_cache, meta)
 
     def attend(self, q, g, k_cache, v_cache):
         batch, max_q = g.token_index.shape

@@ -49,6 +49,7 @@ _SIGNATURES = {
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
+    "write_kv": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, stride, kc, vc, slots, n, row)
     "quant_matmul_q4": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],  # (x, M, K, codes, scale_zero, out, N)
     "quant_matmul_q8": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],
 }
@@ -93,6 +94,20 @@ class NativeOps:
         m, k = x.shape
         self.fns[f"quant_matmul_q{bits}", x.dtype](x.data_ptr(), m, k, codes.data_ptr(), scale_zero.data_ptr(),
                                                    out.data_ptr(), out.shape[1])
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slots: torch.Tensor) -> bool:
+        """Copy K, V [T, kvH, d] (rows contiguous, same token stride) into the pools at
+        `slots` [T]; False (nothing done) where the layouts do not allow a row copy."""
+        t, heads, dim = k.shape
+        row = heads * dim
+        if not (k.dtype == v.dtype == k_cache.dtype and k.stride(1) == dim and k.stride(2) == 1
+                and v.stride() == k.stride() and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and slots.dtype == torch.int64 and slots.is_contiguous()):
+            return False
+        self.fns["write_kv", k.dtype](k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
+                                      v_cache.data_ptr(), slots.data_ptr(), t, row)
+        return True
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate x [n, heads, head_dim] in place (heads contiguous, any token stride)."""

@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -63,7 +64,20 @@ void silu_and_mul_##SUFFIX(const T *gate_up, T *out, int64_t n, int64_t inter) {
     }                                                                                          \
 }
 
+/* write_kv: this step's K and V rows [n, row] (token stride `stride` elements) into the
+ * pools [slots, row] at `slots[t]`: the KV write of every layer, one call. */
+#define DEFINE_WRITE_KV(SUFFIX, T)                                                             \
+void write_kv_##SUFFIX(const T *k, const T *v, int64_t stride, T *k_cache, T *v_cache,         \
+                       const int64_t *slots, int64_t n, int64_t row) {                         \
+    for (int64_t t = 0; t < n; t++) {                                                          \
+        memcpy(k_cache + slots[t] * row, k + t * stride, sizeof(T) * row);                     \
+        memcpy(v_cache + slots[t] * row, v + t * stride, sizeof(T) * row);                     \
+    }                                                                                          \
+}
+
 DEFINE_OPS(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
+DEFINE_WRITE_KV(bf16, uint16_t)
+DEFINE_WRITE_KV(f32, float)
 DEFINE_SILU(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
 DEFINE_SILU(f32, float, f32_load, f32_store, f32_round)
 DEFINE_OPS(f32, float, f32_load, f32_store, f32_round)
