@@ -30,10 +30,12 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device, quant: QuantConfig = QuantConfig()
+    path: str | Path, dtype: torch.dtype, device: torch.device, quant: QuantConfig = QuantConfig(),
+    native=None,
 ) -> LoadedModel:
     """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
-    `quant` says which linears run on weight-only int4/int8 kernels (CPU only)."""
+    `quant` says which linears run on weight-only int4/int8 kernels (CPU only); with
+    `native` (model.native.NativeOps) 8-bit group weights are packed for its matmul."""
     path = Path(path)
     quant = quant.for_device(device, dtype)
     if path.suffix == ".gguf":
@@ -48,7 +50,7 @@ def load_model(
     else:
         raise FileNotFoundError(f"model path {str(path)!r} is neither a directory nor a .gguf file")
     model = build_model(config)
-    load_weights(model, tensors, quant)
+    load_weights(model, tensors, quant, native)
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, config, tokenizer)
 
@@ -81,7 +83,7 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(
     model: nn.Module, tensors: Iterable[tuple[str, "torch.Tensor | GroupQuant"]],
-    quant: QuantConfig = QuantConfig(),
+    quant: QuantConfig = QuantConfig(), native=None,
 ) -> None:
     """Copy checkpoint tensors into `model`'s parameters (casting dtype); linear weights that
     `quant` picks are packed into QuantLinears instead (shards of a fused one together)."""
@@ -111,20 +113,20 @@ def load_weights(
         else:
             dest.copy_(tensor.dequantize() if isinstance(tensor, GroupQuant) else tensor)
         if target == tied and quant.bits_for(tensor) is not None:
-            model.quant_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above)
+            model.quant_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
         filled[target] = filled.get(target, 0) + 1
     missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:8])}")
     for target, shards in to_pack.items():
-        _pack_linear(model, target, [shards[i] for i in sorted(shards)], quant)
+        _pack_linear(model, target, [shards[i] for i in sorted(shards)], quant, native)
 
 
 def linear_weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantConfig) -> None:
+def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantConfig, native) -> None:
     """Replace the nn.Linear owning `weight_name` by a QuantLinear of its (fused) shards."""
     bits = {quant.bits_for(s) for s in shards}
     if len(bits) != 1:  # mixed block types inside one fused weight: pack them alike
@@ -134,7 +136,7 @@ def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantC
     parent_name, _, attr = path.rpartition(".")
     linear = model.get_submodule(path)
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, make_quant_linear(weight, bits.pop(), linear.bias, quant.dense_above))
+    setattr(parent, attr, make_quant_linear(weight, bits.pop(), linear.bias, quant.dense_above, native))
 
 
 def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:

@@ -2,7 +2,8 @@
 cached per source + CPU, loaded with ctypes. No torch headers, so a build takes ~1 s.
 
 `native_kernels()` returns them as `NativeOps`, or None (with one warning) where no
-compiler works; `select_kernels` installs them in a model (else the torch paths stay).
+compiler works; `resolve_kernels` picks them at start-up, the loader packs 8-bit weights
+for them, `install_kernels` hands them to the layers (else the torch paths stay).
 `WORKMEM_NATIVE=0` turns them off.
 OpenMP comes from torch's own `libgomp.so.1` (already loaded, same soname), so the kernels
 share torch's thread pool and follow `torch.set_num_threads`.
@@ -25,7 +26,6 @@ from torch import nn
 
 from model.attention import NativeCPUPagedAttention, TorchPagedAttention
 from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from model.quant import QuantLinear
 
 log = logging.getLogger("workmem.native")
 
@@ -132,31 +132,39 @@ def native_kernels() -> NativeOps | None:
         return None
 
 
-def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
-    """Give the model backend `name`'s kernels (once, at start-up); returns the one in use.
-    auto: native on the CPU where the kernels build, else torch. Native swaps each layer's
-    attention for NativeCPUPagedAttention and hands the fused norm/rotary kernels to the
-    RMSNorm and RotaryEmbedding modules; both paths stay in place for other inputs."""
+def resolve_kernels(name: str, device: torch.device) -> NativeOps | None:
+    """The kernels backend `name` asks for on `device` (once, at start-up): NativeOps, or
+    None for torch ops. auto: native on the CPU where the kernels build, else torch."""
     if name not in KERNEL_BACKENDS:
         raise ValueError(f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)}, got {name!r}")
     if name == "torch" or (name == "auto" and device.type != "cpu"):
-        return "torch"
+        return None
     ops = native_kernels()
-    if ops is None:
-        if name == "native":
-            raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
-        return "torch"
+    if ops is None and name == "native":
+        raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
+    return ops
+
+
+def install_kernels(model: nn.Module, ops: NativeOps) -> None:
+    """Swap each layer's attention for NativeCPUPagedAttention and hand the fused kernels to
+    the RMSNorm, gated-MLP and RotaryEmbedding modules (their torch paths stay for other
+    inputs). Quantized linears got theirs at load (model/loader.py)."""
     for module in model.modules():
         if isinstance(module, RMSNorm) or (isinstance(module, GatedMLP) and module.act_name == "silu"):
             module.native = ops
         if isinstance(module, RotaryEmbedding):
             module.use_native(ops)
-        if isinstance(module, QuantLinear) and module.holds_8bit:
-            module.use_native(ops)  # 8-bit weights only: for 4-bit, torch's int4 kernel measured as fast
         attn = getattr(module, "attn", None)
         if isinstance(attn, TorchPagedAttention):
             module.attn = NativeCPUPagedAttention(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, ops)
-    return "native"
+
+
+def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
+    """resolve_kernels + install_kernels for a loaded model; returns the backend in use."""
+    ops = resolve_kernels(name, device)
+    if ops is not None:
+        install_kernels(model, ops)
+    return "torch" if ops is None else "native"
 
 
 def _build(compiler: str) -> Path:

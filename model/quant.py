@@ -16,12 +16,10 @@ many (measured here: the crossover is near 8-16 rows for SmolLM2-135M shapes), s
 QuantLinear may also keep a dense copy of its weight and use it above `dense_above` rows.
 The model files never see any of this: the loader decides what to pack.
 
-With the native kernels (model/native.py `select_kernels`), `QuantLinear.use_native`
-repacks the weight for model/csrc/quant_gemv.c (`native_pack`: groups of 32, bf16 scale
-and zero per group, Q8_0 as real 8-bit codes) and drops torch's buffers; decode rows then
-run there. `select_kernels` does so for 8-bit weights only (the default model's Q8_0 LM
-head: 1.2-1.5x torch's two-plane int4 call); on 4-bit weights torch's int4 kernel measured
-as fast or faster.
+Given the native kernels (model/native.py), an 8-bit group weight (Q8_0: the default
+model's LM head) is packed for model/csrc/quant_gemv.c instead (`native_pack`: groups of
+32, bf16 scale and zero point per group): 1.2-1.5x torch's two-plane int4 call. On 4-bit
+weights torch's int4 kernel measured as fast or faster, so they stay on it.
 """
 from __future__ import annotations
 
@@ -123,14 +121,14 @@ def fuse_shards(shards: list["torch.Tensor | GroupQuant"]) -> "torch.Tensor | Gr
 
 
 def make_quant_linear(
-    weight: "torch.Tensor | GroupQuant", bits: int, bias: torch.Tensor | None, dense_above: int
+    weight: "torch.Tensor | GroupQuant", bits: int, bias: torch.Tensor | None, dense_above: int, native=None
 ) -> "QuantLinear":
     if not isinstance(weight, GroupQuant):
         k = weight.shape[1]
         weight = quantize_int4(weight) if bits == 4 and k % DEFAULT_INT4_GROUP == 0 else quantize_int8_rows(weight)
     if bits == 4 and weight.shape[1] % DEFAULT_INT4_GROUP != 0:
         bits = 8  # no int4 group fits the row
-    return QuantLinear(weight, bits, bias, dense_above)
+    return QuantLinear(weight, bits, bias, dense_above, native)
 
 
 def quantize_int4(w: torch.Tensor, group: int = DEFAULT_INT4_GROUP) -> GroupQuant:
@@ -164,6 +162,11 @@ def int8_as_int4_planes(w: GroupQuant) -> GroupQuant:
     return GroupQuant.cat([high, low])
 
 
+def native_8bit_groups(w: "torch.Tensor | GroupQuant") -> bool:
+    """Whether quant_gemv.c takes this weight exactly: 8-bit codes in groups of 32."""
+    return isinstance(w, GroupQuant) and w.bits == 8 and w.group == NATIVE_GROUP and w.shape[1] % NATIVE_GROUP == 0
+
+
 def native_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layout of model/csrc/quant_gemv.c from unsigned codes [N, K] (4-bit: 0..15,
@@ -194,27 +197,6 @@ def _nibble_words(c: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), -1)
 
 
-def _int4pack_codes(packed: torch.Tensor, n: int, k: int, group: int) -> torch.Tensor:
-    """The codes [n, k] int32 behind torch's CPU int4 packing (n a multiple of 16). Its layout
-    depends on torch's build (AVX512: per 64 rows and column, 32 bytes, byte j = rows j and
-    j + 32; a last partial block pairs rows 2j, 2j + 1): the decode is checked by packing
-    again, and where it differs the codes are read back through the kernel itself."""
-    flat = packed.reshape(-1)
-    full = n // 64
-    blocks = flat[: full * k * 32].reshape(full, k, 32)
-    parts = [torch.cat((blocks & 15, blocks >> 4), -1).permute(0, 2, 1).reshape(full * 64, k)]
-    if n % 64:
-        tail = flat[full * k * 32 :].reshape(k, (n % 64) // 2)
-        parts.append(torch.stack((tail & 15, tail >> 4), -1).reshape(k, n % 64).t())
-    codes = torch.cat(parts).to(torch.int32).contiguous()
-    if torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), packed):
-        return codes
-    ones = torch.ones(k // group, n, dtype=torch.bfloat16)  # scale 1, zero 8: y = code
-    unit = torch.stack((ones, ones * INT4_CODE_OFFSET), -1)
-    eye = torch.eye(k, dtype=torch.bfloat16)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().to(torch.int32).contiguous()
-
-
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W held as int4 groups or int8 rows (see module doc).
 
@@ -223,15 +205,18 @@ class QuantLinear(nn.Module):
     GEMM on wide batches. Buffers follow `.to(dtype)`: scales and the dense copy take the
     activations' dtype; codes stay integer."""
 
-    def __init__(self, weight: GroupQuant, bits: int, bias: torch.Tensor | None, dense_above: int) -> None:
+    def __init__(self, weight: GroupQuant, bits: int, bias: torch.Tensor | None, dense_above: int,
+                 native=None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits = bits
         self.planes = 1  # 2: an int8 weight split into two int4 planes (int8_as_int4_planes)
         self.padded = False  # int4 rows padded to INT4_ROW_MULTIPLE
         self.dense_above = dense_above
-        self.native = None  # NativeOps once `use_native` repacked the weight for them
-        if bits == 4:
+        self.native = None  # model.native.NativeOps when the weight is packed for quant_gemv.c
+        if native is not None and bits == 8 and native_8bit_groups(weight):
+            self._init_native8(weight, native)
+        elif bits == 4:
             self._init_int4(weight)
         elif bits == 8:
             self._init_int8(weight)
@@ -267,45 +252,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
 
-    @property
-    def holds_8bit(self) -> bool:
-        """An 8-bit weight (int8 rows, or groups held as two int4 planes)."""
-        return self.planes == 2 or self.bits == 8 or getattr(self, "native_bits", 0) == 8
-
-    def use_native(self, ops) -> bool:
-        """Repack the weight for model/csrc/quant_gemv.c (`ops`: model.native.NativeOps) and
-        drop torch's buffers; from then on every quantized call runs there (float32 rows on
-        its portable path, other dtypes through bf16). False (torch's kernels stay) where the
-        weight is not on the CPU or its rows do not split into groups of 32."""
-        if self.native is not None:
-            return True
-        if ops is None or self.in_features % NATIVE_GROUP or self.dense is not None and self.dense.device.type != "cpu":
-            return False
-        n, k = self.out_features, self.in_features
-        if self.bits == 4:
-            if self.packed.device.type != "cpu":
-                return False
-            rows = self.scales_zeros.shape[1]  # N (x planes), padded
-            codes = _int4pack_codes(self.packed, rows, k, self.group)
-            sz = self.scales_zeros.float().repeat_interleave(self.group // NATIVE_GROUP, 0)
-            scale, zero = sz[..., 0].t(), sz[..., 1].t()  # [rows, K / 32]; w = (c - 8) s + z
-            if self.planes == 2:  # c8 = 16 (hi - 8) + lo, unsigned 16 hi + lo; low plane's scale
-                codes = codes[:n] * 16 + codes[n : 2 * n]
-                scale, zero = scale[n : 2 * n], zero[n : 2 * n] - INT4_CODE_OFFSET * scale[n : 2 * n]
-                bits = 8
-            else:
-                codes, scale, zero, bits = codes[:n], scale[:n], zero[:n], 4
-            del self.packed, self.scales_zeros
-        else:
-            codes = self.codes.to(torch.int32) + 128
-            scale = self.scales.float()[:, None].expand(n, k // NATIVE_GROUP)
-            zero, bits = torch.zeros_like(scale), 8
-            del self.codes, self.scales
-        ncodes, nsz = native_pack(codes, scale, zero, bits)
-        self.register_buffer("native_codes", ncodes, persistent=False)
-        self.register_buffer("native_sz", nsz, persistent=False)
-        self.native_bits, self.native_k, self.native = bits, ncodes.shape[1] * 8 // bits, ops
-        return True
+    def _init_native8(self, w: GroupQuant, ops) -> None:
+        """Pack an 8-bit group weight (Q8_0) for model/csrc/quant_gemv.c: unsigned codes
+        c + 128, its scale, its minimum as the zero point."""
+        codes, sz = native_pack(w.codes.to(torch.int32) + NATIVE_CODE_OFFSET[8], w.scale, w.minimum, 8)
+        self.register_buffer("native_codes", codes, persistent=False)
+        self.register_buffer("native_sz", sz, persistent=False)
+        self.native_bits, self.native_k, self.native = 8, codes.shape[1], ops
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype in self.native.dtypes and x.shape[0] and self.native_k == self.in_features:

@@ -61,33 +61,33 @@ def _weights(source: str, n: int, k: int):
 @pytest.mark.parametrize("source", ["int4", "q8_0", "int8_rows"])
 @pytest.mark.parametrize("shape", [(77, 576), (960, 576), (45, 1536), (33, 96)])
 def test_quant_linear_native_equals_torch_kernels(source: str, shape: tuple[int, int]) -> None:
+    """Given the native ops, only 8-bit groups (Q8_0) are packed for them; every layer
+    equals the torch-kernel one and the dequantized reference."""
     gq, bits = _weights(source, *shape)
     bias = torch.randn(shape[0])
     torch_layer = QuantLinear(gq, bits, bias, dense_above=4).to(torch.bfloat16)
-    native_layer = QuantLinear(gq, bits, bias, dense_above=4).to(torch.bfloat16)
-    assert native_layer.use_native(ops) and native_layer.native is ops
-    assert not hasattr(native_layer, "packed") or native_layer.packed is None  # torch's buffers dropped
+    native_layer = QuantLinear(gq, bits, bias, dense_above=4, native=ops).to(torch.bfloat16)
+    assert (native_layer.native is ops) == (source == "q8_0")
+    assert hasattr(native_layer, "packed") == (bits == 4)  # torch's int4 buffers only where used
     for m in (1, 3, 4, 6):  # 6 > dense_above: both take the dense copy
         x = torch.randn(m, shape[1], dtype=torch.bfloat16)
         got, want = native_layer(x), torch_layer(x)
         assert got.dtype == torch.bfloat16 and got.shape == want.shape
         assert _rel_err(got, want) < BF16_REL_TOL
         assert _rel_err(got, F.linear(x.float(), gq.dequantize(), bias)) < BF16_REL_TOL
-    x = torch.randn(2, shape[1])  # float32 and float16 rows run on the portable path
-    assert _rel_err(native_layer(x), F.linear(x, gq.dequantize(), bias)) < BF16_REL_TOL
-    assert native_layer(x.half()).shape == (2, shape[0])  # runs (through bf16)
 
 
-def test_q8_0_planes_repack_exactly() -> None:
-    """A Q8_0 weight held as two int4 planes comes back as its 8-bit codes: with float32
-    rows the native layer is the weight (at the bf16 scales both kernels hold) up to
-    float32 sums."""
+def test_q8_0_native_is_the_weight_exactly() -> None:
+    """Packed for the native matmul, a Q8_0 weight keeps its 8-bit codes (no torch planes):
+    with float32 rows (the portable path) the layer is the weight at its bf16-held scales,
+    up to float32 sums; float16 rows run through bf16."""
     gq, _ = _weights("q8_0", 50, 256)
-    layer = QuantLinear(gq, 8, None, dense_above=0).to(torch.bfloat16)
-    assert layer.planes == 2 and layer.use_native(ops) and layer.native_bits == 8
+    layer = QuantLinear(gq, 8, None, dense_above=0, native=ops).to(torch.bfloat16)
+    assert layer.native_bits == 8 and not hasattr(layer, "packed")
     w = gq.codes.float() * gq.scale.bfloat16().float().repeat_interleave(gq.group, 1)
     x = torch.randn(3, 256)
     assert _rel_err(layer(x), F.linear(x, w)) < 1e-5
+    assert layer(x.half()).shape == (3, 50)
 
 
 def test_default_model_answers_on_native_kernels() -> None:
@@ -97,8 +97,9 @@ def test_default_model_answers_on_native_kernels() -> None:
 
     llm = LLM(str(default_model_path()), dtype="bfloat16", num_kv_blocks=128, max_model_len=1024)
     quant = [m for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
-    assert quant and all((m.native is not None) == m.holds_8bit for m in quant)  # the LM head only
-    assert llm.engine.model.quant_head.native is not None
+    head = llm.engine.model.quant_head  # the tied Q8_0 LM head: the one 8-bit weight
+    assert head in quant and head.native is not None
+    assert all(m.native is None for m in quant if m is not head)  # 4-bit: torch's int4 kernel
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0]
     assert "4" in llm.tokenizer.decode(out.token_ids)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from model.loader import LoadedModel, load_model
-from model.native import select_kernels
+from model.native import install_kernels, resolve_kernels
 from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
 from server.engine.memory import BlockPool
@@ -45,10 +45,13 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        native = resolve_kernels(config.kernel_backend, self.device)
         if loaded is None:
-            loaded = load_model(config.model, self.dtype, self.device, config.quant)
+            loaded = load_model(config.model, self.dtype, self.device, config.quant, native)
         self.model, self.model_config, self.tokenizer = loaded
-        self.kernel_backend = select_kernels(self.model, config.kernel_backend, self.device)
+        if native is not None:
+            install_kernels(self.model, native)
+        self.kernel_backend = "torch" if native is None else "native"
         self.plan = plan_kv_cache(config, self.model_config, self.dtype, self.device)
         self.max_model_len = self.plan.max_model_len
         self.eos_token_ids = tuple(
