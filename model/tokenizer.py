@@ -267,8 +267,8 @@ class IncrementalDetokenizer:
 
 class StopStringChecker:
     """Finds stop strings across token boundaries in streamed text. Text that could be the
-    beginning of a stop string is held back; a matched stop string and everything after it
-    is never emitted. Empty stop strings are ignored. Per call the work is bounded by
+    beginning of a stop string is held back; the stop string that completes first (earliest
+    end; then earliest start) and everything after it is never emitted. Empty stop strings are ignored. Per call the work is bounded by
     max(len(stop)) + len(delta): only the held tail plus the new delta is searched."""
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -282,10 +282,12 @@ class StopStringChecker:
         if self.stopped:
             return "", True
         buf = self._held + delta
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        # (end, start) of each stop's first match: the one completed first stops generation,
+        # as it would have token by token, so the result does not depend on the chunking
+        hits = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
         if hits:
             self.stopped, self._held = True, ""
-            return buf[:min(hits)], True
+            return buf[:min(hits)[1]], True
         keep = self._partial_stop_len(buf)
         self._held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], False

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -375,10 +375,14 @@ def test_after_stop_nothing_more():
 @given(text=st.text(alphabet="ab\n世", max_size=40),
        stops=st.lists(st.text(alphabet="ab\n世", min_size=1, max_size=4), min_size=1, max_size=3),
        cuts=st.lists(st.integers(0, 40), max_size=12))
+@example(text="aba", stops=["b", "aba"], cuts=[2])  # "b" completes before "aba" does
+@example(text="aba", stops=["b", "aba"], cuts=[])
 def test_stop_checker_property(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=None)
+    # the stop string that completes first ends the text (as token-by-token generation would)
+    done = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    first = min(done)[1] if done else None
     emitted, stopped, out = _run_stops(stops, deltas)
     assert emitted == (text if first is None else text[:first])
     assert stopped == (first is not None)
