@@ -162,6 +162,9 @@ def instrumented(engine, clock: Clock) -> Iterator[None]:
     kv_modules = {attention_module} | {sys.modules[type(a).__module__] for a in backends}
     patches = [(a, "forward", clock.wrap("attention", a.forward)) for a in backends]
     patches += [(m, "write_kv", clock.wrap("kv_write", m.write_kv)) for m in kv_modules if hasattr(m, "write_kv")]
+    # the native backend writes K/V through its kernels object (one, shared by every layer)
+    native_ops = {id(a.ops): a.ops for a in backends if hasattr(a, "ops")}.values()
+    patches += [(ops, "write_kv", clock.wrap("kv_write", ops.write_kv)) for ops in native_ops]
     # Norms fused with the residual add run outside their module's __call__ (no hooks).
     patches += [(m, "forward_residual", clock.wrap("norms", m.forward_residual))
                 for m in norm_modules(model) if hasattr(m, "forward_residual")]
@@ -235,9 +238,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--model", default=None, help="HF directory or .gguf (default: embedded SmolLM2-135M Q4_1)")
     add("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     add("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
-    add("--quantization", default=None, help="passed to EngineConfig when this build has it")
-    add("--kernel-backend", default=None, help="auto | torch | native, passed to EngineConfig")
-    add("--enforce-eager", action="store_true", help="passed to EngineConfig when this build has it")
+    add("--quantization", default="auto", help="auto | none | int4 | int8 (default: %(default)s)")
+    add("--kernel-backend", default="auto", help="auto | torch | native (default: %(default)s)")
     add("--batch-sizes", default="1,4,16,32", help="decode batch sizes (default: %(default)s)")
     add("--contexts", default="256,2048", help="prompt tokens per request (default: %(default)s)")
     add("--steps", type=int, default=10, help="timed decode steps per run (default: %(default)s)")
@@ -261,21 +263,12 @@ def build_engine(args: argparse.Namespace):
     from server.engine import EngineConfig, LLMEngine
     from server.engine.config import DEFAULT_BLOCK_SIZE
 
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    if args.quantization is not None and "quantization" not in names:
-        raise ValueError("--quantization: not supported by this build (EngineConfig has no 'quantization')")
-    extra = {"quantization": args.quantization} if args.quantization is not None else {}
-    if args.kernel_backend is not None:
-        extra["kernel_backend"] = args.kernel_backend
-    if args.enforce_eager and "enforce_eager" not in names:
-        print("# --enforce-eager: not supported by this build (its engine is always eager)", flush=True)
-    elif args.enforce_eager:
-        extra["enforce_eager"] = True
     max_len = max(args.contexts) + 2 * (args.steps + WARMUP_STEPS) + 16
     blocks = max(args.batch_sizes) * -(-max_len // DEFAULT_BLOCK_SIZE) + 1
     config = EngineConfig(model=str(args.model), dtype=args.dtype, device=args.device,
                           block_size=DEFAULT_BLOCK_SIZE, num_kv_blocks=blocks, max_model_len=max_len,
-                          max_num_seqs=max(args.batch_sizes), **extra)
+                          max_num_seqs=max(args.batch_sizes), quantization=args.quantization,
+                          kernel_backend=args.kernel_backend)
     return LLMEngine(config)
 
 

@@ -3,7 +3,6 @@ part is reported and non-negative, the parts add up to the instrumented step, an
 hook and patched attribute is gone afterwards."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 import model.attention as attention_module
 from loadtest import step_profile as sp
 from model.sampling import SamplingParams
-from server.engine import EngineConfig
 
 CONTEXT = 32
 STEPS = 2
@@ -34,7 +32,7 @@ def test_every_part_is_reported_and_adds_up(engine, batch):
     row = sp.profile_cell(engine, batch, CONTEXT, STEPS, seed=batch)
     assert list(row.parts_ms) == list(sp.PARTS)
     assert all(v >= 0 for v in row.parts_ms.values()), row.parts_ms
-    for gemm in ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention", "sampling"):
+    for gemm in ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention", "kv_write", "sampling"):
         assert row.parts_ms[gemm] > 0, gemm
     assert sum(row.parts_ms.values()) == pytest.approx(row.total_ms, rel=0.05)
     assert row.bare_ms > 0 and row.tok_s > 0
@@ -78,11 +76,9 @@ def test_cli_route_writes_table_and_json(tiny_checkpoint, tmp_path, capsys):
     assert row["batch"] == 1 and set(row["parts_ms"]) == set(sp.PARTS)
 
 
-def test_quantization_flag_passes_through_only_where_the_build_has_it(tiny_checkpoint):
+def test_quantization_and_kernel_flags_reach_the_engine(tiny_checkpoint):
     args = sp.parse_args(["--model", str(tiny_checkpoint("llama")), "--dtype", "float32", "--device", "cpu",
-                          "--batch-sizes", "1", "--contexts", "8", "--quantization", "none"])
-    if "quantization" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-        with pytest.raises(ValueError, match="not supported by this build"):
-            sp.build_engine(args)
-    else:
-        assert sp.build_engine(args).config.quantization == "none"
+                          "--batch-sizes", "1", "--contexts", "8", "--quantization", "none",
+                          "--kernel-backend", "torch"])
+    engine = sp.build_engine(args)
+    assert engine.config.quantization == "none" and engine.kernel_backend == "torch"
