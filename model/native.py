@@ -50,8 +50,7 @@ _SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
     "write_kv": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, stride, kc, vc, slots, n, row)
-    "quant_matmul_q4": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],  # (x, M, K, codes, scale_zero, out, N)
-    "quant_matmul_q8": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],
+    "quant_matmul_q8": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],  # (x, M, K, codes, scale_zero, out, N)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -88,12 +87,12 @@ class NativeOps:
         self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
         return out
 
-    def quant_matmul(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor, bits: int,
+    def quant_matmul(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor,
                      out: torch.Tensor) -> None:
-        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.native_pack (4 or 8 bits)."""
+        """out [M, N] = x [M, K] @ W^T, W an 8-bit weight packed by model.quant.native_pack."""
         m, k = x.shape
-        self.fns[f"quant_matmul_q{bits}", x.dtype](x.data_ptr(), m, k, codes.data_ptr(), scale_zero.data_ptr(),
-                                                   out.data_ptr(), out.shape[1])
+        self.fns["quant_matmul_q8", x.dtype](x.data_ptr(), m, k, codes.data_ptr(), scale_zero.data_ptr(),
+                                             out.data_ptr(), out.shape[1])
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor) -> bool:

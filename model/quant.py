@@ -40,7 +40,7 @@ INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
 INT4_ROW_MULTIPLE = 16  # the int4 packer wants N divisible by this
 NATIVE_GROUP = 32  # model/csrc/quant_gemv.c: one scale and zero per 32 columns
 NATIVE_K_MULTIPLE = 64  # ... and K padded to a multiple of this (zero groups)
-NATIVE_CODE_OFFSET = {4: 8, 8: 128}  # its w = (c - offset) * scale + zero, c unsigned
+NATIVE_CODE_OFFSET = 128  # its w = (c - 128) * scale + zero, c unsigned 8-bit
 
 
 @dataclass
@@ -167,34 +167,19 @@ def native_8bit_groups(w: "torch.Tensor | GroupQuant") -> bool:
     return isinstance(w, GroupQuant) and w.bits == 8 and w.group == NATIVE_GROUP and w.shape[1] % NATIVE_GROUP == 0
 
 
-def native_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layout of model/csrc/quant_gemv.c from unsigned codes [N, K] (4-bit: 0..15,
-    8-bit: 0..255) with w = (c - NATIVE_CODE_OFFSET[bits]) * scale + zero and scale, zero
-    [N, K / 32]: (codes uint8 [N, Kp * bits / 8], scale/zero int16 [N, Kp / 32, 2] holding
-    bf16 bits), Kp = K rounded up to NATIVE_K_MULTIPLE with zero groups."""
+def native_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout of model/csrc/quant_gemv.c from unsigned 8-bit codes [N, K] (0..255) with
+    w = (c - NATIVE_CODE_OFFSET) * scale + zero and scale, zero [N, K / 32]: codes uint8
+    [N, Kp] (per 64 columns 32 words: low byte from the first group, high from the second)
+    and scale/zero int16 [N, Kp / 32, 2] holding bf16 bits; Kp = K rounded up to
+    NATIVE_K_MULTIPLE with zero groups."""
     n, k = codes.shape
     pad = -k % NATIVE_K_MULTIPLE
-    c = F.pad(codes.to(torch.int32), (0, pad)).to(torch.uint8)
     kp = k + pad
-    if bits == 4:  # per 128 columns 32 16-bit words, nibble q = group q (csrc for the tail)
-        full = kp // 128
-        parts = [_nibble_words(c[:, : full * 128].reshape(n, full, 4, 32)).reshape(n, -1)]
-        if kp % 128:
-            parts.append(_nibble_words(c[:, full * 128 :].reshape(n, 1, 4, 16)).reshape(n, -1))
-        packed = torch.cat(parts, 1)
-    elif bits == 8:  # per 64 columns 32 words: low byte from the first group, high the second
-        packed = c.reshape(n, kp // 64, 2, 32).transpose(2, 3).reshape(n, kp)
-    else:
-        raise ValueError(f"unsupported bits {bits}")
+    c = F.pad(codes.to(torch.int32), (0, pad)).to(torch.uint8)
+    packed = c.reshape(n, kp // 64, 2, 32).transpose(2, 3).reshape(n, kp)
     sz = torch.stack([F.pad(t.float(), (0, pad // NATIVE_GROUP)) for t in (scale, zero)], -1)
     return packed.contiguous(), sz.to(torch.bfloat16).view(torch.int16).contiguous()
-
-
-def _nibble_words(c: torch.Tensor) -> torch.Tensor:
-    """[..., 4, W] nibbles -> [..., W, 2] bytes of the words c0 | c1 << 4 | c2 << 8 | c3 << 12."""
-    lo, hi = c[..., 0, :] | (c[..., 1, :] << 4), c[..., 2, :] | (c[..., 3, :] << 4)
-    return torch.stack((lo, hi), -1)
 
 
 class QuantLinear(nn.Module):
@@ -255,23 +240,23 @@ class QuantLinear(nn.Module):
     def _init_native8(self, w: GroupQuant, ops) -> None:
         """Pack an 8-bit group weight (Q8_0) for model/csrc/quant_gemv.c: unsigned codes
         c + 128, its scale, its minimum as the zero point."""
-        codes, sz = native_pack(w.codes.to(torch.int32) + NATIVE_CODE_OFFSET[8], w.scale, w.minimum, 8)
+        codes, sz = native_pack(w.codes.to(torch.int32) + NATIVE_CODE_OFFSET, w.scale, w.minimum)
         self.register_buffer("native_codes", codes, persistent=False)
         self.register_buffer("native_sz", sz, persistent=False)
-        self.native_bits, self.native_k, self.native = 8, codes.shape[1], ops
+        self.native_k, self.native = codes.shape[1], ops  # K padded
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype in self.native.dtypes and x.shape[0] and self.native_k == self.in_features:
             x = x.contiguous()  # the common case, with as few torch calls as possible
             y = x.new_empty(x.shape[0], self.out_features)
-            self.native.quant_matmul(x, self.native_codes, self.native_sz, self.native_bits, y)
+            self.native.quant_matmul(x, self.native_codes, self.native_sz, y)
             return y
         x2 = x.reshape(-1, self.in_features)
         dtype = x.dtype if x.dtype in self.native.dtypes else torch.bfloat16
         xin = F.pad(x2.to(dtype), (0, self.native_k - self.in_features)).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=dtype)
         if x2.shape[0]:
-            self.native.quant_matmul(xin, self.native_codes, self.native_sz, self.native_bits, y)
+            self.native.quant_matmul(xin, self.native_codes, self.native_sz, y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +276,6 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        bits = self.native_bits if self.native is not None else self.bits
+        bits = 8 if self.native is not None else self.bits
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int{bits}{', native' if self.native is not None else ''}, dense_above={self.dense_above}")
