@@ -18,8 +18,9 @@ The model files never see any of this: the loader decides what to pack.
 
 Given the native kernels (model/native.py), an 8-bit group weight (Q8_0: the default
 model's LM head) is packed for model/csrc/quant_gemv.c instead (`native_pack`: groups of
-32, bf16 scale and zero point per group): 1.2-1.5x torch's two-plane int4 call. On 4-bit
-weights torch's int4 kernel measured as fast or faster, so they stay on it.
+32, bf16 scale and zero point per group), which ran 1.2-1.5x faster than torch's two-plane
+int4 call in a throwaway micro-benchmark (`workmem bench step`'s lm_head column shows it in
+a step). On 4-bit weights torch's int4 kernel measured as fast or faster, so they stay on it.
 """
 from __future__ import annotations
 
