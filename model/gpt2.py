@@ -81,12 +81,12 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.quant_head: nn.Module | None = None  # the tied head's packed copy (model/quant.py)
+        self.tied_head: nn.Module | None = None  # the tied head's own copy: quantized or prepacked (model/quant.py, prepack.py)
 
     def forward(self, input_ids, positions, kv_cache, meta):
         return self.transformer(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.quant_head is not None:
-            return self.quant_head(hidden).float()
+        if self.tied_head is not None:
+            return self.tied_head(hidden).float()
         return torch.nn.functional.linear(hidden, self.transformer.wte.weight).float()

@@ -107,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.quant_head: nn.Module | None = None  # a tied head's packed copy (model/quant.py)
+        self.tied_head: nn.Module | None = None  # the tied head's own copy: quantized or prepacked (model/quant.py, prepack.py)
 
     def forward(
         self,
@@ -119,9 +119,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_cache, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.quant_head is not None:
-            return self.quant_head(hidden).float()
-        weight = (
-            self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        )
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.tied_head is not None:
+            return self.tied_head(hidden).float()
+        if self.config.tie_word_embeddings:
+            return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()

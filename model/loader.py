@@ -16,6 +16,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.gpt2 import CONV1D
+from model.prepack import prepack_available, prepack_linears
 from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear
 from model.tokenizer import Tokenizer
 
@@ -35,7 +36,8 @@ def load_model(
 ) -> LoadedModel:
     """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
     `quant` says which linears run on weight-only int4/int8 kernels (CPU only); with
-    `native` (model.native.NativeOps) 8-bit group weights are packed for its matmul."""
+    `native` (model.native.NativeOps) 8-bit group weights are packed for its matmul; dense
+    CPU linears end up in oneDNN's layout (model/prepack.py)."""
     path = Path(path)
     quant = quant.for_device(device, dtype)
     if path.suffix == ".gguf":
@@ -52,6 +54,8 @@ def load_model(
     model = build_model(config)
     load_weights(model, tensors, quant, native)
     model.to(device=device, dtype=dtype).eval()
+    if prepack_available(device, dtype):
+        prepack_linears(model)  # last: oneDNN's layout is opaque to .to() and to the loader
     return LoadedModel(model, config, tokenizer)
 
 
@@ -113,7 +117,7 @@ def load_weights(
         else:
             dest.copy_(tensor.dequantize() if isinstance(tensor, GroupQuant) else tensor)
         if target == tied and quant.bits_for(tensor) is not None:
-            model.quant_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
+            model.tied_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
         filled[target] = filled.get(target, 0) + 1
     missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
     if missing:

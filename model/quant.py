@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.prepack import prepacked_linear
+
 log = logging.getLogger("workmem.quant")
 
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
@@ -211,6 +213,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         dense = weight.dequantize() if dense_above > 0 else None
         self.register_buffer("dense", dense, persistent=False)
+        self.dense_packed = False  # the dense copy in oneDNN's layout (model/prepack.py)
 
     def _init_int4(self, w: GroupQuant) -> None:
         if w.bits != 4 or w.group not in INT4_GROUP_SIZES:
@@ -262,6 +265,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.dense_above:
+            if self.dense_packed:
+                return prepacked_linear(x, self.dense, self.bias)
             return F.linear(x, self.dense, self.bias)
         if self.native is not None:
             y = self._native_forward(x)

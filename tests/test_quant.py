@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QType
 
 from model.gguf_quant import gguf_group_quant
+from model.prepack import prepack_available
 from model.quant import GroupQuant, QuantConfig, QuantLinear, quantize_int4, quantize_int8_rows
 from tests.test_gguf import tiny_model, write_gguf
 
@@ -126,8 +127,10 @@ def test_loader_packs_what_the_mode_says(tmp_path: Path, mode: str) -> None:
     dense = load_model(path, torch.bfloat16, cpu, QuantConfig("none")).model
     got = load_model(path, torch.bfloat16, cpu, QuantConfig(mode, dense_above=0)).model
     kinds = set(_linears(got).values())
-    assert kinds == ({"Linear"} if mode == "none" else {"QuantLinear"})
-    assert (got.quant_head is None) == (mode == "none")  # the tied head, packed from Q8_0
+    dense_kind = "PrepackedLinear" if prepack_available(cpu, torch.bfloat16) else "Linear"
+    assert kinds == ({dense_kind} if mode == "none" else {"QuantLinear"})
+    head = type(got.tied_head).__name__  # the tied head: packed from Q8_0, or prepacked dense
+    assert head == (("PrepackedLinear" if dense_kind != "Linear" else "NoneType") if mode == "none" else "QuantLinear")
     layer = got.model.layers[0].self_attn.qkv_proj
     if mode != "none":  # a Q8_0 source stays exact as two int4 planes (auto, int8)
         assert (layer.bits, layer.planes) == ((4, 1) if mode == "int4" else (4, 2))

@@ -96,7 +96,7 @@ def test_default_model_answers_on_native_kernels() -> None:
 
     llm = LLM(str(default_model_path()), dtype="bfloat16", num_kv_blocks=128, max_model_len=1024)
     quant = [m for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
-    head = llm.engine.model.quant_head  # the tied Q8_0 LM head: the one 8-bit weight
+    head = llm.engine.model.tied_head  # the tied Q8_0 LM head: the one 8-bit weight
     assert head in quant and head.native is not None
     assert all(m.native is None for m in quant if m is not head)  # 4-bit: torch's int4 kernel
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
