@@ -12,7 +12,8 @@ exactly). The loader (model/loader.py) swaps the model's `nn.Linear`s for `Quant
         `int8_as_int4_planes`).
 
 Both kernels are 2-5x faster than a bf16 linear for a few rows (decode) and slower for
-many (measured here: the crossover is near 8-16 rows for SmolLM2-135M shapes), so a
+many (measured here against the oneDNN-prepacked dense copy, model/prepack.py: the
+crossover is near 6 rows for SmolLM2-135M shapes in a whole decode step), so a
 QuantLinear may also keep a dense copy of its weight and use it above `dense_above` rows.
 The model files never see any of this: the loader decides what to pack.
 
@@ -36,7 +37,7 @@ from model.prepack import prepacked_linear
 log = logging.getLogger("workmem.quant")
 
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
-DEFAULT_DENSE_ABOVE = 8  # rows above which a dense copy beats the weight-only kernels here
+DEFAULT_DENSE_ABOVE = 6  # rows above which the (prepacked) dense copy beats the weight-only kernels here
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
