@@ -11,11 +11,12 @@ streamed text at stop strings; both do bounded work per call.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -81,6 +82,11 @@ class Tokenizer:
         return cls(backend, chat_template=template, bos_token=bos, eos_token=eos,
                    add_bos_token=bool(cfg.get("add_bos_token", False)), eos_token_ids=stop_ids)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's spelling in characters: no token covers more text than this."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and not self._post_adds_bos:
@@ -103,8 +109,58 @@ class Tokenizer:
             raise TemplateError(f"chat template failed: {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """The chat prompt's tokens (the template already wrote BOS if it wants one).
+        Special-token text inside a message stays plain text; see `render_chat`."""
+        return self.encode_rendered(self.render_chat(messages, add_generation_prompt, **kwargs))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> RenderedChat:
+        """The template's text, and where in it lie message contents that spell special
+        tokens (`<|im_end|>` typed by a user): those spans are tokenized as plain text, so
+        only the template's own markup becomes control tokens. Found by rendering once more
+        with such contents replaced by unique markers; a template that does more to them
+        than insert or trim them is refused (TemplateError)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)  # the template already wrote BOS if it wants one
+        marked = [i for i, m in enumerate(messages) if self._spells_special(m.get("content"))]
+        if not marked:
+            return RenderedChat(text, ())
+        probes = [dict(m) for m in messages]
+        for k, i in enumerate(marked):
+            probes[i]["content"] = f"{_MARK_OPEN}{k}{_MARK_CLOSE}"
+        pieces = self.apply_chat_template(probes, add_generation_prompt=add_generation_prompt, **kwargs)
+        for fit in (lambda c: c, str.strip):
+            spans = _place_contents(pieces, [fit(messages[i]["content"]) for i in marked], text)
+            if spans is not None:
+                return RenderedChat(text, spans)
+        raise TemplateError("a message spells special-token text and the chat template transforms message "
+                            "content, so it cannot be kept as plain text")
+
+    def encode_rendered(self, chat: RenderedChat, start: int = 0) -> list[int]:
+        """Tokens of `chat.text[start:]`: literal spans as plain text, the rest as usual."""
+        ids, pos = [], start
+        for lo, hi in chat.literal_spans:
+            if hi <= pos:
+                continue
+            lo = max(lo, pos)
+            ids += self.backend.encode(chat.text[pos:lo], add_special_tokens=False).ids
+            ids += self._literal_backend.encode(chat.text[lo:hi], add_special_tokens=False).ids
+            pos = hi
+        return ids + self.backend.encode(chat.text[pos:], add_special_tokens=False).ids
+
+    def _spells_special(self, content: Any) -> bool:
+        return isinstance(content, str) and any(t in content for t in self._special_texts)
+
+    @functools.cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        added = self.backend.get_added_tokens_decoder()
+        texts = {t.content for i, t in added.items() if i in self.special_token_ids}
+        return tuple(t for t in texts if t)
+
+    @functools.cached_property
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special-token text as ordinary text."""
+        copy = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
     def _compiled_template(self) -> jinja2.Template:
         if self._template is None:
@@ -116,6 +172,35 @@ class Tokenizer:
             except jinja2.TemplateError as e:
                 raise TemplateError(f"chat template does not compile: {e}") from e
         return self._template
+
+
+_MARK_OPEN, _MARK_CLOSE = "\ue000wm", "\ue001"  # private-use code points: a content marker
+
+
+class RenderedChat(NamedTuple):
+    """Chat-template output and the (start, end) spans of it to tokenize as plain text."""
+
+    text: str
+    literal_spans: tuple[tuple[int, int], ...]
+
+
+def _place_contents(marked_text: str, contents: list[str], text: str) -> tuple[tuple[int, int], ...] | None:
+    """Put `contents` in place of the markers of `marked_text`; their spans if that gives
+    exactly `text` (each marker once, in order), else None."""
+    out, spans, pos, length = [], [], 0, 0
+    for k, content in enumerate(contents):
+        mark = f"{_MARK_OPEN}{k}{_MARK_CLOSE}"
+        at = marked_text.find(mark, pos)
+        if at < 0 or mark in marked_text[at + len(mark):]:
+            return None
+        out.append(marked_text[pos:at])
+        length += at - pos
+        spans.append((length, length + len(content)))
+        out.append(content)
+        length += len(content)
+        pos = at + len(mark)
+    out.append(marked_text[pos:])
+    return tuple(spans) if "".join(out) == text else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

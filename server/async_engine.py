@@ -37,6 +37,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread is not running."""
 
 
+class ShutdownError(RuntimeError):
+    """The server stopped this request because it is shutting down."""
+
+
 @dataclass
 class EngineStats:
     """What the API may read about the engine (published by the engine thread)."""
@@ -144,6 +148,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def fail_all(self, reason: str) -> None:
+        """Abort every live request; each one's stream raises ShutdownError(reason)."""
+        self._inbox.put(("fail_all", reason))
+
     # -- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
         next_expiry = 0.0
@@ -223,6 +231,11 @@ class AsyncEngine:
             outputs = self.engine.abort(request_id)
             self._deliver(outputs)
             self._requests.pop(request_id, None)
+        elif kind == "fail_all":
+            for request_id, req in list(self._requests.items()):
+                self.engine.abort(request_id)
+                _send(req, ShutdownError(message[1]))
+            self._requests.clear()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         """Hand a step's outputs over with ONE wake-up per event loop: every

@@ -16,6 +16,8 @@ from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_KEEP_ALIVE_S = 5  # uvicorn's own default, made explicit
+DEFAULT_REQUEST_HEAD_TIMEOUT_S = 10.0
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -88,20 +90,21 @@ def llm_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import create_app
     from server.api.state import ServerSettings
     from server.async_engine import AsyncEngine
     from server.engine import LLMEngine
+    from server.graceful import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
     name = args.served_model_name or _model_name(config.model)
     settings = ServerSettings(
-        served_model_name=name, api_key=args.api_key or None,
+        served_model_name=name, api_keys=api_keys_from_args(args), metrics_public=args.metrics_public,
         max_request_bytes=args.max_request_bytes, max_queue_len=args.max_queue_len,
-        session_ttl_s=args.session_ttl,
+        session_ttl_s=args.session_ttl, max_tokens_default=args.max_tokens_default,
+        max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
+        body_timeout_s=args.timeout_request_head,
     )
 
     def load() -> AsyncEngine:
@@ -111,9 +114,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return engine
 
     app = create_app(settings, load=load)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                access_log=not args.no_access_log)
-    return 0
+    return serve(app, app.state.workmem, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                 access_log=not args.no_access_log, timeout_keep_alive=args.timeout_keep_alive,
+                 limit_concurrency=args.limit_concurrency, head_timeout=args.timeout_request_head)
+
+
+def api_keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """--api-key (repeatable; or WORKMEM_API_KEY) and the lines of --api-key-file."""
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return tuple(dict.fromkeys(k for k in keys if k))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from server.api.state import DEFAULT_MAX_REQUEST_BYTES
+    from server.api.state import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S
     from server.engine.config import DEFAULT_SESSION_TTL_S
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -163,7 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--max-queue-len", type=int, default=None, help="waiting requests beyond it get 429 (default: unbounded)")
-    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (also WORKMEM_API_KEY)")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require `Authorization: Bearer KEY` on every route but /health; repeat for "
+                            "several keys (also WORKMEM_API_KEY); sessions belong to the key that made them")
+    serve.add_argument("--api-key-file", default=None, help="more API keys, one per line")
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
+    serve.add_argument("--max-tokens-default", type=int, default=DEFAULT_MAX_TOKENS,
+                       help=f"max_tokens of chat requests that give none (default {DEFAULT_MAX_TOKENS}, "
+                            "capped by the context)")
+    serve.add_argument("--max-tokens-limit", type=int, default=None,
+                       help="the most max_tokens any request may ask for (default: the context length)")
+    serve.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help=f"seconds SIGTERM lets in-flight streams finish (default {DEFAULT_SHUTDOWN_TIMEOUT_S:.0f})")
+    serve.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_KEEP_ALIVE_S,
+                       help=f"close idle keep-alive connections after this many seconds (default {DEFAULT_KEEP_ALIVE_S})")
+    serve.add_argument("--timeout-request-head", type=float, default=DEFAULT_REQUEST_HEAD_TIMEOUT_S,
+                       help="close a connection whose request head has not arrived whole after this many "
+                            f"seconds; the body gets as long (default {DEFAULT_REQUEST_HEAD_TIMEOUT_S:.0f})")
+    serve.add_argument("--limit-concurrency", type=int, default=None,
+                       help="open connections + tasks beyond which new requests get 503 (default: none)")
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
@@ -224,6 +254,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             parser.set_defaults(**{action.dest: env.lower() in ("1", "true", "yes", "on")})
+        elif isinstance(action, argparse._AppendAction):  # one value from the environment
+            parser.set_defaults(**{action.dest: [env]})
         else:
             parser.set_defaults(**{action.dest: action.type(env) if action.type else env})
 

@@ -160,7 +160,7 @@ async def test_unknown_model_and_route_are_404(client):
 
 
 async def test_api_key_and_body_limit(engine):
-    app = make_app(engine, api_key="sekret", max_request_bytes=2000)
+    app = make_app(engine, api_keys=("sekret",), max_request_bytes=2000)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         body = {"prompt": "x", "max_tokens": 1}
         assert (await c.post("/v1/completions", json=body)).status_code == 401

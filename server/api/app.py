@@ -1,6 +1,8 @@
-"""The FastAPI app: routes, error handlers, API-key and body-size limits."""
+"""The FastAPI app: routes, error handlers, API keys, draining and body-size limits."""
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import json
 from contextlib import asynccontextmanager
@@ -11,10 +13,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api import misc_routes, openai_routes, session_routes
 from server.api.errors import error_body, install_error_handlers
+from server.api.openapi import install_openapi
 from server.api.state import AppState, ServerSettings
 from server.async_engine import AsyncEngine
 
-OPEN_PATHS = ("/health", "/metrics", "/version", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/health",)  # answered without an API key (and while draining)
 
 
 def create_app(
@@ -38,35 +41,47 @@ def create_app(
     app = FastAPI(title="workmem", version="0.1.0", lifespan=lifespan)
     app.state.workmem = state
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(openai_routes.router)
     app.include_router(session_routes.router)
     app.include_router(misc_routes.router)
-    app.add_middleware(LimitsMiddleware, settings=settings)
+    app.add_middleware(LimitsMiddleware, settings=settings, state=state)
     return app
 
 
 class LimitsMiddleware:
-    """401 without the API key (when one is set), 413 for bodies over the limit."""
+    """401 without a valid API key (when keys are set), 503 while draining, 413 for bodies
+    over the limit. The matched key's fingerprint goes to `request.state.owner`."""
 
-    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
-        self.app, self.settings = app, settings
+    def __init__(self, app: ASGIApp, settings: ServerSettings, state: AppState) -> None:
+        self.app, self.settings, self.state = app, settings, state
+        self.open_paths = OPEN_PATHS + (("/metrics",) if settings.metrics_public else ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode(errors="replace") for k, v in scope["headers"]}
-        if self.settings.api_key and not scope["path"].startswith(OPEN_PATHS):
-            given = headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), self.settings.api_key.encode()):
-                return await _reject(send, 401, "invalid or missing API key", "invalid_api_key")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] not in self.open_paths:
+            if self.state.draining:
+                return await _reject(send, 503, "the server is shutting down", "server_shutting_down",
+                                     retry_after=self.settings.retry_after_s)
+            if self.settings.api_keys:
+                owner = key_owner(_bearer(headers), self.settings.api_keys)
+                if owner is None:
+                    return await _reject(send, 401, "invalid or missing API key", "invalid_api_key")
+                scope.setdefault("state", {})["owner"] = owner
         limit = self.settings.max_request_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await _reject(send, 413, f"request body is larger than {limit} bytes", "request_too_large")
         body, more = [], True
-        while more:  # buffer the body (bounded by the limit), then replay it to the app
-            message = await receive()
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
+        while more:  # buffer the body (bounded in size and time), then replay it to the app
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                return await _reject(send, 408, f"the request body did not arrive within "
+                                                f"{self.settings.body_timeout_s:g} s", "request_timeout")
             if message["type"] != "http.request":
                 return
             body.append(message.get("body", b""))
@@ -81,10 +96,27 @@ class LimitsMiddleware:
         await self.app(scope, replay_receive, send)
 
 
-async def _reject(send: Send, status: int, message: str, code: str) -> None:
+def _bearer(headers: dict[str, str]) -> str:
+    given = headers.get("authorization", "")
+    return given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+
+
+def key_owner(token: str, keys: tuple[str, ...]) -> str | None:
+    """The fingerprint of the key `token` matches (every key compared in constant time), or
+    None. Sessions record the fingerprint, never the key."""
+    found = None
+    for key in keys:
+        if hmac.compare_digest(token.encode(), key.encode()):
+            found = key
+    return None if found is None else "key_" + hashlib.sha256(found.encode()).hexdigest()[:16]
+
+
+async def _reject(send: Send, status: int, message: str, code: str, retry_after: int | None = None) -> None:
     body = json.dumps(error_body(status, message, code=code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, error_body
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
-from server.api.serving import serving_engine
+from server.api.serving import off_loop, serving_engine
 
 router = APIRouter()
 
@@ -35,9 +35,9 @@ async def tokenize(body: TokenizeRequest, request: Request):
     try:
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            tokens = tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+            tokens = await off_loop(tok.encode_chat, messages, body.add_generation_prompt)
         else:
-            tokens = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await off_loop(tok.encode, body.prompt, body.add_special_tokens)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}

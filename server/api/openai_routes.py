@@ -9,11 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from model.tokenizer import Tokenizer
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
 from server.api.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, ChatCompletionRequest, CompletionRequest,
 )
-from server.api.serving import Choice, Generation, fit_max_tokens, make_params, ready_engine, serving_engine
+from server.api.serving import (
+    Choice, Generation, check_text_fits, fit_max_tokens, make_params, off_loop, ready_engine, serving_engine,
+)
 from server.api.sse import DONE, EventStream, sse, until_disconnect
 
 router = APIRouter()
@@ -28,8 +30,11 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = serving_engine(state, body.model)
     tok = engine.engine.tokenizer
-    prompts = _completion_prompts(body.prompt, tok)
-    max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS) for p in prompts]
+    texts = [body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)]
+    check_text_fits(engine, texts, "prompt")
+    prompts = await off_loop(_completion_prompts, body.prompt, tok)
+    cap = state.settings.max_tokens_limit
+    max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap) for p in prompts]
     params = [make_params(body, m, body.logprobs) for m in max_tokens]
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
@@ -45,9 +50,11 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    tok = serving_engine(_state(request), body.model).engine.tokenizer
+    engine = serving_engine(_state(request), body.model)
+    messages = body.template_messages()
+    check_text_fits(engine, [m["content"] for m in messages], "messages")
     try:
-        prompt = tok.encode_chat(body.template_messages(), add_generation_prompt=body.add_generation_prompt)
+        prompt = await off_loop(engine.engine.tokenizer.encode_chat, messages, body.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     return await chat_response(request, body, prompt)
@@ -59,7 +66,8 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     state = _state(request)
     engine = ready_engine(state)
     requested = body.max_completion_tokens or body.max_tokens
-    max_tokens = fit_max_tokens(engine, len(prompt), requested, None)
+    max_tokens = fit_max_tokens(engine, len(prompt), requested, state.settings.max_tokens_default,
+                                state.settings.max_tokens_limit)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
@@ -122,7 +130,7 @@ async def stream_response(request: Request, gen: Generation, fmt: "ResponseForma
             if include_usage:
                 yield sse(fmt.chunk([], usage=gen.usage.as_dict()))
         except APIError as err:
-            yield sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+            yield sse(error_body(err.status, err.message, code=err.code))
         finally:
             await events.aclose()
         yield DONE

@@ -1,13 +1,14 @@
 """OpenAI-compatible request bodies (pydantic) and their translation to SamplingParams.
 
-Numbers must be finite (NaN/inf rejected); bounds are named constants below. Unknown
-fields are ignored, as OpenAI's API does.
+Types are strict (no "yes" for a bool, no `true` for an integer), numbers finite (NaN/inf
+rejected), every string valid Unicode (JSON lets a lone surrogate through; it could never be
+encoded); bounds are named constants below. Unknown fields are ignored, as OpenAI's API does.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.sampling import SamplingParams
 
@@ -20,7 +21,39 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = invalid_unicode_path(data)
+        if bad is not None:
+            raise ValueError(f"{bad or 'body'} holds invalid Unicode (a lone surrogate code point)")
+        return data
+
+
+def invalid_unicode_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in `value` that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and invalid_unicode_path(key) is not None:
+            return path or "body"
+        bad = invalid_unicode_path(item, where)
+        if bad is not None:
+            return bad
+    return None
 
 
 class StreamOptions(_Body):

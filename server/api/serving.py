@@ -10,16 +10,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable, TypeVar
 
 from model.sampling import SamplingParams
 from server.api.errors import APIError, bad_request
 from server.api.state import AppState
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShutdownError
 from server.engine import StepOutput
 from server.engine.sessions import SessionError
 
 log = logging.getLogger("workmem.api")
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,8 +71,12 @@ def serving_engine(state: AppState, model: str | None) -> AsyncEngine:
     return ready_engine(state)
 
 
-def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None) -> int:
-    """The request's max_tokens, checked against the context; 400 with both numbers."""
+def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None,
+                   cap: int | None = None) -> int:
+    """The request's max_tokens (`default` when it gives none), checked against `cap`
+    (--max-tokens-limit) and the context; 400 with the numbers."""
+    if requested is not None and cap is not None and requested > cap:
+        raise APIError(400, f"max_tokens={requested} is over this server's limit of {cap}", param="max_tokens")
     limit = engine.engine.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
@@ -86,6 +91,25 @@ def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, 
     return requested
 
 
+TEXT_FIT_SLACK = 2  # normalizers may shrink text: reject only what cannot fit twice over
+
+
+def check_text_fits(engine: AsyncEngine, texts: list[str], param: str) -> None:
+    """400 before tokenizing (cheap, on the event loop) when the text alone cannot fit the
+    context: no token spans more than `tokenizer.max_token_chars` characters."""
+    limit = engine.engine.max_model_len
+    total = sum(map(len, texts))
+    if total > limit * engine.engine.tokenizer.max_token_chars * TEXT_FIT_SLACK:
+        raise APIError(400, f"this model's maximum context length is {limit} tokens; {total} characters "
+                       f"of {param} cannot fit", param=param, code="context_length_exceeded")
+
+
+async def off_loop(fn: Callable[..., T], *args) -> T:
+    """Tokenizing and template rendering run in a worker thread, so a large input never
+    stalls /health or other streams; ValueErrors come back as they are."""
+    return await asyncio.to_thread(fn, *args)
+
+
 SESSION_ERROR_STATUS = {"session_not_found": 404, "session_busy": 409, "too_many_sessions": 429,
                         "session_exists": 409, "session_corrupt": 422}
 
@@ -94,11 +118,18 @@ def session_error(exc: SessionError) -> APIError:
     return APIError(SESSION_ERROR_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
+MAX_LOGPROB_VALUES = 200_000  # n x max_tokens x (top_logprobs + 1) per prompt: bounds the response size
+
+
 def make_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
     try:
-        return body.sampling_params(max_tokens, logprobs)
+        params = body.sampling_params(max_tokens, logprobs)
     except ValueError as exc:
         raise bad_request(exc) from None
+    if logprobs is not None and params.n * max_tokens * (logprobs + 1) > MAX_LOGPROB_VALUES:
+        raise APIError(400, f"n={params.n} x max_tokens={max_tokens} x {logprobs + 1} logprobs per token is "
+                       f"over this server's {MAX_LOGPROB_VALUES} per prompt; ask for fewer", param="logprobs")
+    return params
 
 
 class Generation:
@@ -167,6 +198,9 @@ class Generation:
                 if item is done:
                     remaining -= 1
                     continue
+                if isinstance(item, (ShutdownError, EngineDeadError)):
+                    raise APIError(503, str(item), code="server_shutting_down"
+                                   if isinstance(item, ShutdownError) else "engine_dead")
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item}")
                 choice = self.choices[i * self.n + item.index]

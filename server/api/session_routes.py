@@ -14,18 +14,24 @@ KV stays valid). Session state lives on the engine thread; routes reach it via
 from __future__ import annotations
 
 import secrets
-import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError
 from server.api.openai_routes import chat_response
 from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
-from server.api.serving import check_model, ready_engine, serving_engine, session_error
+from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
 from server.engine.sessions import Session, SessionError
 
 router = APIRouter()
+DEFAULT_LIST_LIMIT = 20  # sessions per page of GET /v1/sessions
+MAX_LIST_LIMIT = 100
+
+
+def _owner(request: Request) -> str | None:
+    """The caller's API-key fingerprint (set by the middleware), None without keys."""
+    return getattr(request.state, "owner", None)
 
 
 async def _call(request: Request, fn):
@@ -48,28 +54,42 @@ async def create_session(body: SessionCreateRequest, request: Request):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     metadata = {**body.metadata, "overflow": body.overflow}
 
+    owner = _owner(request)
+
     def create(engine):
-        engine.sessions.create(Session(session_id, ttl, messages=messages, metadata=metadata))
+        engine.sessions.create(Session(session_id, ttl, messages=messages, metadata=metadata, owner=owner))
         return engine.sessions.get(session_id).info(engine.config.block_size)
 
     return _describe(request, await _call(request, create))
 
 
 @router.get("/v1/sessions")
-async def list_sessions(request: Request):
-    infos = await _call(request, lambda e: [s.info(e.config.block_size) for s in e.sessions.sessions.values()])
-    return {"object": "list", "data": [_describe(request, i) for i in infos]}
+async def list_sessions(request: Request, limit: int = Query(DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT),
+                        after: str | None = Query(None, max_length=128)):
+    """The caller's sessions, oldest first, a page at a time (`after`: the last id seen)."""
+    owner = _owner(request)
+
+    def page(engine):
+        sessions, more = engine.sessions.listing(owner, limit, after)
+        return [s.info(engine.config.block_size) for s in sessions], more
+
+    infos, has_more = await _call(request, page)
+    return {"object": "list", "data": [_describe(request, i) for i in infos], "has_more": has_more,
+            "first_id": infos[0]["id"] if infos else None, "last_id": infos[-1]["id"] if infos else None}
 
 
 @router.get("/v1/sessions/{session_id}")
 async def get_session(session_id: str, request: Request):
-    return _describe(request, await _call(request, lambda e: e.sessions.get(session_id).info(e.config.block_size)))
+    owner = _owner(request)
+    return _describe(request, await _call(request, lambda e: e.sessions.get(session_id, owner).info(e.config.block_size)))
 
 
 @router.delete("/v1/sessions/{session_id}")
 async def delete_session(session_id: str, request: Request):
+    owner = _owner(request)
+
     def delete(engine):
-        if engine.sessions.get(session_id).busy:
+        if engine.sessions.get(session_id, owner).busy:
             raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
         engine.sessions.delete(session_id)
 
@@ -81,9 +101,10 @@ async def delete_session(session_id: str, request: Request):
 async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = None):
     new_id = "sess_" + secrets.token_urlsafe(18)
     ttl = (body.ttl_seconds if body else None) or request.app.state.workmem.settings.session_ttl_s
+    owner = _owner(request)
 
     def fork(engine):
-        return engine.sessions.fork(session_id, new_id, ttl).info(engine.config.block_size)
+        return engine.sessions.fork(session_id, new_id, ttl, owner).info(engine.config.block_size)
 
     return _describe(request, await _call(request, fork))
 
@@ -92,17 +113,18 @@ async def fork_session(session_id: str, request: Request, body: SessionForkReque
 async def session_turn(session_id: str, body: SessionChatRequest, request: Request):
     state = request.app.state.workmem
     engine = serving_engine(state, body.model)
-    snapshot = await _call(request, lambda e: _snapshot(e, session_id))
+    owner = _owner(request)
+    snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
     if snapshot["busy"]:
         raise APIError(409, f"session {session_id!r} already has a turn running", code="session_busy")
     new = body.template_messages()
-    prompt = turn_prompt(engine.engine.tokenizer, snapshot, new, engine.engine.max_model_len)
+    check_text_fits(engine, [m["content"] for m in new], "messages")
+    prompt = await off_loop(turn_prompt, engine.engine.tokenizer, snapshot, new, engine.engine.max_model_len)
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new)
 
 
-def _snapshot(engine, session_id: str) -> dict:
-    s = engine.sessions.get(session_id)
-    s.last_used = time.time()
+def _snapshot(engine, session_id: str, owner: str | None) -> dict:
+    s = engine.sessions.touch(session_id, owner)
     return {"token_ids": list(s.token_ids), "messages": list(s.messages), "busy": s.busy,
             "overflow": s.metadata.get("overflow", "error")}
 
@@ -130,11 +152,11 @@ def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: 
 def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int]) -> list[int]:
     if not transcript:
         return tok.encode_chat(messages)
-    full = tok.apply_chat_template(messages, add_generation_prompt=True)
+    full = tok.render_chat(messages, add_generation_prompt=True)
     seen = tok.decode(transcript, skip_special_tokens=False)
-    if full.startswith(seen):
-        return transcript + tok.encode(full[len(seen):], add_special_tokens=False)
-    return tok.encode(full, add_special_tokens=False)
+    if full.text.startswith(seen):
+        return transcript + tok.encode_rendered(full, start=len(seen))
+    return tok.encode_rendered(full)
 
 
 def _drop_oldest_turn(history: list[dict]) -> list[dict] | None:

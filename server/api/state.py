@@ -11,19 +11,29 @@ from server.engine.config import DEFAULT_SESSION_TTL_S
 from server.metrics import Metrics
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
-DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full answers
+DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full and 503 draining answers
+DEFAULT_MAX_TOKENS = 2048  # chat/session turns that give no max_tokens (capped by the context)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM lets in-flight streams finish
+DEFAULT_BODY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """HTTP-side settings (the engine has its own EngineConfig)."""
+    """HTTP-side settings (the engine has its own EngineConfig). With `api_keys`, every
+    route but /health (and /metrics when `metrics_public`) needs one of them, and sessions
+    belong to the key that created them."""
 
     served_model_name: str
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
+    metrics_public: bool = False
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_queue_len: int | None = None
     retry_after_s: int = DEFAULT_QUEUE_RETRY_AFTER_S
     session_ttl_s: float = DEFAULT_SESSION_TTL_S
+    max_tokens_default: int = DEFAULT_MAX_TOKENS
+    max_tokens_limit: int | None = None  # None: the context length is the only cap
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body must arrive whole within it
 
 
 @dataclass
@@ -33,6 +43,7 @@ class AppState:
     settings: ServerSettings
     engine: AsyncEngine | None = None
     load_error: str | None = None
+    draining: bool = False  # set at SIGTERM: new requests get 503, in-flight ones finish
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
 

@@ -43,6 +43,7 @@ class SessionStore:
             "id": session.session_id, "ttl": session.ttl, "created": session.created,
             "last_used": session.last_used, "num_turns": session.num_turns,
             "token_ids": session.token_ids, "messages": session.messages, "metadata": session.metadata,
+            "owner": session.owner,
         }
         body = json.dumps(payload, sort_keys=True, ensure_ascii=False)
         record = {"format_version": FORMAT_VERSION, "sha256": _digest(body), "payload": body}
@@ -86,7 +87,7 @@ def _parse(text: str, session_id: str) -> Session:
     return Session(
         session_id, float(p["ttl"]), token_ids=[int(t) for t in p["token_ids"]], messages=list(p["messages"]),
         metadata=dict(p["metadata"]), created=float(p["created"]), last_used=float(p["last_used"]),
-        num_turns=int(p["num_turns"]),
+        num_turns=int(p["num_turns"]), owner=p.get("owner"),
     )
 
 

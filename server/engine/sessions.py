@@ -50,6 +50,7 @@ class Session:
     num_turns: int = 0
     busy: bool = False
     offloaded: "OffloadedKV | None" = None  # where its KV went when it left the pool
+    owner: str | None = None  # fingerprint of the API key that created it; None: anyone's
 
     @property
     def tier(self) -> str:
@@ -111,21 +112,41 @@ class SessionTable:
         return len(self.pins)
 
     def create(self, session: Session) -> Session:
+        """Add `session`, saved first: a create that fails leaves nothing behind."""
         if len(self.sessions) >= self.max_sessions:
             raise SessionError(f"the server holds its maximum of {self.max_sessions} sessions", "too_many_sessions")
         if session.session_id in self.sessions:
             raise SessionError(f"session {session.session_id!r} already exists", "session_exists")
-        self.sessions[session.session_id] = session
         self._save(session)
+        self.sessions[session.session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str | None = None) -> Session:
+        """The session; with `owner`, one that another key created does not exist either."""
         if session_id in self.broken:
             raise SessionError(self.broken[session_id], "session_corrupt")
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or not _visible(session, owner):
             raise SessionError(f"session {session_id!r} does not exist", "session_not_found")
         return session
+
+    def touch(self, session_id: str, owner: str | None = None) -> Session:
+        """`get`, and mark the session used now (its TTL and LRU place restart)."""
+        session = self.get(session_id, owner)
+        self._touch(session)
+        return session
+
+    def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[Session], bool]:
+        """Up to `limit` of `owner`'s sessions, oldest first, after the session id `after`;
+        and whether more follow."""
+        mine = sorted((s for s in self.sessions.values() if _visible(s, owner)),
+                      key=lambda s: (s.created, s.session_id))
+        if after is not None:
+            ids = [s.session_id for s in mine]
+            if after not in ids:
+                raise SessionError(f"session {after!r} (after) does not exist", "session_not_found")
+            mine = mine[ids.index(after) + 1 :]
+        return mine[:limit], len(mine) > limit
 
     def begin_turn(self, session_id: str) -> Session:
         session = self.get(session_id)
@@ -190,11 +211,12 @@ class SessionTable:
         self._save(session)  # durable before the turn's response finishes
         self.enforce_budget()
 
-    def fork(self, source_id: str, new_id: str, ttl: float) -> Session:
-        """A new session sharing every pinned block of `source_id` (refcounts)."""
-        source = self.get(source_id)
+    def fork(self, source_id: str, new_id: str, ttl: float, owner: str | None = None) -> Session:
+        """A new session sharing every pinned block of `source_id` (refcounts); it belongs
+        to `owner` (who must be able to see the source)."""
+        source = self.get(source_id, owner)
         child = Session(new_id, ttl, token_ids=list(source.token_ids), messages=list(source.messages),
-                        metadata=dict(source.metadata), num_turns=source.num_turns)
+                        metadata=dict(source.metadata), num_turns=source.num_turns, owner=owner)
         self.create(child)
         self._pin(source.block_table)
         child.block_table = list(source.block_table)
@@ -284,3 +306,7 @@ class SessionTable:
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()
         self.sessions.move_to_end(session.session_id)
+
+
+def _visible(session: Session, owner: str | None) -> bool:
+    return owner is None or session.owner is None or session.owner == owner
