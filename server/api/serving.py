@@ -203,6 +203,8 @@ class Generation:
                                    if isinstance(item, ShutdownError) else "engine_dead")
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item}")
+                if item.error is not None:  # the engine failed this request alone
+                    raise APIError(500, f"the request failed: {item.error}", code="request_failed")
                 choice = self.choices[i * self.n + item.index]
                 self._record(choice, item)
                 yield choice, item

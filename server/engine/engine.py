@@ -72,6 +72,7 @@ class LLMEngine:
             self.pool, reclaim=self.sessions.reclaim,
         )
         self.streams: dict[Sequence, TextStream] = {}
+        self.fault_hook = None  # tests only: callable(seq) run as each sequence gets its token
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
             "kernels %s, quantization %s",
@@ -146,15 +147,34 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One scheduling round. A failure that belongs to one request (its detokenizing,
+        stop checks or session bookkeeping, or whatever `fault_hook(seq)` raises in tests)
+        fails that request alone: its final StepOutput carries `error`; the rest go on."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
         self.scheduler.update(out, sampled.token_ids)
-        outputs = []
+        outputs, failed = [], set()
         for (_, seq), token, lp in zip(out.samples, sampled.token_ids, sampled.logprobs):
-            outputs.append(self._advance(seq, token, lp))
+            if seq.request_id in failed:
+                continue
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                outputs.append(self._advance(seq, token, lp))
+            except Exception as exc:  # noqa: BLE001 - isolated to this request, logged
+                log.exception("request %s failed; the others go on", seq.request_id)
+                failed.add(seq.request_id)
+                outputs += self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")
         return outputs
+
+    def _fail(self, request_id: str, error: str) -> list[StepOutput]:
+        """Abort one request because it failed; its final outputs say why."""
+        finals = [o for o in self.abort(request_id) if o.finished]
+        for final in finals:
+            final.error = error
+        return finals
 
     def _advance(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> StepOutput:
         """Text and stop checks for a sequence that just received `token`."""

@@ -23,6 +23,7 @@ class StepOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     queue_time: float  # seconds from arrival to first admission
+    error: str | None = None  # set when the engine failed this request alone (finish_reason "abort")
 
 
 @dataclass
