@@ -33,8 +33,11 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "quant_gemv.c"))
 HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets the compiler vectorize the dot products' sums and call glibc's vector
-# expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX)
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffast-math")
+# expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX).
+# It is given when compiling only: linking with it adds crtfastmath.o, whose constructor
+# turns on flush-to-zero for the whole process (every torch op) as the library loads.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-ffast-math")
+LDFLAGS = ("-shared", "-fopenmp")
 LIBS = ("-lmvec", "-lm")
 CACHE_ENV = "WORKMEM_CACHE_DIR"  # default: ~/.cache/workmem
 DISABLE_ENV = "WORKMEM_NATIVE"  # "0" disables the native kernels
@@ -171,7 +174,7 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256()
     for src in (*SOURCES, *HEADERS):
         key.update(src.read_bytes())
-    key.update(" ".join((compiler, *CFLAGS, *LIBS, platform.machine(), _cpu_signature())).encode())
+    key.update(" ".join((compiler, *CFLAGS, *LDFLAGS, *LIBS, platform.machine(), _cpu_signature())).encode())
     cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "workmem")) / "native"
     target = cache / f"workmem_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -179,7 +182,11 @@ def _build(compiler: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, *map(str, SOURCES), "-o", str(out), *LIBS],
+        objects = [str(Path(tmp) / f"{src.stem}.o") for src in SOURCES]
+        for src, obj in zip(SOURCES, objects):
+            subprocess.run([compiler, *CFLAGS, "-c", str(src), "-o", obj],
+                           check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
+        subprocess.run([compiler, *LDFLAGS, *objects, "-o", str(out), *LIBS],
                        check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(out, target)
     log.info("built native CPU kernels: %s", target)

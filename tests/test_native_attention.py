@@ -118,3 +118,15 @@ def test_fused_silu_and_mul_equals_torch(dtype):
     mlp.native = native_kernels()
     got = mlp(x)
     assert (got.float() - want.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_loading_the_kernels_keeps_ieee_subnormals():
+    """The library is built without crtfastmath.o (whose constructor would turn on
+    flush-to-zero for every float op in the process, torch's included)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from model.native import native_kernels; ops = native_kernels(); "
+            "x = torch.tensor([1e-40], dtype=torch.float32); print(ops is not None, bool((x * 1.0).item() != 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"], "kernels built (the C compiler is part of the test environment), subnormals kept"

@@ -5,7 +5,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from server.api.errors import APIError, error_body
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
@@ -66,7 +66,7 @@ async def health(request: Request):
     return JSONResponse(error_body(503, message), status_code=503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request):
     m = request.app.state.workmem.metrics
     return Response(m.render(), media_type=m.content_type)

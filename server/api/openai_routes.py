@@ -19,13 +19,14 @@ from server.api.serving import (
 from server.api.sse import DONE, EventStream, sse, until_disconnect
 
 router = APIRouter()
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # JSON, or SSE with stream
 
 
 def _state(request: Request):
     return request.app.state.workmem
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = serving_engine(state, body.model)
@@ -48,7 +49,7 @@ async def completions(body: CompletionRequest, request: Request):
     } for c in choices], gen.usage.as_dict())
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = serving_engine(_state(request), body.model)
     messages = body.template_messages()

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError
-from server.api.openai_routes import chat_response
+from server.api.openai_routes import STREAMED, chat_response
 from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
 from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
 from server.engine.sessions import Session, SessionError
@@ -109,7 +109,7 @@ async def fork_session(session_id: str, request: Request, body: SessionForkReque
     return _describe(request, await _call(request, fork))
 
 
-@router.post("/v1/sessions/{session_id}/chat/completions")
+@router.post("/v1/sessions/{session_id}/chat/completions", responses=STREAMED)
 async def session_turn(session_id: str, body: SessionChatRequest, request: Request):
     state = request.app.state.workmem
     engine = serving_engine(state, body.model)
