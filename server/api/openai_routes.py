@@ -35,7 +35,8 @@ async def completions(body: CompletionRequest, request: Request):
     check_text_fits(engine, texts, "prompt")
     prompts = await off_loop(_completion_prompts, body.prompt, tok)
     cap = state.settings.max_tokens_limit
-    max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap) for p in prompts]
+    max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
+                  for p in prompts]
     params = [make_params(body, m, body.logprobs) for m in max_tokens]
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]

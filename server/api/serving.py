@@ -72,7 +72,7 @@ def serving_engine(state: AppState, model: str | None) -> AsyncEngine:
 
 
 def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None,
-                   cap: int | None = None) -> int:
+                   cap: int | None = None, prompt_param: str = "messages") -> int:
     """The request's max_tokens (`default` when it gives none), checked against `cap`
     (--max-tokens-limit) and the context; 400 with the numbers."""
     if requested is not None and cap is not None and requested > cap:
@@ -80,7 +80,7 @@ def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, 
     limit = engine.engine.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
-                       f"has {prompt_len} tokens", param="messages", code="context_length_exceeded")
+                       f"has {prompt_len} tokens", param=prompt_param, code="context_length_exceeded")
     room = limit - prompt_len
     if requested is None:
         return room if default is None else min(default, room)
