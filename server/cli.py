@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, max_queue_len=args.max_queue_len,
         session_ttl_s=args.session_ttl, max_tokens_default=args.max_tokens_default,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
-        body_timeout_s=args.timeout_request_head,
+        body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
     )
 
     def load() -> AsyncEngine:
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                             "several keys (also WORKMEM_API_KEY); sessions belong to the key that made them")
     serve.add_argument("--api-key-file", default=None, help="more API keys, one per line")
     serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
+    serve.add_argument("--cors-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="browser origins allowed to call the API (default: none, no CORS headers)")
     serve.add_argument("--max-tokens-default", type=int, default=DEFAULT_MAX_TOKENS,
                        help=f"max_tokens of chat requests that give none (default {DEFAULT_MAX_TOKENS}, "
                             "capped by the context)")
@@ -256,6 +258,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
             parser.set_defaults(**{action.dest: env.lower() in ("1", "true", "yes", "on")})
         elif isinstance(action, argparse._AppendAction):  # one value from the environment
             parser.set_defaults(**{action.dest: [env]})
+        elif action.nargs in ("+", "*"):  # a comma-separated list
+            parser.set_defaults(**{action.dest: [v.strip() for v in env.split(",") if v.strip()]})
         else:
             parser.set_defaults(**{action.dest: action.type(env) if action.type else env})
 

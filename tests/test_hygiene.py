@@ -147,3 +147,16 @@ async def test_logprob_heavy_requests_are_bounded(engine, monkeypatch):
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
         r = await c.post("/v1/completions", json={**body, "logprobs": 5})  # 4 x 20 x 6 fits
         assert r.status_code == 200
+
+
+async def test_cors_is_off_unless_origins_are_named(engine):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with _client(make_app(engine)) as c:
+        r = await c.options("/v1/completions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+    async with _client(make_app(engine, cors_origins=("https://app.example",))) as c:
+        r = await c.options("/v1/completions", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = await c.options("/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+

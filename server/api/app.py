@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api import misc_routes, openai_routes, session_routes
@@ -46,6 +47,9 @@ def create_app(
     app.include_router(session_routes.router)
     app.include_router(misc_routes.router)
     app.add_middleware(LimitsMiddleware, settings=settings, state=state)
+    if settings.cors_origins:  # outermost, so preflights and errors carry the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 

@@ -34,6 +34,7 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # None: the context length is the only cap
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body must arrive whole within it
+    cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none: no CORS headers
 
 
 @dataclass
