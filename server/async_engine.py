@@ -1,7 +1,7 @@
 """AsyncEngine: the engine runs in its own thread; asyncio code talks to it via messages.
 
     API (event loop)                      engine thread
-    generate() --inbox: ("add", ...) -->  engine.add_request / step() / abort
+    generate() --inbox: _Add(...) ----->  engine.add_request / step() / abort
                <-- per-request asyncio.Queue fed with loop.call_soon_threadsafe --
 
 The event loop never waits on the model. Engine state is touched only by the engine
@@ -71,6 +71,43 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
 
 
+# Inbox messages (event loop -> engine thread).
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    request: _Request
+    session_id: str | None
+    new_messages: list[dict] | None
+    cache_salt: str | None
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _FailAll:
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Only wakes the thread (shutdown)."""
+
+
+_Message = _Add | _Call | _Abort | _FailAll | _Wake
+
+
 class AsyncEngine:
     """Thread-owned LLMEngine with an asyncio `generate()`; see module doc."""
 
@@ -94,7 +131,7 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(_Wake())
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():  # the engine is ours again: keep sessions' KV
@@ -113,21 +150,22 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put(("call", fn, loop, future))
+        self._inbox.put(_Call(fn, loop, future))
         return await future
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        session_id: str | None = None, new_messages: list[dict] | None = None,
+        session_id: str | None = None, new_messages: list[dict] | None = None, cache_salt: str | None = None,
     ) -> AsyncIterator[StepOutput]:
         """Yield the request's StepOutputs until all its sequences finish. Raises
-        ValueError for a request the engine rejects, QueueFullError, EngineDeadError."""
+        ValueError for a request the engine rejects, QueueFullError, EngineDeadError.
+        Requests share prefix-cache blocks only with requests of the same `cache_salt`."""
         if not self.is_alive:
             raise EngineDeadError("the engine is not running")
         if self.max_queue_len is not None and self.stats.num_waiting + self._inbox.qsize() >= self.max_queue_len:
             raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
         req = _Request(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params, req, session_id, new_messages))
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, req, session_id, new_messages, cache_salt))
         done = False
         try:
             while True:
@@ -146,11 +184,11 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(_Abort(request_id))
 
     def fail_all(self, reason: str) -> None:
         """Abort every live request; each one's stream raises ShutdownError(reason)."""
-        self._inbox.put(("fail_all", reason))
+        self._inbox.put(_FailAll(reason))
 
     # -- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
@@ -206,35 +244,31 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "add":
-            _, request_id, prompt, params, req, session_id, new_messages = message
+    def _handle(self, message: _Message) -> None:
+        if isinstance(message, _Add):
             try:
-                self.engine.add_request(request_id, prompt, params, session_id, new_messages)
+                self.engine.add_request(message.request_id, message.prompt, message.params, message.session_id,
+                                        message.new_messages, message.cache_salt)
             except ValueError as exc:
-                _send(req, exc)
+                _send(message.request, exc)
                 return
-            self._requests[request_id] = req
-        elif kind == "call":
-            _, fn, loop, future = message
+            self._requests[message.request_id] = message.request
+        elif isinstance(message, _Call):
             try:
-                result, error = fn(self.engine), None
+                result, error = message.fn(self.engine), None
             except Exception as exc:  # handed to the caller
                 result, error = None, exc
             try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                message.loop.call_soon_threadsafe(_settle, message.future, result, error)
             except RuntimeError:
                 pass  # the caller's loop is gone
-        elif kind == "abort":
-            request_id = message[1]
-            outputs = self.engine.abort(request_id)
-            self._deliver(outputs)
-            self._requests.pop(request_id, None)
-        elif kind == "fail_all":
+        elif isinstance(message, _Abort):
+            self._deliver(self.engine.abort(message.request_id))
+            self._requests.pop(message.request_id, None)
+        elif isinstance(message, _FailAll):
             for request_id, req in list(self._requests.items()):
                 self.engine.abort(request_id)
-                _send(req, ShutdownError(message[1]))
+                _send(req, ShutdownError(message.reason))
             self._requests.clear()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:

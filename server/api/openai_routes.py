@@ -38,7 +38,7 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
                   for p in prompts]
     params = [make_params(body, m, body.logprobs) for m in max_tokens]
-    gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params)
+    gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params, cache_salt=body.cache_salt)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
     fmt = ResponseFormat(gen.request_id, "text_completion", state.settings.served_model_name, tok)
     if body.stream:
@@ -74,7 +74,8 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
     params = make_params(body, max_tokens, logprobs)
-    gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages)
+    gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages,
+                     body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
                          engine.engine.tokenizer, top_logprobs=logprobs)
     if body.stream:

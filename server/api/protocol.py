@@ -17,6 +17,7 @@ MAX_LOGPROBS = 20  # top alternatives per token
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_LEN = 256  # characters per stop string
 MAX_PROMPTS = 64  # prompts in one completions request
+MAX_CACHE_SALT_LEN = 256  # characters of `cache_salt` (vLLM's extra: prefix-cache isolation)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -84,6 +85,7 @@ class SamplingFields(_Body):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_LEN)  # prefix-cache tenant
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this body; ValueError (naming the field) when invalid."""

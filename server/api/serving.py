@@ -136,9 +136,10 @@ class Generation:
     """Runs a request's prompts in the engine and yields (choice index, StepOutput)."""
 
     def __init__(self, state: AppState, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 session_id: str | None = None, new_messages: list[dict] | None = None):
+                 session_id: str | None = None, new_messages: list[dict] | None = None,
+                 cache_salt: str | None = None):
         self.state, self.engine = state, ready_engine(state)
-        self.session_id, self.new_messages = session_id, new_messages
+        self.session_id, self.new_messages, self.cache_salt = session_id, new_messages, cache_salt
         self.request_id, self.prompts, self.params = request_id, prompts, params
         self.n = params[0].n
         self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
@@ -152,7 +153,7 @@ class Generation:
         try:
             for i, (prompt, params) in enumerate(zip(self.prompts, self.params)):
                 stream = self.engine.generate(f"{self.request_id}-{i}", prompt, params,
-                                              self.session_id, self.new_messages)
+                                              self.session_id, self.new_messages, self.cache_salt)
                 streams.append(stream)
                 firsts.append(await anext(stream))
         except SessionError as exc:

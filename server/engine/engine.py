@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,7 @@ from model.loader import LoadedModel, load_model
 from model.native import install_kernels, resolve_kernels
 from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
-from server.engine.memory import BlockPool
+from server.engine.memory import BlockPool, root_hash
 from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -34,6 +35,15 @@ class SessionTurn:
 
     session: Session
     new_messages: list[dict]
+
+
+def kv_namespace(model: str, dtype: torch.dtype, quantization: str) -> str:
+    """What a KV block depends on besides its tokens: the weights (path, size and mtime of
+    the file, or of a checkpoint directory's files), their dtype and quantization."""
+    path = Path(model)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    return f"{path.resolve()}|{','.join(stamps)}|{dtype}|{quantization}"
 
 
 class LLMEngine:
@@ -58,6 +68,7 @@ class LLMEngine:
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_namespace = kv_namespace(config.model, self.dtype, config.quant.mode)
         self.runner = Runner(
             self.model, self.model_config, self.plan.num_blocks, config.block_size,
             self.device, self.dtype, seed=config.seed,
@@ -93,7 +104,7 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        session_id: str | None = None, new_messages: list[dict] | None = None,
+        session_id: str | None = None, new_messages: list[dict] | None = None, cache_salt: str | None = None,
     ) -> None:
         """Queue a request. ValueError for an empty or too long prompt, a duplicate id,
         or token ids outside the vocabulary. With `session_id`, the request is that
@@ -120,6 +131,8 @@ class LLMEngine:
             Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, self.device, i)
             for i in range(params.n)
         ]
+        for seq in seqs:  # prefix-cache hits only among requests of this model with the same salt
+            seq.cache_root = root_hash(self.kv_namespace, cache_salt)
         if session_id is not None:
             if params.n != 1:
                 raise ValueError("n must be 1 in a session turn")

@@ -8,20 +8,34 @@ Free and cached blocks share one free list in eviction order: plain free blocks 
 front (taken first), cached blocks appended at the back as they are released, so the
 least recently used cached block is evicted first. All operations are O(1) per block.
 
-A full block's hash covers its parent's hash and its own token ids, so equal hashes
-mean equal prefixes (up to hash collisions of a 64-bit hash).
+A full block's hash is SHA-256 over its parent's hash and its own token ids, and the first
+block's parent is `root_hash(model identity, cache salt)`: equal hashes mean equal prefixes
+computed by the same model (a collision, chance or crafted, is out of reach), the values
+are the same in every process (they go to disk with offloaded sessions), and requests with
+different cache salts never share a block.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-NO_PARENT = 0
+NO_PARENT = 0  # the root of tests and tools that need no model identity
+HASH_BYTES = 32  # SHA-256
+
+
+def root_hash(namespace: str, cache_salt: str | None = None) -> int:
+    """The parent of a sequence's first block: what the KV depends on besides the tokens
+    (`namespace`: model, dtype, quantization) and the request's optional cache salt."""
+    data = b"workmem-kv-root\0" + namespace.encode() + b"\0" + (cache_salt or "").encode()
+    return int.from_bytes(hashlib.sha256(data).digest(), "big")
 
 
 def block_hash(parent: int, token_ids: Sequence[int]) -> int:
-    """Content hash of a full block: (parent hash, its tokens)."""
-    return hash((parent, tuple(token_ids)))
+    """Content hash of a full block: SHA-256 of (parent hash, its token ids)."""
+    data = parent.to_bytes(HASH_BYTES, "big") + struct.pack(f"<{len(token_ids)}I", *token_ids)
+    return int.from_bytes(hashlib.sha256(data).digest(), "big")
 
 
 class BlockPool:

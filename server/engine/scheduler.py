@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from server.engine.memory import NO_PARENT, BlockPool, block_hash
+from server.engine.memory import BlockPool, block_hash
 from server.engine.sequence import Sequence, SequenceStatus
 
 
@@ -250,5 +250,5 @@ class Scheduler:
         """Make sure `seq.block_hashes` covers its first `num_blocks` full blocks."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[i - 1] if i else NO_PARENT
+            parent = seq.block_hashes[i - 1] if i else seq.cache_root
             seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))

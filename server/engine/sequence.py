@@ -42,6 +42,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hashes of the full, computed blocks
+    cache_root: int = 0  # parent hash of the first block: model identity + cache salt (memory.root_hash)
     num_computed_tokens: int = 0
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
     fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
