@@ -2,45 +2,51 @@
 
     python -m loadtest.sessions [--turns 16] [--words-per-turn 75]
 
-Starts two local servers on the default model (one with prefix caching, one without),
-then runs the same conversation three ways and prints TTFT per turn:
-  (a) a workmem session: each turn sends only its new message,
+A thin script on top of `python -m loadtest --workload sessions`: it starts local servers
+on the default model and runs one conversation (`--turns` user messages of
+`--words-per-turn` words, `--max-tokens` greedy tokens per reply) four ways:
+  (a) a workmem session: each turn sends only its new message (/v1/sessions),
   (b) stateless /v1/chat/completions with the whole history, prefix caching on,
   (c) the same with prefix caching off (every turn re-prefills the history),
   (d) a session on a server that offloads every idle session to `--session-dir`
       (`--session-memory-fraction 0`): each turn first reads its KV back from disk.
-Speaks HTTP only.
+Each way gets its own seed (same lengths, other words), so no run reuses another's
+prefix cache. Prints TTFT per turn; `--json` saves the four results. HTTP only.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 
-WORDS = ("memory page block cache token turn model answer question river mountain number "
-         "garden window music paper light stone cloud table letter story").split()
+from loadtest.config import BenchConfig
+from loadtest.runner import run_benchmark
 
-
-def user_message(rng: random.Random, words: int, turn: int) -> str:
-    return f"Turn {turn}: " + " ".join(rng.choice(WORDS) for _ in range(words)) + ". Summarise briefly."
+STARTUP_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 30
+POLL_S = 0.5
+MODE_A, MODE_B, MODE_C, MODE_D = ("(a) session", "(b) stateless, prefix cache",
+                                  "(c) stateless, no prefix cache", "(d) session, offloaded to disk")
 
 
 @contextmanager
-def server(port: int, extra: list[str], log_path: str):
+def server(port: int, extra: list[str], log_path: str) -> Iterator[str]:
+    """A `python -m server serve` on loopback for the block; yields its URL."""
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning", *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while time.monotonic() < deadline:
                 try:
                     if httpx.get(url + "/health").status_code == 200:
@@ -49,99 +55,70 @@ def server(port: int, extra: list[str], log_path: str):
                     pass
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited; see {log_path}")
-                time.sleep(0.5)
+                time.sleep(POLL_S)
             yield url
         finally:
             proc.terminate()
-            proc.wait(30)
+            proc.wait(STOP_TIMEOUT_S)
 
 
-def stream_ttft(client: httpx.Client, path: str, body: dict) -> tuple[float, str, dict]:
-    """(seconds to the first content delta, full reply, usage) of one streamed chat call."""
-    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    start, ttft, text, usage = time.perf_counter(), None, "", {}
-    with client.stream("POST", path, json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                piece = choice["delta"].get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - start
-                    text += piece
-    return ttft or time.perf_counter() - start, text, usage
+def run_mode(url: str, name: str, args: argparse.Namespace, use_session_api: bool, seed: int) -> dict:
+    cfg = BenchConfig(url=url, workload="sessions", endpoint="chat", num_sessions=1, turns=args.turns,
+                      input_len=args.words_per_turn, output_len=args.max_tokens, concurrency=1,
+                      use_session_api=use_session_api, seed=seed, progress=False)
+    return asyncio.run(run_benchmark(cfg, name=name))
 
 
-def run_session(url: str, turns: list[str], params: dict) -> list[tuple[float, int]]:
-    with httpx.Client(base_url=url, timeout=600) as c:
-        sid = c.post("/v1/sessions", json={}).json()["id"]
-        out = []
-        for text in turns:
-            ttft, _, usage = stream_ttft(c, f"/v1/sessions/{sid}/chat/completions",
-                                         {"messages": [{"role": "user", "content": text}], **params})
-            out.append((ttft, usage.get("prompt_tokens", 0)))
-        c.delete(f"/v1/sessions/{sid}")
-        return out
+def ttft_s(run: dict, turn: int) -> float | None:
+    by_turn = run.get("ttft_ms_by_turn") or []
+    p50 = by_turn[turn]["ttft_ms"]["p50"] if turn < len(by_turn) else None
+    return None if p50 is None else p50 / 1000
 
 
-def run_stateless(url: str, turns: list[str], params: dict) -> list[tuple[float, int]]:
-    history: list[dict] = []
-    out = []
-    with httpx.Client(base_url=url, timeout=600) as c:
-        for text in turns:
-            history.append({"role": "user", "content": text})
-            ttft, reply, usage = stream_ttft(c, "/v1/chat/completions", {"messages": history, **params})
-            history.append({"role": "assistant", "content": reply})
-            out.append((ttft, usage.get("prompt_tokens", 0)))
-    return out
+def print_turns(results: dict[str, dict], turns: int) -> None:
+    names = list(results)
+    print("| turn | prompt tokens | " + " | ".join(f"{n} TTFT s" for n in names) + " |")
+    print("|---:|---:|" + "---:|" * len(names))
+    history = results[MODE_B].get("ttft_ms_by_turn") or []
+    for i in range(turns):
+        tokens = round(history[i]["prompt_tokens_mean"]) if i < len(history) else "-"
+        cells = [f"{t:.3f}" if (t := ttft_s(results[n], i)) is not None else "-" for n in names]
+        print(f"| {i + 1} | {tokens} | " + " | ".join(cells) + " |")
+    for n in names:
+        first, last = ttft_s(results[n], 0), ttft_s(results[n], turns - 1)
+        if first and last is not None:
+            print(f"{n}: turn {turns} / turn 1 TTFT = {last / first:.2f}x")
+        if results[n]["failed"]:
+            print(f"{n}: {results[n]['failed']} failed; first error: {results[n]['errors'][0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.sessions", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--turns", type=int, default=16)
-    p.add_argument("--words-per-turn", type=int, default=75, help="~100 tokens per user message")
+    p.add_argument("--words-per-turn", type=int, default=75, help="~75-100 tokens per user message")
     p.add_argument("--max-tokens", type=int, default=32, help="reply length per turn")
-    p.add_argument("--port", type=int, default=8701, help="first of two ports")
-    p.add_argument("--model", default=None, help="passed to both servers (default: embedded)")
+    p.add_argument("--port", type=int, default=8701, help="first of three ports")
+    p.add_argument("--model", default=None, help="passed to the servers (default: embedded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the four results here")
     args = p.parse_args(argv)
-    rng = random.Random(args.seed)
-    turns = [user_message(rng, args.words_per_turn, i + 1) for i in range(args.turns)]
-    warmup = [user_message(rng, args.words_per_turn, i + 1) for i in range(2)]
-
-    def tagged(mode: str) -> list[str]:
-        """The same conversation, opened with a per-mode tag so no run reuses another's cache."""
-        return [f"[{mode}] {turns[0]}", *turns[1:]]
-
-    params = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     extra = ["--model", args.model] if args.model else []
     logs = os.environ.get("TMPDIR", "/tmp")
+    results = {}
     with server(args.port, extra, f"{logs}/workmem-bench-a.log") as url:
-        run_stateless(url, warmup, params)
-        results = {"(a) session": run_session(url, tagged("a"), params),
-                   "(b) stateless, prefix cache": run_stateless(url, tagged("b"), params)}
+        results[MODE_A] = run_mode(url, MODE_A, args, True, args.seed)
+        results[MODE_B] = run_mode(url, MODE_B, args, False, args.seed + 1)
     with server(args.port + 1, extra + ["--no-prefix-caching"], f"{logs}/workmem-bench-c.log") as url:
-        run_stateless(url, warmup, params)
-        results["(c) stateless, no prefix cache"] = run_stateless(url, tagged("c"), params)
+        results[MODE_C] = run_mode(url, MODE_C, args, False, args.seed + 2)
     with tempfile.TemporaryDirectory() as session_dir:
         offload = ["--session-dir", session_dir, "--session-memory-fraction", "0"]
         with server(args.port + 2, extra + offload, f"{logs}/workmem-bench-d.log") as url:
-            run_stateless(url, warmup, params)
-            results["(d) session, offloaded to disk"] = run_session(url, tagged("d"), params)
-    names = list(results)
-    print("| turn | prompt tokens | " + " | ".join(f"{n} TTFT s" for n in names) + " |")
-    print("|---:|---:|" + "---:|" * len(names))
-    for i in range(args.turns):
-        row = [f"{results[n][i][0]:.3f}" for n in names]
-        print(f"| {i + 1} | {results[names[1]][i][1]} | " + " | ".join(row) + " |")
-    for n in names:
-        first, last = results[n][0][0], results[n][-1][0]
-        print(f"{n}: turn {args.turns} / turn 1 TTFT = {last / first:.2f}x")
+            results[MODE_D] = run_mode(url, MODE_D, args, True, args.seed + 3)
+    print_turns(results, args.turns)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 

@@ -2,8 +2,9 @@
   serve      the OpenAI-compatible HTTP server
   chat       interactive terminal chat with a running server (streams tokens)
   generate   offline generation through the engine (no HTTP)
-  bench      benchmarks (`workmem bench offline` = `python -m loadtest.offline`,
-             `workmem bench step` = `python -m loadtest.step_profile`)
+  bench      benchmarks (`workmem bench serve` = `python -m loadtest`, the HTTP load tester
+             for any OpenAI-compatible server; `workmem bench offline` =
+             `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`)
 """
 from __future__ import annotations
 
@@ -226,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench offline|step [ARGS]` (see --help there)")
-    bench.add_argument("which", choices=["offline", "step"])
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step [ARGS]` (see --help there)")
+    bench.add_argument("which", choices=["serve", "offline", "step"])
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["bench", "offline"]:  # its own parser takes the rest
+    if argv[:2] == ["bench", "serve"]:  # its own parser takes the rest
+        from loadtest.cli import main as serve_bench_main
+
+        return serve_bench_main(argv[2:])
+    if argv[:2] == ["bench", "offline"]:
         from loadtest.offline import main as bench_main
 
         return bench_main(argv[2:])
