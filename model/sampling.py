@@ -3,6 +3,7 @@
 Per row, in order (vLLM semantics):
   logprobs = log_softmax(raw logits) in float32, before everything below
   logit_bias -> min_tokens mask (eos + stop_token_ids) -> repetition/presence/frequency
+  -> token mask (structured output: tokens the row's grammar forbids become -inf)
   greedy rows: argmax (first index on ties)
   random rows: / temperature -> top-k -> top-p -> min-p -> softmax -> exponential race
 A row whose request has a seed draws its noise only from its own generator, so its tokens
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 MAX_LOGPROBS = 20            # most alternatives a request may ask for per token
@@ -24,6 +26,26 @@ PENALTY_LIMIT = 2.0          # |presence_penalty|, |frequency_penalty| bound (Op
 GREEDY_TEMPERATURE = 1e-5    # temperatures below this are greedy (as vLLM): x / T overflows
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 _PACK_DTYPE = torch.float64  # holds token ids and float32 logprobs exactly for the one transfer
+
+
+GRAMMAR_KINDS = ("json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a structured-output request constrains its output to (hashable: the engine's
+    compiled-grammar cache key). `kind` is one of GRAMMAR_KINDS; `source` is a JSON schema as
+    JSON text, a regex, a JSON list of strings (choice) or a Lark/GBNF grammar. The sampler
+    never sees it: the engine turns it into a per-step token mask (server/engine/grammar.py)."""
+
+    kind: str
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            _fail("structured.kind", f"one of {GRAMMAR_KINDS}", self.kind)
+        if not isinstance(self.source, str):
+            _fail("structured.source", "a string", self.source)
 
 
 def _fail(name: str, allowed: str, value: object) -> None:
@@ -62,6 +84,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None        # None: none; 0: sampled token's; k: top-k + sampled
     skip_special_tokens: bool = True
+    structured: GrammarSpec | None = None  # output constrained to a grammar (the engine masks)
 
     def __post_init__(self) -> None:
         self._check_int("n", 1)
@@ -81,6 +104,8 @@ class SamplingParams:
                 _fail(name, "a bool", getattr(self, name))
         self._check_stop()
         self._check_logit_bias()
+        if self.structured is not None and not isinstance(self.structured, GrammarSpec):
+            _fail("structured", "a GrammarSpec or None", self.structured)
 
     @property
     def greedy(self) -> bool:
@@ -159,6 +184,14 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # set iff params.seed is not None; sole randomness
     eos_token_ids: Sequence[int] = ()         # masked with stop_token_ids while output < min_tokens
+
+
+class TokenMask(NamedTuple):
+    """Allowed tokens of some rows of the batch: bit `t % 32` of `bitmask[j, t // 32]` is set
+    iff token t may follow in row `rows[j]` (llguidance's layout). Host tensor."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
 
 
 class SamplerOutput(NamedTuple):
@@ -271,33 +304,59 @@ def _min_p(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     return probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p, 0.0)
 
 
-def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """[B, V] float32 copy of `logits` after logit_bias, min_tokens and the penalties (the
-    steps every row goes through before greedy/random choice); `logits` is left untouched."""
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[G, W] int32 bitmask (host) -> [G, vocab] bool, True where allowed (one numpy call)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")  # [G, 32W]
+    allowed = torch.from_numpy(bits).view(torch.bool)[:, :vocab]
+    if allowed.shape[1] < vocab:  # a mask narrower than the logits forbids the rest
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    return allowed
+
+
+def _apply_token_mask(x: torch.Tensor, mask: TokenMask | None) -> None:
+    """Forbidden tokens of the masked rows -> -inf; other rows are not touched."""
+    if mask is None or not mask.rows:
+        return
+    allowed = _to_device(unpack_bitmask(mask.bitmask, x.shape[1]), x.device)  # [G, V]
+    if mask.rows == list(range(x.shape[0])):
+        x.masked_fill_(~allowed, float("-inf"))
+        return
+    idx = _tensor(mask.rows, torch.long, x.device)
+    x.index_copy_(0, idx, x.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+
+
+def process_logits(logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMask | None = None) -> torch.Tensor:
+    """[B, V] float32 copy of `logits` after logit_bias, min_tokens, the penalties and the
+    token mask (the steps every row goes through before greedy/random choice); `logits` is
+    left untouched."""
     x = logits.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     _apply_logit_bias(x, rows)
     _apply_min_tokens(x, rows)
     _apply_penalties(x, rows)
+    _apply_token_mask(x, mask)
     return x
 
 
 class Sampler:
     """Batched sampler: `sampler(logits [B, V], rows)` -> SamplerOutput with one host sync.
-    Greedy, top-k, top-p and min-p are vectorised over rows; penalties, logit bias and
-    min_tokens cost only the rows that use them. Unseeded rows share this sampler's
-    generator (one per device, seeded with `seed`, or randomly when None)."""
+    Greedy, top-k, top-p and min-p are vectorised over rows; penalties, logit bias,
+    min_tokens and a structured-output `TokenMask` cost only the rows that use them.
+    Unseeded rows share this sampler's generator (one per device, seeded with `seed`, or
+    randomly when None)."""
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMask | None = None,
+    ) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(rows) or not logits.is_floating_point():
             raise ValueError(f"logits must be a float [len(rows)={len(rows)}, vocab] tensor, "
                              f"got {tuple(logits.shape)} {logits.dtype}")
         if not rows:
             return SamplerOutput([], [])
-        tokens = self._choose(process_logits(logits, rows), rows)             # [B] int64
+        tokens = self._choose(process_logits(logits, rows, mask), rows)       # [B] int64
         return self._finish(logits, tokens, rows)
 
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -9,6 +9,7 @@ import torch
 
 from model.config import ModelConfig
 from model.quant import DEFAULT_DENSE_ABOVE, QuantConfig
+from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 64
@@ -49,13 +50,14 @@ class EngineConfig:
     quant_dense_above: int = DEFAULT_DENSE_ABOVE  # batches wider than this use dense weights
     kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
     num_threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
+    grammar_cache_size: int = DEFAULT_GRAMMAR_CACHE_SIZE  # compiled structured-output grammars kept
 
     @property
     def quant(self) -> QuantConfig:
         return QuantConfig(self.quantization, self.quant_dense_above)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.session_memory_fraction <= 1.0:

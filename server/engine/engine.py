@@ -17,6 +17,7 @@ from model.loader import LoadedModel, load_model
 from model.native import install_kernels, resolve_kernels
 from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
+from server.engine.grammar import GrammarCompiler, GrammarState
 from server.engine.memory import BlockPool, root_hash
 from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
@@ -82,6 +83,8 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
             self.pool, reclaim=self.sessions.reclaim,
         )
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                        config.grammar_cache_size)
         self.streams: dict[Sequence, TextStream] = {}
         self.fault_hook = None  # tests only: callable(seq) run as each sequence gets its token
         log.info(
@@ -107,9 +110,11 @@ class LLMEngine:
         session_id: str | None = None, new_messages: list[dict] | None = None, cache_salt: str | None = None,
     ) -> None:
         """Queue a request. ValueError for an empty or too long prompt, a duplicate id,
-        or token ids outside the vocabulary. With `session_id`, the request is that
-        session's next turn (SessionError if unknown or busy): the prompt must be the
-        session's transcript plus the new tokens; when it finishes, the transcript
+        token ids outside the vocabulary, or a `params.structured` grammar that does not
+        compile (each of the n sequences follows its own copy of the grammar; one that
+        completes it stops). With `session_id`, the request is that session's next turn
+        (SessionError if unknown or busy): the prompt must be the session's transcript
+        plus the new tokens; when it finishes, the transcript
         (prompt + output) and its KV blocks become the session's, and `new_messages` plus
         the reply are appended to its messages. An aborted turn changes nothing."""
         if request_id in self.scheduler.requests:
@@ -133,6 +138,9 @@ class LLMEngine:
         ]
         for seq in seqs:  # prefix-cache hits only among requests of this model with the same salt
             seq.cache_root = root_hash(self.kv_namespace, cache_salt)
+        if params.structured is not None:
+            for seq in seqs:
+                seq.grammar = GrammarState(self.grammars.matcher(params.structured))
         if session_id is not None:
             if params.n != 1:
                 raise ValueError("n must be 1 in a session turn")
@@ -200,6 +208,8 @@ class LLMEngine:
             token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         ):
             reason = "stop"
+        elif seq.grammar is not None and self._grammar_done(seq):
+            reason = "stop"
         elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:
@@ -212,6 +222,14 @@ class LLMEngine:
             self._commit_turn(seq, self.streams[seq].text + tail)
         self.scheduler.finish(seq, reason)
         return self._final(seq, [token], logprob, text)
+
+    def _grammar_done(self, seq: Sequence) -> bool:
+        """Whether the sequence's grammar is complete (nothing but EOS may follow): it stops."""
+        seq.grammar.sync(seq.token_ids, seq.prompt_len)
+        if seq.grammar.failed:  # the sampler always masks, so this is a bug, not the request's fault
+            log.warning("request %s: grammar rejected token %d: %s", seq.request_id, seq.token_ids[-1],
+                        seq.grammar.failed)
+        return seq.grammar.done
 
     def _commit_turn(self, seq: Sequence, reply: str) -> None:
         """Hand the finished turn's transcript and full KV blocks to its session."""

@@ -13,7 +13,8 @@ from torch import nn
 
 from model.attention import SeqAttention, build_attention_metadata
 from model.config import ModelConfig
-from model.sampling import Sampler, SamplerOutput, SamplingRow
+from model.sampling import Sampler, SamplerOutput, SamplingRow, TokenMask
+from server.engine.grammar import BitmaskFiller
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 
@@ -56,6 +57,7 @@ class Runner:
         # per layer (k_cache, v_cache) views, made once: what the model indexes each step
         self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(seed=seed)
+        self.fill_bitmasks = BitmaskFiller()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SamplerOutput:
@@ -78,7 +80,20 @@ class Runner:
         expand = [source_index[src] for src, _ in out.samples]
         if expand != list(range(len(sources))):
             logits = logits[torch.tensor(expand, device=self.device)]
-        return self.sampler(logits, [_sampling_row(dst) for _, dst in out.samples])
+        dsts = [dst for _, dst in out.samples]
+        mask = self._token_mask(dsts, logits.shape[1])
+        return self.sampler(logits, [_sampling_row(dst) for dst in dsts], mask)
+
+    def _token_mask(self, dsts: list[Sequence], vocab_size: int) -> TokenMask | None:
+        """The allowed next tokens of the rows whose output follows a grammar, computed together."""
+        rows = [i for i, seq in enumerate(dsts) if seq.grammar is not None]
+        if not rows:
+            return None
+        states = []
+        for i in rows:
+            dsts[i].grammar.sync(dsts[i].token_ids, dsts[i].prompt_len)
+            states.append(dsts[i].grammar)
+        return TokenMask(rows, self.fill_bitmasks(states, vocab_size))
 
     def _prepare(self, scheduled: dict[Sequence, int]):
         ids: list[int] = []

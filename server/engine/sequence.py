@@ -49,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None
     session_turn: Any = None  # SessionTurn when this sequence is a session's turn
     resume: tuple[list[int], int] | None = None  # (blocks, n): KV of the first n tokens, held already
+    grammar: Any = None  # GrammarState when the output is constrained (server/engine/grammar.py)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
 
