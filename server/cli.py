@@ -26,6 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_SESSIONS,
         DEFAULT_SESSION_MEMORY_FRACTION,
     )
+    from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
     from model.quant import DEFAULT_DENSE_ABOVE
 
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -57,6 +58,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto = native C kernels on the CPU (decode attention, norms, rotary; built on "
                              "first use with the system C compiler; torch ops where none), torch = torch "
                              "ops only (default auto)")
+    parser.add_argument("--grammar-cache-size", type=int, default=DEFAULT_GRAMMAR_CACHE_SIZE,
+                        help="compiled structured-output grammars (JSON schemas, regexes, ...) kept, least "
+                             f"recently used dropped first (default {DEFAULT_GRAMMAR_CACHE_SIZE})")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -72,7 +76,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_sessions=args.max_sessions, session_memory_fraction=args.session_memory_fraction,
         session_dir=args.session_dir, quantization=args.quantization,
         quant_dense_above=args.quant_dense_above, kernel_backend=args.kernel_backend,
-        num_threads=args.threads,
+        num_threads=args.threads, grammar_cache_size=args.grammar_cache_size,
     )
 
 

@@ -1,6 +1,7 @@
 """POST /v1/completions and /v1/chat/completions: validate, run, answer JSON or SSE."""
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from typing import AsyncIterator
@@ -17,6 +18,7 @@ from server.api.serving import (
     Choice, Generation, check_text_fits, fit_max_tokens, make_params, off_loop, ready_engine, serving_engine,
 )
 from server.api.sse import DONE, EventStream, sse, until_disconnect
+from server.api.tools import NO_TOOLS, ToolCallDeltas, ToolPlan, forced_tool_params, request_tools, tool_message
 
 router = APIRouter()
 STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # JSON, or SSE with stream
@@ -55,15 +57,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = serving_engine(_state(request), body.model)
     messages = body.template_messages()
     check_text_fits(engine, [m["content"] for m in messages], "messages")
+    tools = request_tools(body, engine.engine.tokenizer)
+    encode = functools.partial(engine.engine.tokenizer.encode_chat, tools=tools.tools)
     try:
-        prompt = await off_loop(engine.engine.tokenizer.encode_chat, messages, body.add_generation_prompt)
+        prompt = await off_loop(encode, messages, body.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
-    return await chat_response(request, body, prompt)
+    return await chat_response(request, body, prompt, tools=tools)
 
 
 async def chat_response(request: Request, body: ChatCompletionRequest, prompt: list[int],
-                        session_id: str | None = None, new_messages: list[dict] | None = None):
+                        session_id: str | None = None, new_messages: list[dict] | None = None,
+                        tools: ToolPlan = NO_TOOLS):
     """Run one chat prompt (optionally as a session's turn); JSON or SSE answer."""
     state = _state(request)
     engine = ready_engine(state)
@@ -73,19 +78,20 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    params = make_params(body, max_tokens, logprobs)
+    params = forced_tool_params(make_params(body, max_tokens, logprobs), tools)
     gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages,
                      body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
                          engine.engine.tokenizer, top_logprobs=logprobs)
+    fmt.tool_deltas = ToolCallDeltas() if tools.parse else None
     if body.stream:
         return await stream_response(request, gen, fmt, body.include_usage, chat=True)
-    choices = await until_disconnect(request, gen.run_to_end())
-    return fmt.response([{
-        "index": c.index, "message": {"role": "assistant", "content": c.text},
-        "finish_reason": c.finish_reason,
-        "logprobs": fmt.chat_logprobs(c.token_ids, c.logprobs, logprobs) if logprobs is not None else None,
-    } for c in choices], gen.usage.as_dict())
+    answers = []
+    for c in await until_disconnect(request, gen.run_to_end()):
+        message, finish_reason = tool_message(c.text, c.finish_reason, tools.parse)
+        answers.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                        "logprobs": fmt.chat_logprobs(c.token_ids, c.logprobs, logprobs) if logprobs is not None else None})
+    return fmt.response(answers, gen.usage.as_dict())
 
 
 def _completion_prompts(prompt, tok: Tokenizer) -> list[list[int]]:
@@ -147,6 +153,7 @@ class ResponseFormat:
     def __init__(self, request_id: str, obj: str, model: str, tok: Tokenizer, top_logprobs: int | None = None) -> None:
         self.id, self.obj, self.model, self.tok = request_id, obj, model, tok
         self.top_logprobs = top_logprobs  # chat: alternatives listed per token
+        self.tool_deltas: ToolCallDeltas | None = None  # chat with tools: content -> tool_calls deltas
         self.created = int(time.time())
 
     def response(self, choices: list[dict], usage: dict) -> JSONResponse:
@@ -163,9 +170,10 @@ class ResponseFormat:
     def delta(self, choice: Choice, out, chat: bool) -> dict:
         lps = out.new_logprobs
         if chat:
-            return {"index": choice.index, "delta": {"content": out.text} if out.text else {},
-                    "logprobs": self.chat_logprobs(out.new_token_ids, lps, self.top_logprobs) if lps is not None else None,
-                    "finish_reason": out.finish_reason if out.finished else None}
+            delta = {"index": choice.index, "delta": {"content": out.text} if out.text else {},
+                     "logprobs": self.chat_logprobs(out.new_token_ids, lps, self.top_logprobs) if lps is not None else None,
+                     "finish_reason": out.finish_reason if out.finished else None}
+            return delta if self.tool_deltas is None else self.tool_deltas(delta)
         return {"index": choice.index, "text": out.text,
                 "logprobs": self.completion_logprobs(out.new_token_ids, lps) if lps is not None else None,
                 "finish_reason": out.finish_reason if out.finished else None}
