@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                    help="/v1/completions or /v1/chat/completions (sessions always chat)")
     p.add_argument("--workload", choices=c.WORKLOADS, default="random")
-    load = p.add_argument_group("load shape")
+    add_load_args(p.add_argument_group("load shape"))
+    add_request_args(p.add_argument_group("requests"))
+    add_output_args(p.add_argument_group("output"))
+    return p
+
+
+def add_load_args(load: argparse._ArgumentGroup) -> None:
     load.add_argument("--concurrency", type=int, default=None, help="max requests in flight (default: no cap)")
     load.add_argument("--request-rate", type=float, default=math.inf,
                       help="arrivals per second, Poisson (default inf: all at once, capped by --concurrency)")
@@ -46,25 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--num-requests", type=int, default=None,
                       help=f"requests to measure (default {c.DEFAULT_NUM_REQUESTS}; unbounded with --duration)")
     load.add_argument("--duration", type=float, default=None, help="stop issuing requests after this many seconds")
-    load.add_argument("--warmup", type=int, default=c.DEFAULT_WARMUP, help="unmeasured requests first (default 2)")
+    load.add_argument("--warmup", type=int, default=c.DEFAULT_WARMUP, help=f"unmeasured requests first (default {c.DEFAULT_WARMUP})")
     load.add_argument("--seed", type=int, default=c.DEFAULT_SEED, help="prompts and arrivals (default 0)")
-    load.add_argument("--timeout", type=float, default=c.DEFAULT_TIMEOUT_S, help="per request, seconds")
-    shape = p.add_argument_group("requests")
-    shape.add_argument("--input-len", type=int, default=c.DEFAULT_INPUT_LEN, help="prompt words (~tokens)")
-    shape.add_argument("--output-len", type=int, default=c.DEFAULT_OUTPUT_LEN, help="max_tokens per request")
+    load.add_argument("--timeout", type=float, default=c.DEFAULT_TIMEOUT_S, help=f"per request, seconds (default {c.DEFAULT_TIMEOUT_S:.0f})")
+
+
+def add_request_args(shape: argparse._ArgumentGroup) -> None:
+    shape.add_argument("--input-len", type=int, default=c.DEFAULT_INPUT_LEN, help=f"prompt words, ~1 token each (default {c.DEFAULT_INPUT_LEN})")
+    shape.add_argument("--output-len", type=int, default=c.DEFAULT_OUTPUT_LEN, help=f"max_tokens per request (default {c.DEFAULT_OUTPUT_LEN})")
     shape.add_argument("--range-ratio", type=float, default=c.DEFAULT_RANGE_RATIO,
                        help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: fixed)")
     shape.add_argument("--shared-prefix-len", type=int, default=c.DEFAULT_SHARED_PREFIX_LEN,
-                       help="shared-prefix: words every prompt starts with")
-    shape.add_argument("--num-sessions", type=int, default=c.DEFAULT_NUM_SESSIONS, help="sessions: conversations")
-    shape.add_argument("--turns", type=int, default=c.DEFAULT_TURNS, help="sessions: turns per conversation")
+                       help=f"shared-prefix: words every prompt starts with (default {c.DEFAULT_SHARED_PREFIX_LEN})")
+    shape.add_argument("--num-sessions", type=int, default=c.DEFAULT_NUM_SESSIONS, help=f"sessions: conversations (default {c.DEFAULT_NUM_SESSIONS})")
+    shape.add_argument("--turns", type=int, default=c.DEFAULT_TURNS, help=f"sessions: turns per conversation (default {c.DEFAULT_TURNS})")
     shape.add_argument("--keep-sessions", action="store_true", help="sessions: do not delete them afterwards")
     shape.add_argument("--no-session-api", action="store_true",
                        help="sessions: resend the whole history on /v1/chat/completions even where the "
                             "server has /v1/sessions (default: use it when the probe finds it)")
     shape.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                        help="generate exactly --output-len tokens (default on)")
-    out = p.add_argument_group("output")
+
+
+def add_output_args(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--slo", default=None, help="e.g. ttft_ms=500,tpot_ms=50,e2e_ms=10000 (goodput)")
     out.add_argument("--out", default=None, help="write the result JSON here")
     out.add_argument("--plot", default=None, help="write a PNG of latencies, throughput, KV usage")
@@ -72,9 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--compare", nargs="+", default=None, metavar="URL[=NAME]",
                      help="also run the same workload against these servers, one after another")
     out.add_argument("--scrape-interval", type=float, default=c.DEFAULT_SCRAPE_INTERVAL_S,
-                     help="seconds between /metrics scrapes (default 0.5)")
+                     help=f"seconds between /metrics scrapes (default {c.DEFAULT_SCRAPE_INTERVAL_S})")
     out.add_argument("--no-progress", action="store_true", help="no live progress display")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

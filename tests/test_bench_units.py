@@ -2,6 +2,7 @@
 the summary table and the missing-extra message. No server."""
 from __future__ import annotations
 
+import asyncio
 import io
 import sys
 
@@ -154,3 +155,32 @@ def test_bad_flags_exit_2(capsys):
     assert bench_main(["--sweep-rate", "1,2", "--compare", "http://127.0.0.1:9"]) == 2
     assert bench_main(["--slo", "nope=1"]) == 2
     assert "loadtest: error" in capsys.readouterr().err
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [False, True])
+async def test_progress_display(monkeypatch, tty):
+    from loadtest import progress
+
+    stream = _Tty() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    live = LiveStats(total=4)
+    async with progress.live_progress(live, "srv"):
+        live.completed, live.failed, live.chunks = 3, 1, 40
+        await asyncio.sleep(2 * progress.REFRESH_S)
+    text = stream.getvalue()
+    assert "srv" in text and ("failed 1" in text if tty else "3/4 done, 1 failed" in text)
+
+
+def test_old_http_flags_translate():
+    from loadtest.http import translate
+
+    args = translate(["--concurrency", "4", "--requests", "8", "--max-tokens", "16", "--prompt-repeats", "2",
+                      "--json", "o.json", "--url", "http://h:1"])
+    assert args[args.index("--num-requests") + 1] == "8" and args[args.index("--output-len") + 1] == "16"
+    assert args[args.index("--input-len") + 1] == "30" and args[-4:] == ["--out", "o.json", "--url", "http://h:1"]
