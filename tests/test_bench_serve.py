@@ -186,3 +186,10 @@ def test_sweep_rate_and_the_old_http_flags(url, tmp_path):
                       "--prompt-repeats", "1", "--json", str(out), "--no-progress"]) == 0
     legacy = json.loads(out.read_text())
     assert legacy["completed"] == 2 and legacy["total_output_tokens"] == 6
+
+
+def test_duration_bounds_an_open_ended_run(url, tmp_path):
+    rc, r = bench(tmp_path, "--url", url, "--duration", "0.5", "--concurrency", "2")
+    assert rc == 0 and r["failed"] == 0 and r["completed"] >= 1
+    assert r["parameters"]["num_requests"] is None and r["parameters"]["duration_s"] == 0.5
+    assert r["total_output_tokens"] == r["completed"] * OUTPUT_LEN
