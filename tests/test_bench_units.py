@@ -184,3 +184,16 @@ def test_old_http_flags_translate():
                       "--json", "o.json", "--url", "http://h:1"])
     assert args[args.index("--num-requests") + 1] == "8" and args[args.index("--output-len") + 1] == "16"
     assert args[args.index("--input-len") + 1] == "30" and args[-4:] == ["--out", "o.json", "--url", "http://h:1"]
+
+
+def test_sessions_script_prints_ttft_per_turn(capsys):
+    from loadtest.sessions import MODE_A, MODE_B, print_turns
+
+    def run(ttfts: list[float], failed: int = 0) -> dict:
+        return {"failed": failed, "errors": ["HTTP 500: x"] * failed, "ttft_ms_by_turn": [
+            {"turn": i + 1, "ttft_ms": {"p50": t}, "prompt_tokens_mean": 100.0 * (i + 1)} for i, t in enumerate(ttfts)]}
+
+    print_turns({MODE_A: run([200.0, 220.0]), MODE_B: run([200.0, 500.0], failed=1)}, turns=2)
+    out = capsys.readouterr().out
+    assert "| 2 | 200 | 0.220 | 0.500 |" in out
+    assert f"{MODE_B}: turn 2 / turn 1 TTFT = 2.50x" in out and f"{MODE_B}: 1 failed" in out
