@@ -26,6 +26,7 @@ log = logging.getLogger("workmem.async_engine")
 T = TypeVar("T")
 
 IDLE_WAIT_S = 0.5  # how long the idle engine thread blocks on its inbox before re-checking
+DEFAULT_MAX_PENDING_OUTPUTS = 8192  # undelivered step outputs per request before it is cut off
 SESSION_EXPIRY_INTERVAL_S = 0.5  # how often the engine thread looks for expired sessions
 
 
@@ -39,6 +40,10 @@ class EngineDeadError(RuntimeError):
 
 class ShutdownError(RuntimeError):
     """The server stopped this request because it is shutting down."""
+
+
+class SlowReaderError(RuntimeError):
+    """The request's reader fell more than `max_pending` outputs behind; it was aborted."""
 
 
 @dataclass
@@ -111,9 +116,11 @@ _Message = _Add | _Call | _Abort | _FailAll | _Wake
 class AsyncEngine:
     """Thread-owned LLMEngine with an asyncio `generate()`; see module doc."""
 
-    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queue_len: int | None = None,
+                 max_pending: int = DEFAULT_MAX_PENDING_OUTPUTS) -> None:
         self.engine = engine
         self.max_queue_len = max_queue_len
+        self.max_pending = max_pending  # a reader this far behind is cut off (SlowReaderError)
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # engine thread's table of live requests
@@ -164,14 +171,14 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if self.max_queue_len is not None and self.stats.num_waiting + self._inbox.qsize() >= self.max_queue_len:
             raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
-        req = _Request(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        req = _Request(asyncio.get_running_loop(), _BoundedQueue(self.max_pending), params.n)
         self._inbox.put(_Add(request_id, list(prompt_token_ids), params, req, session_id, new_messages, cache_salt))
         done = False
         try:
             while True:
                 item = await req.queue.get()
                 if isinstance(item, BaseException):
-                    done = True
+                    done = not isinstance(item, SlowReaderError)  # a cut-off request still runs
                     raise item
                 yield item
                 if item.finished:
@@ -323,6 +330,26 @@ def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Step
 def _put_all(items: list[tuple[asyncio.Queue, StepOutput | BaseException]]) -> None:
     for q, item in items:
         q.put_nowait(item)
+
+
+class _BoundedQueue(asyncio.Queue):
+    """A request's outputs on their way to its reader. Past `limit` undelivered items the
+    backlog is dropped for a SlowReaderError: the reader gets it next and its generate()
+    aborts the request, so a client that stops reading cannot make the server hoard."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.cut = limit, False
+
+    def put_nowait(self, item) -> None:
+        if self.cut:
+            return
+        if self.qsize() >= self.limit:
+            while not self.empty():
+                self.get_nowait()
+            self.cut = True
+            item = SlowReaderError(f"the reader fell more than {self.limit} outputs behind")
+        super().put_nowait(item)
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:

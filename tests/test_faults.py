@@ -41,6 +41,39 @@ async def test_a_failing_request_fails_alone(tiny_checkpoint):
             assert (await c.get("/health")).status_code == 200
             again = await c.post("/v1/completions", json=good)  # the engine serves on
             assert again.status_code == 200
+        for _ in range(100):  # stats are published after the step that delivered the last token
+            if engine.stats.kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.02)
         assert engine.stats.kv_blocks_used == 0  # the failed requests' blocks came back
+    finally:
+        engine.shutdown()
+
+
+async def test_a_reader_that_falls_behind_is_cut_off(tiny_checkpoint):
+    from model.sampling import SamplingParams
+    from server.async_engine import AsyncEngine, SlowReaderError
+    from server.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model=str(tiny_checkpoint("llama")), dtype="float32", device="cpu", max_model_len=256,
+                          num_kv_blocks=64, block_size=8)
+    engine = AsyncEngine(LLMEngine(config), max_pending=4)
+    reasons: dict[str, str] = {}
+    engine.step_listeners.append(lambda outs: reasons.update({o.request_id: o.finish_reason for o in outs if o.finished}))
+    engine.start()
+    try:
+        stream = engine.generate("slow", [1, 2, 3], SamplingParams(max_tokens=250, ignore_eos=True))
+        await anext(stream)
+        await asyncio.sleep(0.05)  # the engine runs on; this reader does not (4 outputs fill its queue)
+        with pytest.raises(SlowReaderError):
+            async for _ in stream:
+                pass
+        for _ in range(200):  # the abort reaches the engine thread within a step
+            if engine.stats.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats.num_running == 0 and "slow" not in reasons  # aborted, never ran to its 250 tokens
+        fresh = [o async for o in engine.generate("ok", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))]
+        assert sum(len(o.new_token_ids) for o in fresh) == 3
     finally:
         engine.shutdown()

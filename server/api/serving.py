@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable, TypeVar
 from model.sampling import SamplingParams
 from server.api.errors import APIError, bad_request
 from server.api.state import AppState
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShutdownError
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShutdownError, SlowReaderError
 from server.engine import StepOutput
 from server.engine.sessions import SessionError
 
@@ -118,6 +118,7 @@ def session_error(exc: SessionError) -> APIError:
     return APIError(SESSION_ERROR_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
+MERGE_BUFFER = 64  # outputs of a request's prompts waiting for its writer
 MAX_LOGPROB_VALUES = 200_000  # n x max_tokens x (top_logprobs + 1) per prompt: bounds the response size
 
 
@@ -178,7 +179,7 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[Choice, StepOutput]]:
         """All prompts' outputs, merged; records metrics; closing it aborts everything."""
         streams = await self.start_streams()
-        merged: asyncio.Queue = asyncio.Queue()
+        merged: asyncio.Queue = asyncio.Queue(MERGE_BUFFER)  # full: the backlog stays in the engine's bounded queues
         done = object()
 
         async def pump(i: int, stream: AsyncIterator[StepOutput]) -> None:
@@ -199,6 +200,8 @@ class Generation:
                 if item is done:
                     remaining -= 1
                     continue
+                if isinstance(item, SlowReaderError):
+                    raise APIError(408, str(item), code="reader_too_slow")
                 if isinstance(item, (ShutdownError, EngineDeadError)):
                     raise APIError(503, str(item), code="server_shutting_down"
                                    if isinstance(item, ShutdownError) else "engine_dead")
