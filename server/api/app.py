@@ -19,6 +19,7 @@ from server.api.state import AppState, ServerSettings
 from server.async_engine import AsyncEngine
 
 OPEN_PATHS = ("/health",)  # answered without an API key (and while draining)
+BODY_POLL_S = 0.25  # how often a request body still arriving looks for a drain
 
 
 def create_app(
@@ -81,9 +82,10 @@ class LimitsMiddleware:
         body, more = [], True
         deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
         while more:  # buffer the body (bounded in size and time), then replay it to the app
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
+            message = await self._next_body_message(receive, deadline)
+            if message is None:
+                if self.state.draining:
+                    return await _reject(send, 503, "the server is shutting down", "server_shutting_down")
                 return await _reject(send, 408, f"the request body did not arrive within "
                                                 f"{self.settings.body_timeout_s:g} s", "request_timeout")
             if message["type"] != "http.request":
@@ -98,6 +100,20 @@ class LimitsMiddleware:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replay_receive, send)
+
+
+    async def _next_body_message(self, receive: Receive, deadline: float) -> dict | None:
+        """The next ASGI message, or None at the body deadline or when draining starts
+        (a client that never finishes its body must not hold a shutdown)."""
+        pending = asyncio.ensure_future(receive())
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.wait({pending}, timeout=max(0.0, min(deadline - loop.time(), BODY_POLL_S)))
+            if pending.done():
+                return pending.result()
+            if loop.time() >= deadline or self.state.draining:
+                pending.cancel()
+                return None
 
 
 def _bearer(headers: dict[str, str]) -> str:
