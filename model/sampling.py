@@ -313,16 +313,17 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return allowed
 
 
-def _apply_token_mask(x: torch.Tensor, mask: TokenMask | None) -> None:
-    """Forbidden tokens of the masked rows -> -inf; other rows are not touched."""
+def _apply_token_mask(x: torch.Tensor, mask: TokenMask | None) -> torch.Tensor:
+    """Forbidden tokens of the masked rows -> -inf; other rows are not touched. (One
+    `where` pass: on the CPU it beats masked_fill with the negated mask.)"""
     if mask is None or not mask.rows:
-        return
+        return x
     allowed = _to_device(unpack_bitmask(mask.bitmask, x.shape[1]), x.device)  # [G, V]
+    ninf = torch.tensor(float("-inf"), device=x.device)
     if mask.rows == list(range(x.shape[0])):
-        x.masked_fill_(~allowed, float("-inf"))
-        return
+        return torch.where(allowed, x, ninf)
     idx = _tensor(mask.rows, torch.long, x.device)
-    x.index_copy_(0, idx, x.index_select(0, idx).masked_fill_(~allowed, float("-inf")))
+    return x.index_copy_(0, idx, torch.where(allowed, x.index_select(0, idx), ninf))
 
 
 def process_logits(logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMask | None = None) -> torch.Tensor:
@@ -333,8 +334,7 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMas
     _apply_logit_bias(x, rows)
     _apply_min_tokens(x, rows)
     _apply_penalties(x, rows)
-    _apply_token_mask(x, mask)
-    return x
+    return _apply_token_mask(x, mask)
 
 
 class Sampler:

@@ -14,7 +14,7 @@ import torch
 
 from model.sampling import GrammarSpec, SamplingParams, SamplingRow, TokenMask, process_logits, unpack_bitmask
 from server.engine import LLM, EngineConfig, LLMEngine
-from server.engine.grammar import GrammarCompiler, GrammarState, check_grammar
+from server.engine.grammar import BitmaskFiller, GrammarCompiler, GrammarState, check_grammar
 from server.engine.sessions import Session
 
 MAX_MODEL_LEN = 256
@@ -163,6 +163,8 @@ def test_grammar_state_syncs_forward_and_rolls_back(llm):
     fresh.sync(prompt + tokens[:1], len(prompt))
     masks = llm.engine.runner.fill_bitmasks([state, fresh], llm.engine.model_config.vocab_size)
     assert torch.equal(masks[0], masks[1]) and state.num_consumed == 1
+    pooled = BitmaskFiller(parallel_rows=1)([state, fresh], llm.engine.model_config.vocab_size)
+    assert torch.equal(pooled, masks) and 0 < int(unpack_bitmask(masks, 384).sum()) < 2 * 384
     bad = GrammarState(compiler.matcher(spec))
     bad.sync(prompt + llm.tokenizer.encode("-", add_special_tokens=False), len(prompt))
     assert bad.failed and bad.done

@@ -29,6 +29,7 @@ log = logging.getLogger("workmem.grammar")
 DEFAULT_GRAMMAR_CACHE_SIZE = 128  # compiled grammars kept (LRU)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 LLGUIDANCE_LOG_LEVEL = 0  # matchers report errors through is_error()/get_error(), not stderr
+PARALLEL_MASK_ROWS = 32  # constrained rows from which masks go through llguidance's thread pool
 
 
 def grammar_text(spec: GrammarSpec) -> str:
@@ -132,10 +133,14 @@ class GrammarState:
 
 
 class BitmaskFiller:
-    """Computes the next-token bitmasks of a step's constrained rows in one llguidance call
-    (parallel over rows in its thread pool, GIL released) into a reused host buffer."""
+    """Computes the next-token bitmasks of a step's constrained rows together into a reused
+    host buffer, the GIL released: row by row on this thread, or, from `parallel_rows` rows
+    on, in one call to llguidance's thread pool (on 2 cores, 16 rows of a JSON schema over a
+    49k vocabulary took 0.21 ms on this thread and 0.33 ms through the pool, whose workers
+    also compete with torch's for the cores)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parallel_rows: int = PARALLEL_MASK_ROWS) -> None:
+        self.parallel_rows = parallel_rows
         self._executor: llguidance.LLExecutor | None = None
         self._buffer = torch.empty(0, 0, dtype=torch.int32)
 
@@ -145,9 +150,13 @@ class BitmaskFiller:
         words = (vocab_size + 31) // 32
         if self._buffer.shape[0] < len(states) or self._buffer.shape[1] != words:
             self._buffer = torch.empty(max(len(states), self._buffer.shape[0]), words, dtype=torch.int32)
+        out = self._buffer[: len(states)]  # contiguous rows
+        if len(states) < self.parallel_rows:
+            for i, s in enumerate(states):
+                s.matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), words * 4)
+            return out
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        out = self._buffer[: len(states)]  # contiguous rows
         self._executor.unsafe_compute_mask_ptr(
             [(s.matcher, i) for i, s in enumerate(states)], out.data_ptr(), words * 4, len(states))
         return out
