@@ -147,6 +147,15 @@ class AsyncEngine:
                     log.info("saved the KV of %d resident sessions", saved)
 
     @property
+    def tokenizer(self):
+        """The model's tokenizer (thread-safe: the API tokenizes in worker threads)."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 

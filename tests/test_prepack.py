@@ -9,7 +9,7 @@ from torch import nn
 
 from model.loader import load_model
 from model.prepack import PrepackedLinear, prepack_available, prepack_linears
-from model.quant import QuantConfig, QuantLinear, quantize_int4
+from model.quant import QuantLinear, quantize_int4
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not prepack_available(CPU, torch.float32), reason="torch built without oneDNN")

@@ -21,14 +21,14 @@ async def models(request: Request):
     return {"object": "list", "data": [{
         "id": state.settings.served_model_name, "object": "model", "created": int(state.started),
         "owned_by": "workmem",
-        "max_model_len": engine.engine.max_model_len if engine else None,
+        "max_model_len": engine.max_model_len if engine else None,
     }]}
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
     state = request.app.state.workmem
-    engine = serving_engine(state, body.model).engine
+    engine = serving_engine(state, body.model)
     tok = engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt or messages", param="prompt")
@@ -46,7 +46,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = request.app.state.workmem
-    tok = serving_engine(state, body.model).engine.tokenizer
+    tok = serving_engine(state, body.model).tokenizer
     if any(t < 0 or t >= tok.vocab_size for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
     return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}

@@ -32,7 +32,7 @@ def _state(request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = serving_engine(state, body.model)
-    tok = engine.engine.tokenizer
+    tok = engine.tokenizer
     texts = [body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)]
     check_text_fits(engine, texts, "prompt")
     prompts = await off_loop(_completion_prompts, body.prompt, tok)
@@ -57,8 +57,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = serving_engine(_state(request), body.model)
     messages = body.template_messages()
     check_text_fits(engine, [m["content"] for m in messages], "messages")
-    tools = request_tools(body, engine.engine.tokenizer)
-    encode = functools.partial(engine.engine.tokenizer.encode_chat, tools=tools.tools)
+    tools = request_tools(body, engine.tokenizer)
+    encode = functools.partial(engine.tokenizer.encode_chat, tools=tools.tools)
     try:
         prompt = await off_loop(encode, messages, body.add_generation_prompt)
     except ValueError as exc:
@@ -82,7 +82,7 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages,
                      body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
-                         engine.engine.tokenizer, top_logprobs=logprobs)
+                         engine.tokenizer, top_logprobs=logprobs)
     fmt.tool_deltas = ToolCallDeltas() if tools.parse else None
     if body.stream:
         return await stream_response(request, gen, fmt, body.include_usage, chat=True)

@@ -77,7 +77,7 @@ def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, 
     (--max-tokens-limit) and the context; 400 with the numbers."""
     if requested is not None and cap is not None and requested > cap:
         raise APIError(400, f"max_tokens={requested} is over this server's limit of {cap}", param="max_tokens")
-    limit = engine.engine.max_model_len
+    limit = engine.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
                        f"has {prompt_len} tokens", param=prompt_param, code="context_length_exceeded")
@@ -97,9 +97,9 @@ TEXT_FIT_SLACK = 2  # normalizers may shrink text: reject only what cannot fit t
 def check_text_fits(engine: AsyncEngine, texts: list[str], param: str) -> None:
     """400 before tokenizing (cheap, on the event loop) when the text alone cannot fit the
     context: no token spans more than `tokenizer.max_token_chars` characters."""
-    limit = engine.engine.max_model_len
+    limit = engine.max_model_len
     total = sum(map(len, texts))
-    if total > limit * engine.engine.tokenizer.max_token_chars * TEXT_FIT_SLACK:
+    if total > limit * engine.tokenizer.max_token_chars * TEXT_FIT_SLACK:
         raise APIError(400, f"this model's maximum context length is {limit} tokens; {total} characters "
                        f"of {param} cannot fit", param=param, code="context_length_exceeded")
 

@@ -58,7 +58,7 @@ async def create_session(body: SessionCreateRequest, request: Request):
 
     def create(engine):
         engine.sessions.create(Session(session_id, ttl, messages=messages, metadata=metadata, owner=owner))
-        return engine.sessions.get(session_id).info(engine.config.block_size)
+        return engine.sessions.info(session_id)
 
     return _describe(request, await _call(request, create))
 
@@ -69,11 +69,7 @@ async def list_sessions(request: Request, limit: int = Query(DEFAULT_LIST_LIMIT,
     """The caller's sessions, oldest first, a page at a time (`after`: the last id seen)."""
     owner = _owner(request)
 
-    def page(engine):
-        sessions, more = engine.sessions.listing(owner, limit, after)
-        return [s.info(engine.config.block_size) for s in sessions], more
-
-    infos, has_more = await _call(request, page)
+    infos, has_more = await _call(request, lambda e: e.sessions.listing(owner, limit, after))
     return {"object": "list", "data": [_describe(request, i) for i in infos], "has_more": has_more,
             "first_id": infos[0]["id"] if infos else None, "last_id": infos[-1]["id"] if infos else None}
 
@@ -81,19 +77,13 @@ async def list_sessions(request: Request, limit: int = Query(DEFAULT_LIST_LIMIT,
 @router.get("/v1/sessions/{session_id}")
 async def get_session(session_id: str, request: Request):
     owner = _owner(request)
-    return _describe(request, await _call(request, lambda e: e.sessions.get(session_id, owner).info(e.config.block_size)))
+    return _describe(request, await _call(request, lambda e: e.sessions.info(session_id, owner)))
 
 
 @router.delete("/v1/sessions/{session_id}")
 async def delete_session(session_id: str, request: Request):
     owner = _owner(request)
-
-    def delete(engine):
-        if engine.sessions.get(session_id, owner).busy:
-            raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
-        engine.sessions.delete(session_id)
-
-    await _call(request, delete)
+    await _call(request, lambda e: e.sessions.delete(session_id, owner))
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
@@ -104,7 +94,8 @@ async def fork_session(session_id: str, request: Request, body: SessionForkReque
     owner = _owner(request)
 
     def fork(engine):
-        return engine.sessions.fork(session_id, new_id, ttl, owner).info(engine.config.block_size)
+        engine.sessions.fork(session_id, new_id, ttl, owner)
+        return engine.sessions.info(new_id)
 
     return _describe(request, await _call(request, fork))
 
@@ -115,17 +106,15 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     engine = serving_engine(state, body.model)
     owner = _owner(request)
     snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
-    if snapshot["busy"]:
-        raise APIError(409, f"session {session_id!r} already has a turn running", code="session_busy")
     new = body.template_messages()
     check_text_fits(engine, [m["content"] for m in new], "messages")
-    prompt = await off_loop(turn_prompt, engine.engine.tokenizer, snapshot, new, engine.engine.max_model_len)
+    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.max_model_len)
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new)
 
 
 def _snapshot(engine, session_id: str, owner: str | None) -> dict:
     s = engine.sessions.touch(session_id, owner)
-    return {"token_ids": list(s.token_ids), "messages": list(s.messages), "busy": s.busy,
+    return {"token_ids": list(s.token_ids), "messages": list(s.messages),
             "overflow": s.metadata.get("overflow", "error")}
 
 

@@ -11,21 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from server.engine.sessions import Session
+from server.engine.session_record import BrokenSession, Session
 
 FORMAT_VERSION = 1
 SUFFIX = ".session.json"
-
-
-@dataclass
-class BrokenSession:
-    """A session file that could not be read back; the session answers this error."""
-
-    session_id: str
-    error: str
 
 
 class SessionStore:

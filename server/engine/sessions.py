@@ -15,57 +15,16 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
+from server.engine.session_record import BrokenSession, Session, SessionError
+
+__all__ = ["BrokenSession", "Session", "SessionError", "SessionTable"]
 
 if TYPE_CHECKING:
-    from server.engine.offload import HostKVSwapper, KVSwapper, OffloadedKV
+    from server.engine.offload import HostKVSwapper, KVSwapper
     from server.engine.session_store import SessionStore
-
-
-class SessionError(ValueError):
-    """A session operation that cannot be done (unknown id, busy, table full)."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Session:
-    """Engine-side state of one conversation. `messages`/`metadata` are opaque to the engine."""
-
-    session_id: str
-    ttl: float
-    token_ids: list[int] = field(default_factory=list)  # transcript exactly as the model saw it
-    block_table: list[int] = field(default_factory=list)  # pinned blocks: full ones + a partial tail
-    block_hashes: list[int] = field(default_factory=list)  # content hashes of the full ones
-    num_kv_tokens: int = 0  # tokens (a prefix of token_ids) whose KV the pinned blocks hold
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    num_turns: int = 0
-    busy: bool = False
-    offloaded: "OffloadedKV | None" = None  # where its KV went when it left the pool
-    owner: str | None = None  # fingerprint of the API key that created it; None: anyone's
-
-    @property
-    def tier(self) -> str:
-        if self.block_table:
-            return "resident"
-        return "offloaded" if self.offloaded is not None else "dropped"
-
-    def info(self, block_size: int) -> dict[str, Any]:
-        return {
-            "id": self.session_id, "created": int(self.created), "last_used": int(self.last_used),
-            "expires_at": int(self.last_used + self.ttl), "num_turns": self.num_turns,
-            "num_tokens": len(self.token_ids), "num_resident_tokens": self.num_kv_tokens,
-            "num_kv_blocks": len(self.block_table), "tier": self.tier, "busy": self.busy,
-            "messages": list(self.messages), "metadata": dict(self.metadata),
-        }
 
 
 class SessionTable:
@@ -93,8 +52,6 @@ class SessionTable:
 
     def _load(self, store: "SessionStore") -> None:
         """Sessions saved by an earlier run come back in the dropped tier (KV recomputed)."""
-        from server.engine.session_store import BrokenSession
-
         for found in store.load_all():
             if isinstance(found, BrokenSession):
                 self.broken[found.session_id] = found.error
@@ -136,9 +93,9 @@ class SessionTable:
         self._touch(session)
         return session
 
-    def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[Session], bool]:
-        """Up to `limit` of `owner`'s sessions, oldest first, after the session id `after`;
-        and whether more follow."""
+    def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
+        the session id `after`; and whether more follow."""
         mine = sorted((s for s in self.sessions.values() if _visible(s, owner)),
                       key=lambda s: (s.created, s.session_id))
         if after is not None:
@@ -146,7 +103,7 @@ class SessionTable:
             if after not in ids:
                 raise SessionError(f"session {after!r} (after) does not exist", "session_not_found")
             mine = mine[ids.index(after) + 1 :]
-        return mine[:limit], len(mine) > limit
+        return [s.info(self.pool.block_size) for s in mine[:limit]], len(mine) > limit
 
     def begin_turn(self, session_id: str) -> Session:
         session = self.get(session_id)
@@ -226,9 +183,18 @@ class SessionTable:
         self.enforce_budget()
         return child
 
-    def delete(self, session_id: str) -> None:
+    def info(self, session_id: str, owner: str | None = None) -> dict[str, Any]:
+        """What the API shows of a session (see `get` for `owner`)."""
+        return self.get(session_id, owner).info(self.pool.block_size)
+
+    def delete(self, session_id: str, owner: str | None = None) -> None:
+        """Forget a session and free its blocks; session_busy while a turn runs. A session
+        whose file is unreadable can be deleted by anyone (its owner is unknown)."""
         if self.broken.pop(session_id, None) is None:
-            self._release(self.get(session_id))
+            session = self.get(session_id, owner)
+            if session.busy:
+                raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
+            self._release(session)
             del self.sessions[session_id]
         if self.store is not None:
             self.store.delete(session_id)

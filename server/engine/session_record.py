@@ -1,0 +1,61 @@
+"""A session's record: what the session table (sessions.py) keeps in memory and the store
+(session_store.py) writes to disk. Its own module so that neither imports the other."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.engine.offload import OffloadedKV
+
+
+class SessionError(ValueError):
+    """A session operation that cannot be done (unknown id, busy, table full)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    """Engine-side state of one conversation. `messages`/`metadata` are opaque to the engine."""
+
+    session_id: str
+    ttl: float
+    token_ids: list[int] = field(default_factory=list)  # transcript exactly as the model saw it
+    block_table: list[int] = field(default_factory=list)  # pinned blocks: full ones + a partial tail
+    block_hashes: list[int] = field(default_factory=list)  # content hashes of the full ones
+    num_kv_tokens: int = 0  # tokens (a prefix of token_ids) whose KV the pinned blocks hold
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    num_turns: int = 0
+    busy: bool = False
+    offloaded: "OffloadedKV | None" = None  # where its KV went when it left the pool
+    owner: str | None = None  # fingerprint of the API key that created it; None: anyone's
+
+    @property
+    def tier(self) -> str:
+        if self.block_table:
+            return "resident"
+        return "offloaded" if self.offloaded is not None else "dropped"
+
+    def info(self, block_size: int) -> dict[str, Any]:
+        return {
+            "id": self.session_id, "created": int(self.created), "last_used": int(self.last_used),
+            "expires_at": int(self.last_used + self.ttl), "num_turns": self.num_turns,
+            "num_tokens": len(self.token_ids), "num_resident_tokens": self.num_kv_tokens,
+            "num_kv_blocks": len(self.block_table), "tier": self.tier, "busy": self.busy,
+            "messages": list(self.messages), "metadata": dict(self.metadata),
+        }
+
+
+@dataclass
+class BrokenSession:
+    """A session file that could not be read back; the session answers this error."""
+
+    session_id: str
+    error: str
