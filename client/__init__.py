@@ -9,7 +9,8 @@
         print(s.send("Hi", max_tokens=16).text, s.id)
 """
 from client.async_client import AsyncClient
-from client.client import Client, Completion, SSEDecoder, StreamParser, Usage
+from client.client import Client
+from client.core import Completion, SSEDecoder, StreamParser, Usage
 from client.errors import (
     APIConnectionError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
     NotFoundError, PayloadTooLargeError, RateLimitError, ServerError, ServiceUnavailableError,

@@ -1,23 +1,21 @@
 """Asynchronous workmem client: `Client`'s API with coroutines and async iterators.
 
-Same bodies, stream parsing and retry policy as `client.client` (see its docstring).
+Same bodies, stream parsing and retry policy as `Client` (client/core.py).
 """
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from client.client import (
+from client.core import (
     DEFAULT_BACKOFF_S, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, SESSIONS_PATH,
-    Completion, Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error,
+    Completion, Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error, create_body,
     may_retry_transport, normalize_base_url, request_body, response_json, retry_delay,
 )
 from client.errors import WorkmemError, error_from_response
-
-if TYPE_CHECKING:
-    from client.sessions import AsyncSession
+from client.sessions import AsyncSession
 
 
 class AsyncClient:
@@ -39,22 +37,22 @@ class AsyncClient:
 
     async def complete(self, prompt: str | list[int], **params: Any) -> Completion:
         body = request_body(await self._model_for(params), "prompt", prompt, params, stream=False)
-        return Completion.from_response(response_json(await self._send("/v1/completions", body)), chat=False)
+        return Completion.from_response(response_json(await self.request("/v1/completions", body)), chat=False)
 
     async def chat(self, messages: Messages | str, **params: Any) -> Completion:
         body = request_body(await self._model_for(params), "messages", chat_messages(messages), params, stream=False)
-        return Completion.from_response(response_json(await self._send("/v1/chat/completions", body)), chat=True)
+        return Completion.from_response(response_json(await self.request("/v1/chat/completions", body)), chat=True)
 
     async def stream_complete(self, prompt: str | list[int], **params: Any) -> AsyncIterator[str | Usage]:
         """Text deltas as they arrive, then the request's Usage."""
         body = request_body(await self._model_for(params), "prompt", prompt, params, stream=True)
-        async for item in self._stream("/v1/completions", body, chat=False):
+        async for item in self.stream_events("/v1/completions", body, chat=False):
             yield item
 
     async def stream_chat(self, messages: Messages | str, **params: Any) -> AsyncIterator[str | Usage]:
         """Assistant text deltas as they arrive, then the request's Usage."""
         body = request_body(await self._model_for(params), "messages", chat_messages(messages), params, stream=True)
-        async for item in self._stream("/v1/chat/completions", body, chat=True):
+        async for item in self.stream_events("/v1/chat/completions", body, chat=True):
             yield item
 
     async def create_session(
@@ -62,23 +60,19 @@ class AsyncClient:
         metadata: dict[str, Any] | None = None, overflow: str | None = None,
     ) -> AsyncSession:
         """A new server-side session (see client.sessions); `system` becomes its first message."""
-        from client.sessions import AsyncSession, create_body  # sessions.py builds on this module
-
         body = create_body(self.model, system, ttl_seconds, messages, metadata, overflow)
-        data = response_json(await self._send(SESSIONS_PATH, body, idempotent=False))
+        data = response_json(await self.request(SESSIONS_PATH, body, idempotent=False))
         return AsyncSession(self, data["id"], data)
 
     def session(self, session_id: str) -> AsyncSession:
         """Handle on an existing session (e.g. to resume it); makes no request."""
-        from client.sessions import AsyncSession
-
         return AsyncSession(self, session_id)
 
     async def list_sessions(self) -> list[dict[str, Any]]:
-        return response_json(await self._send(SESSIONS_PATH)).get("data", [])
+        return response_json(await self.request(SESSIONS_PATH)).get("data", [])
 
     async def models(self) -> list[str]:
-        return [m["id"] for m in response_json(await self._send("/v1/models")).get("data", [])]
+        return [m["id"] for m in response_json(await self.request("/v1/models")).get("data", [])]
 
     async def health(self) -> bool:
         """True iff GET /health answers 200; never retries, never raises."""
@@ -109,10 +103,10 @@ class AsyncClient:
             model = self.model = ids[0]
         return model
 
-    async def _stream(
+    async def stream_events(
         self, path: str, body: dict[str, Any], chat: bool, idempotent: bool = True,
     ) -> AsyncIterator[str | Usage]:
-        resp = await self._send(path, body, stream=True, idempotent=idempotent)
+        resp = await self.request(path, body, stream=True, idempotent=idempotent)
         parser = StreamParser(chat)
         try:
             async for line in resp.aiter_lines():
@@ -127,7 +121,7 @@ class AsyncClient:
         finally:
             await resp.aclose()
 
-    async def _send(
+    async def request(
         self, path: str, body: dict[str, Any] | None = None, stream: bool = False,
         method: str | None = None, idempotent: bool = True,
     ) -> httpx.Response:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterator, Protocol, TextIO
 
-from client.client import Client, Messages, Usage
+from client.client import Client
+from client.core import Messages, Usage
 from client.errors import NotFoundError, WorkmemError
 from client.sessions import Session
 

@@ -22,48 +22,15 @@ ConflictError, an unknown or deleted one NotFoundError.
 from __future__ import annotations
 
 from typing import Any, AsyncIterator, Awaitable, Iterator, Literal, overload
-from urllib.parse import quote
 
-from client.async_client import AsyncClient
-from client.client import (
-    SESSIONS_PATH, Client, Completion, Messages, Usage, chat_messages, request_body, response_json,
-)
-
-
-def session_path(session_id: str, suffix: str = "") -> str:
-    return f"{SESSIONS_PATH}/{quote(session_id, safe='')}{suffix}"
-
-
-def create_body(
-    model: str | None, system: str | None, ttl_seconds: float | None, messages: Messages | None,
-    metadata: dict[str, Any] | None, overflow: str | None,
-) -> dict[str, Any]:
-    """POST /v1/sessions body; unset fields are left to the server's defaults."""
-    initial = ([{"role": "system", "content": system}] if system else []) + list(messages or [])
-    body = {"model": model, "messages": initial or None, "ttl_seconds": ttl_seconds,
-            "metadata": metadata, "overflow": overflow}
-    return {k: v for k, v in body.items() if v is not None}
-
-
-def turn_body(default_model: str | None, messages: Messages | str, params: dict[str, Any], stream: bool) -> dict[str, Any]:
-    """A turn's chat-completions body: only the new messages; `model` only when known
-    (the session already has one, so no GET /v1/models round trip)."""
-    model = params.pop("model", None) or default_model
-    body = request_body(model or "", "messages", chat_messages(messages), params, stream)
-    if not model:
-        del body["model"]
-    return body
-
-
-def fork_body(ttl_seconds: float | None) -> dict[str, Any]:
-    return {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+from client.core import Completion, Messages, Transport, Usage, fork_body, response_json, session_path, turn_body
 
 
 class Session:
-    """A server-side session seen through a `Client`. `data` is the session object from
+    """A server-side session seen through a `Client` (any blocking `Transport`). `data` is the session object from
     the last create/fork/info answer (empty for a handle made by `Client.session`)."""
 
-    def __init__(self, client: Client, session_id: str, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, client: Transport, session_id: str, data: dict[str, Any] | None = None) -> None:
         self.client, self.id, self.data = client, session_id, dict(data or {})
 
     @overload
@@ -76,21 +43,21 @@ class Session:
         body = turn_body(self.client.model, messages, params, stream)
         path = session_path(self.id, "/chat/completions")
         if stream:
-            return self.client._stream(path, body, chat=True, idempotent=False)
-        return Completion.from_response(response_json(self.client._send(path, body, idempotent=False)), chat=True)
+            return self.client.stream_events(path, body, chat=True, idempotent=False)
+        return Completion.from_response(response_json(self.client.request(path, body, idempotent=False)), chat=True)
 
     def info(self) -> dict[str, Any]:
-        self.data = response_json(self.client._send(session_path(self.id)))
+        self.data = response_json(self.client.request(session_path(self.id)))
         return self.data
 
     def fork(self, ttl_seconds: float | None = None) -> Session:
         """A new session sharing this one's history (and its KV blocks on the server)."""
-        resp = self.client._send(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
+        resp = self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
         data = response_json(resp)
         return Session(self.client, data["id"], data)
 
     def delete(self) -> None:
-        self.client._send(session_path(self.id), method="DELETE", idempotent=False)
+        self.client.request(session_path(self.id), method="DELETE", idempotent=False)
 
     def __repr__(self) -> str:
         return f"Session({self.id!r})"
@@ -100,7 +67,7 @@ class AsyncSession:
     """`Session` for an `AsyncClient`: `await s.send(...)` for a Completion, or
     `async for item in s.send(..., stream=True)` for deltas then a Usage."""
 
-    def __init__(self, client: AsyncClient, session_id: str, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, client: Transport, session_id: str, data: dict[str, Any] | None = None) -> None:
         self.client, self.id, self.data = client, session_id, dict(data or {})
 
     @overload
@@ -114,23 +81,23 @@ class AsyncSession:
         body = turn_body(self.client.model, messages, params, stream)
         path = session_path(self.id, "/chat/completions")
         if stream:
-            return self.client._stream(path, body, chat=True, idempotent=False)
+            return self.client.stream_events(path, body, chat=True, idempotent=False)
         return self._complete(path, body)
 
     async def info(self) -> dict[str, Any]:
-        self.data = response_json(await self.client._send(session_path(self.id)))
+        self.data = response_json(await self.client.request(session_path(self.id)))
         return self.data
 
     async def fork(self, ttl_seconds: float | None = None) -> AsyncSession:
-        resp = await self.client._send(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
+        resp = await self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
         data = response_json(resp)
         return AsyncSession(self.client, data["id"], data)
 
     async def delete(self) -> None:
-        await self.client._send(session_path(self.id), method="DELETE", idempotent=False)
+        await self.client.request(session_path(self.id), method="DELETE", idempotent=False)
 
     async def _complete(self, path: str, body: dict[str, Any]) -> Completion:
-        resp = await self.client._send(path, body, idempotent=False)
+        resp = await self.client.request(path, body, idempotent=False)
         return Completion.from_response(response_json(resp), chat=True)
 
     def __repr__(self) -> str:

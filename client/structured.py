@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from client.client import Completion
+from client.core import Completion
 
 
 def json_schema_format(schema: Any, name: str | None = None, strict: bool = True) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-import client.client as client_mod
+import client.core as client_mod  # the retry policy lives in the core
 from client import (
     APIConnectionError, AsyncClient, AuthenticationError, BadRequestError, Client, NotFoundError,
     PayloadTooLargeError, RateLimitError, ServerError, ServiceUnavailableError, StreamParser, Usage,
