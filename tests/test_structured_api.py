@@ -209,6 +209,18 @@ async def test_required_tool_call_whole_and_streamed(tool_client):
     assert not "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).strip()
 
 
+async def test_session_turns_take_tools_too(tool_client, client):
+    sid = (await tool_client.post("/v1/sessions", json={})).json()["id"]
+    req = {"messages": USER, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 150, "temperature": 1.0,
+           "seed": 3}
+    r = await tool_client.post(f"/v1/sessions/{sid}/chat/completions", json=req)
+    (choice,) = r.json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    plain = (await client.post("/v1/sessions", json={})).json()["id"]  # a template without a tool-call format
+    r = await client.post(f"/v1/sessions/{plain}/chat/completions", json={"messages": USER, "tools": [WEATHER]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # refused, not silently ignored
+
+
 class Answer(pydantic.BaseModel):
     color: Literal["red", "green", "blue"]
     size: int = pydantic.Field(ge=0, le=99)

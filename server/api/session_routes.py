@@ -20,6 +20,7 @@ from fastapi import APIRouter, Query, Request
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError
 from server.api.openai_routes import STREAMED, chat_response
+from server.api.tools import request_tools
 from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
 from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
 from server.engine.sessions import Session, SessionError
@@ -108,8 +109,9 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
     new = body.template_messages()
     check_text_fits(engine, [m["content"] for m in new], "messages")
-    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.max_model_len)
-    return await chat_response(request, body, prompt, session_id=session_id, new_messages=new)
+    tools = request_tools(body, engine.tokenizer)
+    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.max_model_len, tools.tools)
+    return await chat_response(request, body, prompt, session_id=session_id, new_messages=new, tools=tools)
 
 
 def _snapshot(engine, session_id: str, owner: str | None) -> dict:
@@ -118,17 +120,19 @@ def _snapshot(engine, session_id: str, owner: str | None) -> dict:
             "overflow": s.metadata.get("overflow", "error")}
 
 
-def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: int) -> list[int]:
-    """Transcript tokens + the new text's tokens; re-rendered whole if the template does
-    not extend the transcript. Over the context: 400, or drop old turns ("truncate")."""
+def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: int,
+                tools: list[dict] | None = None) -> list[int]:
+    """Transcript tokens + the new text's tokens (`tools` rendered by the template as in a
+    chat); re-rendered whole if the template does not extend the transcript. Over the
+    context: 400, or drop old turns ("truncate")."""
     history, transcript = snapshot["messages"], snapshot["token_ids"]
     try:
-        prompt = _extend(tok, history + new, transcript)
+        prompt = _extend(tok, history + new, transcript, tools)
         while len(prompt) >= max_model_len and snapshot["overflow"] == "truncate":
             history = _drop_oldest_turn(history)
             if history is None:
                 break
-            prompt = tok.encode_chat(history + new)
+            prompt = tok.encode_chat(history + new, tools=tools)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     if len(prompt) >= max_model_len:
@@ -138,10 +142,10 @@ def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: 
     return prompt
 
 
-def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int]) -> list[int]:
+def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int], tools: list[dict] | None) -> list[int]:
     if not transcript:
-        return tok.encode_chat(messages)
-    full = tok.render_chat(messages, add_generation_prompt=True)
+        return tok.encode_chat(messages, tools=tools)
+    full = tok.render_chat(messages, add_generation_prompt=True, tools=tools)
     seen = tok.decode(transcript, skip_special_tokens=False)
     if full.text.startswith(seen):
         return transcript + tok.encode_rendered(full, start=len(seen))
