@@ -17,7 +17,7 @@ from schemathesis.checks import (
 
 from tests.server_fixtures import make_app, start_engine
 
-EXAMPLES = int(os.environ.get("WORKMEM_FUZZ_EXAMPLES", "20"))  # per operation and mode
+EXAMPLES = int(os.environ.get("WORKMEM_FUZZ_EXAMPLES", "50"))  # per operation and mode (~900 cases, ~35 s)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
