@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,19 +22,11 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.offload import HostKVSwapper, KVSwapper
+from server.engine.offload import HostKVSwapper, KVSwap, KVSwapper
 from server.engine.session_store import SessionStore
-from server.engine.sessions import Session, SessionTable
+from server.engine.sessions import SessionTable, SessionTurn, TurnResult
 
 log = logging.getLogger("workmem.engine")
-
-
-@dataclass
-class SessionTurn:
-    """A sequence that is a session's turn, and the messages it adds."""
-
-    session: Session
-    new_messages: list[dict]
 
 
 def kv_namespace(model: str, dtype: torch.dtype, quantization: str) -> str:
@@ -95,7 +86,7 @@ class LLMEngine:
             self.kernel_backend, config.quantization,
         )
 
-    def _offload_tier(self) -> KVSwapper | HostKVSwapper | None:
+    def _offload_tier(self) -> KVSwap | None:
         """Where idle sessions' KV goes when it leaves the pool: --session-dir, else host
         memory on CUDA, else nowhere (dropped and recomputed; on CPU the pool is host memory)."""
         if self.config.session_dir:
@@ -160,7 +151,7 @@ class LLMEngine:
         aborted = self.scheduler.abort(request_id)
         for seq in aborted:
             if seq.session_turn is not None:  # the session stays as it was before the turn
-                self.sessions.end_turn(seq.session_turn.session, None, [], [], 0, None)
+                self.sessions.abort_turn(seq.session_turn.session)
         return [self._final(seq, []) for seq in aborted]
 
     def has_unfinished(self) -> bool:
@@ -235,8 +226,8 @@ class LLMEngine:
         """Hand the finished turn's transcript and full KV blocks to its session."""
         turn = seq.session_turn
         messages = turn.session.messages + turn.new_messages + [{"role": "assistant", "content": reply}]
-        self.sessions.end_turn(turn.session, seq.token_ids, seq.block_table, seq.block_hashes,
-                               seq.num_computed_tokens, messages)
+        self.sessions.commit_turn(turn.session, TurnResult(seq.token_ids, seq.block_table, seq.block_hashes,
+                                                           seq.num_computed_tokens, messages))
 
     def _final(self, seq: Sequence, tokens: list[int], logprob=None, text: str = "") -> StepOutput:
         self.streams.pop(seq, None)

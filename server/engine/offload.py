@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,8 +32,21 @@ class OffloadedKV:
     block_hashes: list[int]
 
 
+class KVSwap(Protocol):
+    """Where idle sessions' KV goes and comes back from; `KVSwapper` (disk) and
+    `HostKVSwapper` (host memory) implement it, the session table uses only this."""
+
+    def save(self, session_id: str, blocks: list[int], block_hashes: list[int]) -> OffloadedKV: ...
+
+    def read(self, offloaded: OffloadedKV, session_id: str = "") -> "SavedKV | None": ...
+
+    def discard(self, session_id: str) -> None: ...
+
+    def find(self, session_id: str) -> OffloadedKV | None: ...
+
+
 class KVSwapper:
-    """Copies blocks of the engine's KV cache to files and back."""
+    """Copies blocks of the engine's KV cache to files and back (a KVSwap)."""
 
     def __init__(self, kv_cache: torch.Tensor, block_size: int, directory: str | Path) -> None:
         self.kv_cache = kv_cache  # [num_layers, 2, num_blocks, block_size, kvH, d]
@@ -90,7 +104,7 @@ class SavedKV:
 
 
 class HostKVSwapper:
-    """Same interface as KVSwapper, keeping offloaded blocks in (pinned) host memory."""
+    """A KVSwap keeping offloaded blocks in (pinned) host memory."""
 
     def __init__(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache

@@ -11,11 +11,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model.sampling import SamplingParams, make_generator
+
+if TYPE_CHECKING:
+    from server.engine.sessions import SessionTurn
 
 _seq_ids = itertools.count()
 
@@ -47,7 +50,7 @@ class Sequence:
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache served at first admission
     fork_children: list["Sequence"] = field(default_factory=list)  # n > 1 siblings to fork
     finish_reason: str | None = None
-    session_turn: Any = None  # SessionTurn when this sequence is a session's turn
+    session_turn: SessionTurn | None = None  # set when this sequence is a session's turn
     resume: tuple[list[int], int] | None = None  # (blocks, n): KV of the first n tokens, held already
     grammar: Any = None  # GrammarState when the output is constrained (server/engine/grammar.py)
     arrival_time: float = field(default_factory=time.monotonic)

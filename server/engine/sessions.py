@@ -15,16 +15,37 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
 from server.engine.session_record import BrokenSession, Session, SessionError
 
-__all__ = ["BrokenSession", "Session", "SessionError", "SessionTable"]
+__all__ = ["BrokenSession", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
 
 if TYPE_CHECKING:
-    from server.engine.offload import HostKVSwapper, KVSwapper
+    from server.engine.offload import KVSwap
     from server.engine.session_store import SessionStore
+
+
+@dataclass
+class SessionTurn:
+    """A sequence that is a session's turn, and the messages it adds."""
+
+    session: Session
+    new_messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What a finished turn hands its session: the transcript as the model saw it, the KV
+    blocks holding its first `num_kv_tokens` tokens, and the messages with the reply."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    block_hashes: list[int]
+    num_kv_tokens: int
+    messages: list[dict[str, Any]]
 
 
 class SessionTable:
@@ -32,7 +53,7 @@ class SessionTable:
 
     def __init__(
         self, pool: BlockPool, max_sessions: int, max_pinned_blocks: int,
-        store: "SessionStore | None" = None, swapper: "KVSwapper | HostKVSwapper | None" = None,
+        store: "SessionStore | None" = None, swapper: "KVSwap | None" = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -146,24 +167,27 @@ class SessionTable:
             self.num_memory_restores += 1
         return True
 
-    def end_turn(self, session: Session, token_ids: list[int] | None, block_table: list[int],
-                 block_hashes: list[int], num_kv_tokens: int, messages: list[dict[str, Any]] | None) -> None:
-        """Commit a finished turn (pin the sequence's full blocks before it frees them), or
-        with `token_ids=None` leave the session exactly as it was before the turn."""
+    def abort_turn(self, session: Session) -> None:
+        """A turn that did not finish: the session stays exactly as it was before it."""
         session.busy = False
         self._touch(session)
-        if token_ids is None or session.session_id not in self.sessions:
+
+    def commit_turn(self, session: Session, turn: TurnResult) -> None:
+        """A finished turn becomes the session's: pin the sequence's full blocks and its
+        partial tail (before the sequence frees them), then save the transcript."""
+        session.busy = False
+        self._touch(session)
+        if session.session_id not in self.sessions:  # deleted while the turn ran
             return
         bs = self.pool.block_size
-        blocks = block_table[: -(-num_kv_tokens // bs)]  # the full blocks and the partial tail
+        blocks = turn.block_table[: -(-turn.num_kv_tokens // bs)]  # the full blocks and the partial tail
         self._pin(blocks)
         self._unpin(session.block_table)
-        session.token_ids = list(token_ids)
+        session.token_ids = list(turn.token_ids)
         session.block_table = list(blocks)
-        session.block_hashes = list(block_hashes[: num_kv_tokens // bs])
-        session.num_kv_tokens = num_kv_tokens
-        if messages is not None:
-            session.messages = messages
+        session.block_hashes = list(turn.block_hashes[: turn.num_kv_tokens // bs])
+        session.num_kv_tokens = turn.num_kv_tokens
+        session.messages = turn.messages
         session.num_turns += 1
         self._save(session)  # durable before the turn's response finishes
         self.enforce_budget()
