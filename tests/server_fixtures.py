@@ -26,6 +26,16 @@ def start_engine(model_dir, max_queue_len: int | None = None, **engine_kwargs) -
     return engine
 
 
+@contextlib.contextmanager
+def running_engine(model_dir, **engine_kwargs) -> Iterator[AsyncEngine]:
+    """`start_engine`, shut down on exit (module-scoped fixtures yield from it)."""
+    engine = start_engine(model_dir, **engine_kwargs)
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
+
+
 def make_app(engine: AsyncEngine, **settings):
     return create_app(ServerSettings(served_model_name=MODEL_NAME, **settings), engine=engine)
 

@@ -20,7 +20,7 @@ from tests.server_fixtures import (
     free_port,
     live_server,
     make_app,
-    start_engine,
+    running_engine,
 )
 
 ENGINE = {"max_model_len": 256, "num_kv_blocks": 96, "block_size": 8}
@@ -30,9 +30,8 @@ OUTPUT_LEN = 5
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    eng = start_engine(tiny_checkpoint("llama"), **ENGINE)
-    yield eng
-    eng.shutdown()
+    with running_engine(tiny_checkpoint("llama"), **ENGINE) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +144,8 @@ async def broken_stream_app(scope, receive, send):
 
 
 def test_failing_servers_are_reported_not_raised(url, tmp_path, capsys):
-    dead = f"http://127.0.0.1:{free_port()}"
     with live_server(broken_stream_app) as broken:
+        dead = f"http://127.0.0.1:{free_port()}"  # picked while `broken` holds its port: never the same one
         rc, r = bench(tmp_path, "--url", url, "--name", "wrong-model", "--model", "no-such-model",
                       "--compare", f"{dead}=refused", f"{broken}=broken", "--num-requests", "2")
     assert rc == 1

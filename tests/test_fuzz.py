@@ -15,7 +15,7 @@ from schemathesis.checks import (
     content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance,
 )
 
-from tests.server_fixtures import make_app, start_engine
+from tests.server_fixtures import make_app, running_engine
 
 EXAMPLES = int(os.environ.get("WORKMEM_FUZZ_EXAMPLES", "50"))  # per operation and mode (~900 cases, ~35 s)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -23,9 +23,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint):
-    engine = start_engine(tiny_checkpoint("llama"), max_model_len=64, num_kv_blocks=64, block_size=8)
-    yield make_app(engine, max_tokens_default=4)
-    engine.shutdown()
+    with running_engine(tiny_checkpoint("llama"), max_model_len=64, num_kv_blocks=64, block_size=8) as engine:
+        yield make_app(engine, max_tokens_default=4)
 
 
 def test_api_holds_its_contract(app):

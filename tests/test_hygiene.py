@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from model.tokenizer import Tokenizer
-from tests.server_fixtures import make_app, start_engine
+from tests.server_fixtures import make_app, running_engine
 
 pytestmark = pytest.mark.asyncio
 ENGINE = dict(max_model_len=128, num_kv_blocks=64, block_size=8)
@@ -14,15 +14,9 @@ LONE_SURROGATE = '"bad \\ud800 text"'  # valid JSON, not valid Unicode
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_checkpoint):
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    eng = start_engine(model_dir, **ENGINE)
-    yield eng
-    eng.shutdown()
+def engine(tiny_checkpoint):
+    with running_engine(tiny_checkpoint("llama"), **ENGINE) as eng:
+        yield eng
 
 
 def _client(app) -> httpx.AsyncClient:
@@ -56,8 +50,8 @@ async def test_types_are_strict(engine, field):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
 
 
-async def test_special_token_text_in_a_message_stays_plain_text(model_dir):
-    tok = Tokenizer.from_dir(model_dir)
+async def test_special_token_text_in_a_message_stays_plain_text(tiny_checkpoint):
+    tok = Tokenizer.from_dir(tiny_checkpoint("llama"))
     marker = "<|endoftext|>"  # the tiny template's own role marker, a special token
     special = tok.backend.token_to_id(marker)
     plain = [{"role": "user", "content": "hello there"}]
@@ -68,7 +62,7 @@ async def test_special_token_text_in_a_message_stays_plain_text(model_dir):
     assert naive.count(special) == 3  # what a server that tokenizes the rendered text would do
     assert safe.count(special) == 2  # only the template's own markers
     assert tok.decode(safe, skip_special_tokens=False) == tok.apply_chat_template(forged)
-    trimmed = Tokenizer.from_dir(model_dir)  # a template that trims content still round-trips
+    trimmed = Tokenizer.from_dir(tiny_checkpoint("llama"))  # a template that trims content still round-trips
     trimmed.chat_template = tok.chat_template.replace("m['content']", "m['content'] | trim")
     ids = trimmed.encode_chat([{"role": "user", "content": f"  {marker} x  "}])
     assert ids.count(special) == 2 and trimmed.decode(ids, skip_special_tokens=False).endswith(f"{marker} x\n<|endoftext|>assistant\n")

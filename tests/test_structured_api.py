@@ -18,7 +18,7 @@ from client import Client
 from client.structured import function_tool, json_schema_format, parse_json, tool_calls
 from server.api.protocol import ChatCompletionRequest
 from server.api.tools import NO_FORMAT, ToolCallStream, parse_tool_calls
-from tests.server_fixtures import MODEL_NAME, live_server, make_app, start_engine
+from tests.server_fixtures import MODEL_NAME, live_server, make_app, running_engine
 
 ENGINE = dict(max_model_len=256, num_kv_blocks=128, block_size=8)
 SCHEMA = {"type": "object", "properties": {
@@ -50,9 +50,8 @@ USER = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    eng = start_engine(tiny_checkpoint("llama"), **ENGINE)
-    yield eng
-    eng.shutdown()
+    with running_engine(tiny_checkpoint("llama"), **ENGINE) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +60,8 @@ def tool_engine(tiny_checkpoint, tmp_path_factory):
     shutil.copytree(tiny_checkpoint("llama"), path)
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": HERMES_TEMPLATE}))
-    eng = start_engine(path, **ENGINE)
-    yield eng
-    eng.shutdown()
+    with running_engine(path, **ENGINE) as eng:
+        yield eng
 
 
 @pytest.fixture
