@@ -5,18 +5,34 @@ rename over the old file, fsync the directory. A file carries a format version a
 SHA-256 of its payload; a file that fails either check makes that one session report an
 error, never the server fail. At start-up sessions are found again in the "dropped"
 tier: their KV is recomputed at the next turn, giving the tokens they would have given.
+
+Replicas may share the directory: `digest` tells whether a file still holds the version a
+table last saw (the payload's SHA-256, read through open(), so NFS revalidates it),
+`load` finds one session on a miss, and `locks` (session_lock.py) keep two writers apart.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
+from server.engine.session_lock import SessionLocks
 from server.engine.session_record import BrokenSession, Session
 
 FORMAT_VERSION = 1
 SUFFIX = ".session.json"
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # ids that name a file in the directory
+UNREADABLE = "unreadable"  # digest of a file that is not a session record
+
+
+class Stored(NamedTuple):
+    """A session read back, and the digest of the file version it came from."""
+
+    session: Session
+    digest: str
 
 
 class SessionStore:
@@ -25,11 +41,13 @@ class SessionStore:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.locks = SessionLocks(self.directory)
 
     def path(self, session_id: str) -> Path:
         return self.directory / f"{session_id}{SUFFIX}"
 
-    def save(self, session: Session) -> None:
+    def save(self, session: Session) -> str:
+        """Write the session durably; returns the new file's digest."""
         payload = {
             "id": session.session_id, "ttl": session.ttl, "created": session.created,
             "last_used": session.last_used, "num_turns": session.num_turns,
@@ -46,6 +64,7 @@ class SessionStore:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(self.directory)
+        return record["sha256"]
 
     def delete(self, session_id: str) -> None:
         try:
@@ -54,18 +73,36 @@ class SessionStore:
         except FileNotFoundError:
             pass
 
-    def load_all(self) -> list[Session | BrokenSession]:
-        found: list[Session | BrokenSession] = []
-        for file in sorted(self.directory.glob(f"*{SUFFIX}")):
-            session_id = file.name[: -len(SUFFIX)]
-            try:
-                found.append(_parse(file.read_text(encoding="utf-8"), session_id))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                found.append(BrokenSession(session_id, f"session file {file.name} is unreadable: {exc}"))
-        return found
+    def load_all(self) -> list[Stored | BrokenSession]:
+        found = (self.load(file.name[: -len(SUFFIX)]) for file in sorted(self.directory.glob(f"*{SUFFIX}")))
+        return [f for f in found if f is not None]
+
+    def load(self, session_id: str) -> Stored | BrokenSession | None:
+        """One session's file; None when there is none (or the id cannot name one)."""
+        if not SAFE_ID.fullmatch(session_id):
+            return None
+        file = self.path(session_id)
+        try:
+            return _parse(file.read_text(encoding="utf-8"), session_id)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return BrokenSession(session_id, f"session file {file.name} is unreadable: {exc}")
+
+    def digest(self, session_id: str) -> str | None:
+        """The digest the session's file carries now (not verified: `load` does that);
+        None without a file, UNREADABLE for one that is not a session record."""
+        if not SAFE_ID.fullmatch(session_id):
+            return None
+        try:
+            return str(json.loads(self.path(session_id).read_text(encoding="utf-8"))["sha256"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return UNREADABLE
 
 
-def _parse(text: str, session_id: str) -> Session:
+def _parse(text: str, session_id: str) -> Stored:
     record = json.loads(text)
     if record.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"format version {record.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -75,11 +112,12 @@ def _parse(text: str, session_id: str) -> Session:
     p = json.loads(body)
     if p["id"] != session_id:
         raise ValueError(f"file holds session {p['id']!r}")
-    return Session(
+    session = Session(
         session_id, float(p["ttl"]), token_ids=[int(t) for t in p["token_ids"]], messages=list(p["messages"]),
         metadata=dict(p["metadata"]), created=float(p["created"]), last_used=float(p["last_used"]),
         num_turns=int(p["num_turns"]), owner=p.get("owner"),
     )
+    return Stored(session, record["sha256"])
 
 
 def _digest(body: str) -> str:

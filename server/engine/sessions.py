@@ -10,6 +10,13 @@ KV recomputed at the next turn, often partly from the prefix cache). Idle sessio
 pin at most `max_pinned_blocks`; over that, or when running requests need blocks, the
 least recently used idle sessions are dropped first. A session with a running turn is
 `busy` and is never dropped mid-turn. Everything here runs on the engine thread.
+
+With a store (`--session-dir`), memory is a cache of the directory, which replicas may
+share: every door reads the session's file digest first (`_sync`) and loads a session it
+does not hold (lookup on miss), replaces a stale copy (another replica took turns since:
+its resident KV is dropped and recomputed) or forgets one whose file is gone. A turn holds
+the session's file lock (session_lock.py) from `begin_turn` to its commit or abort, and so
+does every write of its files; a lock held elsewhere is `session_busy`.
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ from server.engine.session_record import BrokenSession, Session, SessionError
 __all__ = ["BrokenSession", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
 
 if TYPE_CHECKING:
-    from server.engine.offload import KVSwap
-    from server.engine.session_store import SessionStore
+    from server.engine.offload import KVSwap, OffloadedKV
+    from server.engine.session_store import SessionStore, Stored
 
 
 @dataclass
@@ -59,6 +66,7 @@ class SessionTable:
         self.store = store
         self.swapper = swapper  # offload tier; without it evicted sessions are dropped
         self.broken: dict[str, str] = {}  # session id -> why its file could not be loaded
+        self.digests: dict[str, str] = {}  # session id -> digest of the file version held here
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -68,6 +76,7 @@ class SessionTable:
         self.num_offloads = 0
         self.num_disk_restores = 0
         self.num_memory_restores = 0
+        self.num_store_loads = 0  # sessions read from the store after start-up (a miss or a stale copy)
         if store is not None:
             self._load(store)
 
@@ -77,9 +86,45 @@ class SessionTable:
             if isinstance(found, BrokenSession):
                 self.broken[found.session_id] = found.error
             else:
-                if self.swapper is not None:
-                    found.offloaded = self.swapper.find(found.session_id)
-                self.sessions[found.session_id] = found
+                self._adopt(found)
+
+    def _adopt(self, stored: "Stored") -> Session:
+        """Hold a session read from the store; a KV file left for it is used at its next turn
+        (every KV write happens under the lock and for the file's current version)."""
+        session = stored.session
+        if self.swapper is not None:
+            session.offloaded = self.swapper.find(session.session_id)
+        self.sessions[session.session_id] = session
+        self.digests[session.session_id] = stored.digest
+        self.broken.pop(session.session_id, None)
+        return session
+
+    def _sync(self, session_id: str) -> None:
+        """Bring the copy held here in line with the store's file (see the module doc). A
+        busy session is ours: its lock keeps the file unchanged."""
+        held = self.sessions.get(session_id)
+        if self.store is None or (held is not None and held.busy):
+            return
+        digest = self.store.digest(session_id)
+        if held is not None and digest == self.digests.get(session_id):
+            return
+        if held is not None:
+            self._forget(held)
+        found = self.store.load(session_id) if digest is not None else None
+        if found is None:
+            self.broken.pop(session_id, None)
+        elif isinstance(found, BrokenSession):
+            self.broken[session_id] = found.error
+        else:
+            self._adopt(found)
+            self.num_store_loads += 1
+
+    def _forget(self, session: Session) -> None:
+        """Drop a stale copy from memory (its files are another replica's now)."""
+        self._release(session)
+        session.offloaded = None
+        del self.sessions[session.session_id]
+        self.digests.pop(session.session_id, None)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -100,7 +145,12 @@ class SessionTable:
         return session
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
-        """The session; with `owner`, one that another key created does not exist either."""
+        """The session as the store has it now; with `owner`, one that another key created
+        does not exist either."""
+        self._sync(session_id)
+        return self._get(session_id, owner)
+
+    def _get(self, session_id: str, owner: str | None = None) -> Session:
         if session_id in self.broken:
             raise SessionError(self.broken[session_id], "session_corrupt")
         session = self.sessions.get(session_id)
@@ -117,8 +167,7 @@ class SessionTable:
     def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
         the session id `after`; and whether more follow."""
-        mine = sorted((s for s in self.sessions.values() if _visible(s, owner)),
-                      key=lambda s: (s.created, s.session_id))
+        mine = sorted((s for s in self._all() if _visible(s, owner)), key=lambda s: (s.created, s.session_id))
         if after is not None:
             ids = [s.session_id for s in mine]
             if after not in ids:
@@ -126,16 +175,55 @@ class SessionTable:
             mine = mine[ids.index(after) + 1 :]
         return [s.info(self.pool.block_size) for s in mine[:limit]], len(mine) > limit
 
+    def _all(self) -> list[Session]:
+        """Every session: with a store, its directory (shared by replicas), the copies held
+        here standing for their files where current."""
+        if self.store is None:
+            return list(self.sessions.values())
+        found = []
+        for stored in self.store.load_all():
+            if not isinstance(stored, BrokenSession):
+                held = self.sessions.get(stored.session.session_id)
+                current = held is not None and self.digests.get(held.session_id) == stored.digest
+                found.append(held if current else stored.session)
+        return found
+
     def begin_turn(self, session_id: str) -> Session:
-        session = self.get(session_id)
+        """Start a turn. Without a copy here the session is looked up in the store; with
+        one, it must still be the file's version (the one the caller built its prompt from),
+        else session_busy and the copy is refreshed for the retry."""
+        if session_id not in self.sessions:
+            self._sync(session_id)
+        session = self._get(session_id)
         if session.busy:
             raise SessionError(f"session {session_id!r} already has a turn running", "session_busy")
+        self._lock(session)
         session.busy = True
         if session.token_ids and not session.block_table:
             if not self._restore(session):
                 self.num_recomputes += 1
+        if self.swapper is not None:  # a KV file older than the coming transcript must not outlive it
+            self.swapper.discard(session_id)
         self._touch(session)
         return session
+
+    def _lock(self, session: Session) -> None:
+        """Take the session's file lock for a turn (store only); session_busy when another
+        replica holds it or wrote the session since this copy was read."""
+        sid = session.session_id
+        if self.store is None:
+            return
+        if not self.store.locks.acquire(sid):
+            raise SessionError(f"session {sid!r} has a turn running on another replica", "session_busy")
+        if self.store.digest(sid) != self.digests.get(sid):
+            self.store.locks.release(sid)
+            self._sync(sid)
+            raise SessionError(f"session {sid!r} changed on another replica while this turn was prepared; "
+                               "send it again", "session_busy")
+
+    def _unlock(self, session_id: str) -> None:
+        if self.store is not None:
+            self.store.locks.release(session_id)
 
     def _restore(self, session: Session) -> bool:
         """Bring an offloaded session's KV back into the pool (blocks still cached in the
@@ -149,9 +237,8 @@ class SessionTable:
             return False
         hits = self.pool.lookup(saved.block_hashes)
         missing = len(saved.block_hashes) - len(hits)
-        while not self.pool.can_allocate(missing + self.pool.num_acquirable_free(hits)):
-            if not self.reclaim():
-                return False
+        if not self.pool.make_room(lambda: missing + self.pool.num_acquirable_free(hits), self.reclaim):
+            return False
         self._pin(hits)
         fresh = self.pool.allocate(missing)
         self.swapper.write_blocks(saved, len(hits), fresh)
@@ -170,26 +257,30 @@ class SessionTable:
     def abort_turn(self, session: Session) -> None:
         """A turn that did not finish: the session stays exactly as it was before it."""
         session.busy = False
+        self._unlock(session.session_id)
         self._touch(session)
 
     def commit_turn(self, session: Session, turn: TurnResult) -> None:
         """A finished turn becomes the session's: pin the sequence's full blocks and its
         partial tail (before the sequence frees them), then save the transcript."""
         session.busy = False
-        self._touch(session)
-        if session.session_id not in self.sessions:  # deleted while the turn ran
-            return
-        bs = self.pool.block_size
-        blocks = turn.block_table[: -(-turn.num_kv_tokens // bs)]  # the full blocks and the partial tail
-        self._pin(blocks)
-        self._unpin(session.block_table)
-        session.token_ids = list(turn.token_ids)
-        session.block_table = list(blocks)
-        session.block_hashes = list(turn.block_hashes[: turn.num_kv_tokens // bs])
-        session.num_kv_tokens = turn.num_kv_tokens
-        session.messages = turn.messages
-        session.num_turns += 1
-        self._save(session)  # durable before the turn's response finishes
+        try:
+            self._touch(session)
+            if session.session_id not in self.sessions:  # deleted while the turn ran
+                return
+            bs = self.pool.block_size
+            blocks = turn.block_table[: -(-turn.num_kv_tokens // bs)]  # the full blocks and the partial tail
+            self._pin(blocks)
+            self._unpin(session.block_table)
+            session.token_ids = list(turn.token_ids)
+            session.block_table = list(blocks)
+            session.block_hashes = list(turn.block_hashes[: turn.num_kv_tokens // bs])
+            session.num_kv_tokens = turn.num_kv_tokens
+            session.messages = turn.messages
+            session.num_turns += 1
+            self._save(session)  # durable before the turn's response finishes
+        finally:
+            self._unlock(session.session_id)
         self.enforce_budget()
 
     def fork(self, source_id: str, new_id: str, ttl: float, owner: str | None = None) -> Session:
@@ -212,18 +303,28 @@ class SessionTable:
         return self.get(session_id, owner).info(self.pool.block_size)
 
     def delete(self, session_id: str, owner: str | None = None) -> None:
-        """Forget a session and free its blocks; session_busy while a turn runs. A session
-        whose file is unreadable can be deleted by anyone (its owner is unknown)."""
-        if self.broken.pop(session_id, None) is None:
-            session = self.get(session_id, owner)
-            if session.busy:
-                raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
-            self._release(session)
-            del self.sessions[session_id]
-        if self.store is not None:
-            self.store.delete(session_id)
-        if self.swapper is not None:
-            self.swapper.discard(session_id)
+        """Forget a session and free its blocks; session_busy while a turn runs (here or, by
+        its lock, on another replica). A session whose file is unreadable can be deleted by
+        anyone (its owner is unknown)."""
+        self._sync(session_id)
+        session = None if session_id in self.broken else self._get(session_id, owner)
+        if session is not None and session.busy:
+            raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
+        if self.store is not None and not self.store.locks.acquire(session_id):
+            raise SessionError(f"session {session_id!r} has a turn running on another replica", "session_busy")
+        try:
+            if session is not None:
+                self._release(session)
+                del self.sessions[session_id]
+            self.broken.pop(session_id, None)
+            self.digests.pop(session_id, None)
+            if self.store is not None:
+                self.store.delete(session_id)
+            if self.swapper is not None:
+                self.swapper.discard(session_id)
+        finally:
+            if self.store is not None:
+                self.store.locks.release(session_id, remove=True)
 
     def save_all(self) -> int:
         """At graceful shutdown: write every resident session's KV to disk so the next
@@ -232,17 +333,24 @@ class SessionTable:
             return 0
         saved = 0
         for session in self.sessions.values():
-            if session.block_table:
-                self.swapper.save(session.session_id, *self._full_blocks(session))
+            if session.block_table and self._write_kv(session) is not None:
                 saved += 1
         return saved
 
     def expire(self, now: float | None = None) -> list[str]:
         """Delete idle sessions whose TTL passed; returns their ids."""
         now = time.time() if now is None else now
-        gone = [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]
-        for session_id in gone:
-            self.delete(session_id)
+        gone = []
+        for session_id in [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]:
+            self._sync(session_id)  # another replica may have used it since
+            session = self.sessions.get(session_id)
+            if session is None or session.busy or now <= session.last_used + session.ttl:
+                continue
+            try:
+                self.delete(session_id)
+            except SessionError:  # a turn began on another replica
+                continue
+            gone.append(session_id)
         return gone
 
     def enforce_budget(self) -> None:
@@ -263,10 +371,27 @@ class SessionTable:
 
     def _evict(self, session: Session) -> None:
         if self.swapper is not None and session.block_hashes:
-            session.offloaded = self.swapper.save(session.session_id, *self._full_blocks(session))
-            self.num_offloads += 1
+            session.offloaded = self._write_kv(session)
+            self.num_offloads += session.offloaded is not None
         self._release(session)
         self.num_evictions += 1
+
+    def _write_kv(self, session: Session) -> "OffloadedKV | None":
+        """Save the session's full blocks; with a store only under its lock and for the
+        file's current version, so a stale copy never overwrites another replica's KV file.
+        None: not written (the KV will be recomputed)."""
+        assert self.swapper is not None
+        sid = session.session_id
+        if self.store is None:
+            return self.swapper.save(sid, *self._full_blocks(session))
+        if not self.store.locks.acquire(sid):
+            return None
+        try:
+            if self.store.digest(sid) != self.digests.get(sid):
+                return None
+            return self.swapper.save(sid, *self._full_blocks(session))
+        finally:
+            self.store.locks.release(sid)
 
     def _release(self, session: Session) -> None:
         self._unpin(session.block_table)  # blocks become cached-free: still findable by hash
@@ -291,7 +416,7 @@ class SessionTable:
 
     def _save(self, session: Session) -> None:
         if self.store is not None:
-            self.store.save(session)
+            self.digests[session.session_id] = self.store.save(session)
 
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()

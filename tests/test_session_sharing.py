@@ -1,0 +1,148 @@
+"""Replicas sharing one --session-dir, at the engine level: two engines in one process on
+one directory behave like two replicas (flock locks belong to open files, so two tables
+conflict as two processes do). A session one replica does not hold is found on disk, a
+stale copy is refreshed, a turn holds the session's lock, and nobody overwrites what
+another replica wrote."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from server.engine.session_lock import SessionLocks
+from server.engine.sessions import Session, SessionError
+from tests.test_sessions_engine import GREEDY, conversation, ids, make_engine, run
+
+TURNS = [ids(9, 70), ids(6, 71), ids(7, 72), ids(5, 73)]
+
+
+@pytest.fixture
+def expected(tiny_checkpoint) -> list[list[int]]:
+    alone = make_engine(tiny_checkpoint)
+    alone.sessions.create(Session("s", ttl=600))
+    return conversation(alone, "s", TURNS)
+
+
+@pytest.fixture
+def replicas(tiny_checkpoint, tmp_path):
+    return make_engine(tiny_checkpoint, session_dir=str(tmp_path)), make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+
+
+def test_turns_alternate_between_replicas_with_identical_tokens(replicas, expected):
+    a, b = replicas  # both started before the session existed: b finds it on a miss
+    a.sessions.create(Session("s", ttl=600))
+    got = conversation(a, "s", TURNS[:1])
+    got += conversation(b, "s", TURNS[1:2])
+    assert b.sessions.num_store_loads == 1 and b.sessions.num_recomputes == 1
+    assert a.sessions.get("s").tier == "dropped"  # its resident copy was stale: dropped, reloaded
+    got += conversation(a, "s", TURNS[2:3])
+    got += conversation(b, "s", TURNS[3:])
+    assert got == expected
+    assert a.sessions.get("s").num_turns == b.sessions.get("s").num_turns == 4
+    assert a.pool.num_used == a.sessions.num_pinned_blocks  # the stale copy's pins were released
+
+
+def test_a_turn_locks_the_session_against_the_other_replica(replicas):
+    a, b = replicas
+    a.sessions.create(Session("s", ttl=600))
+    prompt = a.sessions.get("s").token_ids + TURNS[0]
+    a.add_request("a1", prompt, GREEDY, session_id="s", new_messages=[])
+    for attempt in (lambda: b.add_request("b1", prompt, GREEDY, session_id="s"), lambda: b.sessions.delete("s")):
+        with pytest.raises(SessionError, match="another replica") as err:
+            attempt()
+        assert err.value.code == "session_busy"
+    while a.has_unfinished():
+        a.step()
+    assert not b.has_unfinished() and b.sessions.get("s").num_turns == 1  # b sees a's committed turn
+    assert run(b, "b2", b.sessions.get("s").token_ids + TURNS[1], "s")[0]
+
+
+def test_a_prompt_built_from_a_version_replaced_meanwhile_is_refused(replicas, expected):
+    a, b = replicas
+    a.sessions.create(Session("s", ttl=600))
+    conversation(a, "s", TURNS[:1])
+    stale_prompt = a.sessions.get("s").token_ids + TURNS[1]  # a's snapshot ...
+    conversation(b, "s", TURNS[1:2])  # ... then b takes a turn
+    with pytest.raises(SessionError, match="changed on another replica") as err:
+        a.add_request("late", stale_prompt, GREEDY, session_id="s")
+    assert err.value.code == "session_busy"
+    assert conversation(a, "s", TURNS[2:3]) == expected[2:3]  # the retry, from the new version
+
+
+def test_listing_reads_the_directory_and_deletes_are_seen_everywhere(replicas):
+    a, b = replicas
+    a.sessions.create(Session("from-a", ttl=600, owner="k1"))
+    b.sessions.create(Session("from-b", ttl=600, owner="k1"))
+    b.sessions.create(Session("other-key", ttl=600, owner="k2"))
+    for engine in (a, b):
+        infos, more = engine.sessions.listing("k1", limit=10)
+        assert sorted(i["id"] for i in infos) == ["from-a", "from-b"] and not more
+    with pytest.raises(SessionError, match="does not exist"):
+        a.sessions.get("other-key", owner="k1")
+    b.sessions.delete("from-a", owner="k1")
+    with pytest.raises(SessionError, match="does not exist"):
+        a.sessions.get("from-a")
+    assert "from-a" not in a.sessions.sessions
+    assert [i["id"] for i in a.sessions.listing(None, limit=10)[0]] == ["from-b", "other-key"]
+
+
+def test_expiry_keeps_a_session_another_replica_used_since(replicas):
+    a, b = replicas
+    a.sessions.create(Session("s", ttl=100))
+    conversation(a, "s", TURNS[:1])
+    first_use = a.sessions.sessions["s"].last_used
+    b.sessions.sessions.clear()  # b looks it up afresh ...
+    conversation(b, "s", TURNS[1:2])
+    b.sessions.sessions["s"].last_used = first_use + 50  # ... and used it 50 s later
+    b.sessions._save(b.sessions.sessions["s"])
+    assert a.expire_sessions(now=first_use + 120) == []  # past a's copy, not past b's use
+    assert a.sessions.get("s").num_turns == 2
+    assert a.expire_sessions(now=first_use + 151) == ["s"]
+    with pytest.raises(SessionError, match="does not exist"):
+        b.sessions.get("s")
+
+
+def test_a_stale_copy_never_overwrites_the_kv_file_of_the_replica_that_moved_on(replicas, expected, tmp_path):
+    a, b = replicas
+    a.sessions.create(Session("s", ttl=600))
+    conversation(a, "s", TURNS[:1])  # a holds the session resident
+    conversation(b, "s", TURNS[1:2])
+    assert b.sessions.reclaim() and (tmp_path / "s.kv.pt").exists()  # b offloads its KV to the shared file
+    before = (tmp_path / "s.kv.pt").read_bytes()
+    assert a.sessions.reclaim()  # a evicts its stale resident copy: it must not write the file
+    assert a.sessions.num_offloads == 0 and (tmp_path / "s.kv.pt").read_bytes() == before
+    assert conversation(b, "s", TURNS[2:3]) == expected[2:3]
+    assert b.sessions.num_disk_restores + b.sessions.num_memory_restores == 1  # its own KV came back
+
+
+def test_ids_that_cannot_name_a_file_are_unknown(replicas, tmp_path):
+    a, _ = replicas
+    (tmp_path.parent / "outside.session.json").write_text("{}")
+    for bad in ("../outside", ".hidden", "a/b", "x" * 200, ""):
+        with pytest.raises(SessionError) as err:
+            a.sessions.get(bad)
+        assert err.value.code == "session_not_found"
+
+
+def test_the_kernel_releases_a_lock_when_its_holder_is_killed(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from server.engine.session_lock import SessionLocks
+        assert SessionLocks({str(tmp_path)!r}).acquire("s")
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mine = SessionLocks(tmp_path)
+        assert not mine.acquire("s")
+        holder.kill()  # kill -9: no cleanup runs in the holder
+        holder.wait()
+        assert mine.acquire("s") and not mine.acquire("s")  # held now, once
+        mine.release("s")
+        assert mine.acquire("s")
+    finally:
+        holder.kill()
+        holder.wait()
