@@ -145,8 +145,8 @@ class TorchPagedAttention:
         """One group's attention output [B * max_q, H, d] (padded query rows included)."""
         batch, max_q = g.token_index.shape
         qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
-        kg = _gather(k_cache, g.block_tables)  # [B, kvH, L, d]
-        vg = _gather(v_cache, g.block_tables)
+        kg = gather_blocks(k_cache, g.block_tables)  # [B, kvH, L, d]
+        vg = gather_blocks(v_cache, g.block_tables)
         o = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
@@ -195,8 +195,9 @@ def write_kv(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, bs, kvH, d] gathered by [B, nb] -> [B, kvH, nb * bs, d]."""
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, bs, kvH, d] gathered by [B, nb] -> [B, kvH, nb * bs, d]: the reference
+    backend's view of each sequence's context (tests' mock models read the pool through it)."""
     batch, num_blocks = block_tables.shape
     blocks = cache.index_select(0, block_tables.flatten())  # [B * nb, bs, kvH, d]; ~5x faster than cache[tables] on CPU
     return blocks.view(batch, num_blocks * cache.shape[1], *cache.shape[2:]).transpose(1, 2)

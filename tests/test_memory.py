@@ -10,26 +10,13 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 from server.engine.memory import NO_PARENT, BlockPool, block_hash
 
 
-def counts(pool: BlockPool) -> tuple[int, int, int]:
-    """(used, cached, free) computed from refcounts and hashes alone."""
-    used = sum(1 for r in pool.refcounts if r > 0)
-    cached = sum(1 for r, h in zip(pool.refcounts, pool.hashes) if r == 0 and h is not None)
-    free = sum(1 for r, h in zip(pool.refcounts, pool.hashes) if r == 0 and h is None)
-    return used, cached, free
-
-
 def check_pool(pool: BlockPool) -> None:
-    used, cached, free = counts(pool)
-    assert used + cached + free == pool.num_total
-    assert (pool.num_used, pool.num_cached, pool.num_free - pool.num_cached) == (used, cached, free)
+    pool.check_invariants()
     assert pool.num_free + pool.num_used == pool.num_total
-    assert set(pool.free_list) == {b for b, r in enumerate(pool.refcounts) if r == 0}
-    assert all(r >= 0 for r in pool.refcounts)
-    for h, b in pool.hash_to_block.items():
-        assert pool.hashes[b] == h
-    # Plain free blocks sit in front of cached ones (taken first).
-    kinds = [pool.hashes[b] is not None for b in pool.free_list]
-    assert kinds == sorted(kinds)
+
+
+def refcounts(pool: BlockPool) -> list[int]:
+    return [pool.refcount(b) for b in range(pool.num_total)]
 
 
 # -- hand cases ----------------------------------------------------------------------
@@ -37,7 +24,7 @@ def test_fresh_pool_allocates_in_id_order_and_validates():
     pool = BlockPool(6, 4)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(3) == [2, 3, 4]
-    assert pool.refcounts == [1, 1, 1, 1, 1, 0]
+    assert refcounts(pool) == [1, 1, 1, 1, 1, 0]
     assert pool.can_allocate(1) and not pool.can_allocate(2)
     with pytest.raises(RuntimeError):
         pool.allocate(2)
@@ -63,7 +50,7 @@ def test_plain_free_blocks_are_reused_first_in_table_order():
     table = pool.allocate(3)  # [0, 1, 2]
     pool.free(table)
     # Plain (unhashed) blocks go to the front; the released table is reused in order.
-    assert list(pool.free_list) == [0, 1, 2, 3, 4, 5]
+    assert pool.eviction_order() == [0, 1, 2, 3, 4, 5]
     assert pool.allocate(4) == [0, 1, 2, 3]
     check_pool(pool)
 
@@ -75,10 +62,10 @@ def test_free_releases_tail_first_so_last_blocks_are_evicted_first():
         pool.register(b, 100 + i)
     pool.free(table)
     assert pool.num_cached == 3
-    assert list(pool.free_list) == [3, 4, 5, 2, 1, 0]
+    assert pool.eviction_order() == [3, 4, 5, 2, 1, 0]
     # Plain blocks 3, 4, 5 first, then the table's tail block 2 is evicted before 1 and 0.
     assert pool.allocate(4) == [3, 4, 5, 2]
-    assert pool.hashes[2] is None and 102 not in pool.hash_to_block
+    assert pool.content_hash(2) is None and pool.lookup([102]) == []
     assert pool.lookup([100, 101, 102]) == [0, 1]
     check_pool(pool)
 
@@ -94,14 +81,14 @@ def test_cached_block_is_found_and_reacquired_with_same_id():
     assert hits == [a, b]
     assert pool.num_acquirable_free(hits) == 2
     pool.acquire(hits)
-    assert pool.refcounts[a] == pool.refcounts[b] == 1
+    assert pool.refcount(a) == pool.refcount(b) == 1
     assert (pool.num_used, pool.num_cached) == (2, 0)
-    assert pool.hashes[a] == 7 and pool.hash_to_block[8] == b  # content kept
+    assert pool.content_hash(a) == 7 and pool.lookup([8]) == [b]  # content kept
     assert pool.num_acquirable_free(hits) == 0
     # A second holder shares them; they only go back to the cache at the last free.
     pool.acquire(hits)
     pool.free(hits)
-    assert pool.refcounts[a] == 1 and a not in pool.free_list
+    assert pool.refcount(a) == 1 and a not in pool.eviction_order()
     pool.free(hits)
     assert pool.num_cached == 2 and pool.lookup([7]) == [a]
     check_pool(pool)
@@ -132,7 +119,7 @@ def test_eviction_is_lru_over_cached_blocks():
     # Touch block 0 again (a cache hit) and release it: it becomes most recent.
     pool.acquire(pool.lookup([50]))
     pool.free([0])
-    assert list(pool.free_list) == [2, 3, 1, 0]
+    assert pool.eviction_order() == [2, 3, 1, 0]
     assert pool.allocate(1) == [2]
     assert pool.allocate(1) == [3]
     assert pool.lookup([51]) == [1] and pool.lookup([50]) == [0]
@@ -145,13 +132,13 @@ def test_register_duplicate_hash_leaves_second_block_anonymous():
     a, b = pool.allocate(2)
     pool.register(a, 99)
     pool.register(b, 99)
-    assert pool.hashes[a] == 99 and pool.hashes[b] is None
-    assert pool.hash_to_block == {99: a}
+    assert pool.content_hash(a) == 99 and pool.content_hash(b) is None
+    assert pool.lookup([99]) == [a]
     pool.register(a, 123)  # a block's content never changes while it is held
-    assert pool.hashes[a] == 99 and 123 not in pool.hash_to_block
+    assert pool.content_hash(a) == 99 and pool.lookup([123]) == []
     pool.free([a, b])
     assert pool.num_cached == 1
-    assert list(pool.free_list)[0] == b  # anonymous block went to the front as plain free
+    assert pool.eviction_order()[0] == b  # anonymous block went to the front as plain free
     check_pool(pool)
 
 
@@ -185,7 +172,7 @@ def test_lookup_returns_longest_prefix_and_stops_at_first_miss():
     assert pool.lookup([]) == []
     assert pool.lookup([12345] + chain) == []
     # lookup takes no references
-    assert pool.refcounts[table[0]] == 1
+    assert pool.refcount(table[0]) == 1
     check_pool(pool)
 
 
@@ -201,7 +188,7 @@ def test_prefix_caching_disabled_never_caches():
     table = pool.allocate(3)
     for i, b in enumerate(table):
         pool.register(b, 200 + i)
-    assert pool.hashes == [None] * 4 and pool.hash_to_block == {}
+    assert [pool.content_hash(b) for b in range(4)] == [None] * 4
     assert pool.lookup([200, 201]) == []
     pool.free(table)
     assert pool.num_cached == 0 and pool.num_free == 4
@@ -241,7 +228,7 @@ class PoolMachine(RuleBasedStateMachine):
         """Free through the pool and update the model's LRU order (tail first)."""
         self.pool.free(blocks)
         for b in reversed(blocks):
-            if self._model_refcount(b) == 0 and self.pool.hashes[b] is not None:
+            if self._model_refcount(b) == 0 and self.pool.content_hash(b) is not None:
                 self.lru.append(b)
 
     def _acquire(self, blocks: list[int]) -> None:
@@ -253,7 +240,7 @@ class PoolMachine(RuleBasedStateMachine):
     # -- rules -----------------------------------------------------------------------
     @rule(target=holders, n=st.integers(0, 5))
     def allocate(self, n):
-        plain = [b for b, r in enumerate(self.pool.refcounts) if r == 0 and self.pool.hashes[b] is None]
+        plain = [b for b in self.pool.eviction_order() if self.pool.content_hash(b) is None]
         if n > self.pool.num_free:
             with pytest.raises(RuntimeError):
                 self.pool.allocate(n)
@@ -264,7 +251,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert got[k:] == self.lru[: n - k]  # ... then cached ones in LRU order
         self.lru = self.lru[n - k :]
         for b in got:
-            assert self.pool.hashes[b] is None and self.pool.refcounts[b] == 1
+            assert self.pool.content_hash(b) is None and self.pool.refcount(b) == 1
         return self._new_holder(got)
 
     @rule(target=holders, src=holders, data=st.data())
@@ -293,17 +280,17 @@ class PoolMachine(RuleBasedStateMachine):
             return
         b = data.draw(st.sampled_from(blocks))
         h = data.draw(st.integers(1, 40))
-        before = self.pool.hashes[b]
-        owner = self.pool.hash_to_block.get(h)
+        before = self.pool.content_hash(b)
+        owner = next(iter(self.pool.lookup([h])), None)
         self.pool.register(b, h)
         if not self.PREFIX_CACHING:
-            assert self.pool.hashes[b] is None
+            assert self.pool.content_hash(b) is None
         elif before is not None:
-            assert self.pool.hashes[b] == before
+            assert self.pool.content_hash(b) == before
         elif owner is not None and owner != b:
-            assert self.pool.hashes[b] is None and self.pool.hash_to_block[h] == owner
+            assert self.pool.content_hash(b) is None and self.pool.lookup([h]) == [owner]
         else:
-            assert self.pool.hashes[b] == h and self.pool.hash_to_block[h] == b
+            assert self.pool.content_hash(b) == h and self.pool.lookup([h]) == [b]
         self.registered.append(h)
 
     @rule(target=holders, data=st.data())
@@ -314,9 +301,10 @@ class PoolMachine(RuleBasedStateMachine):
         hits = self.pool.lookup(chain)
         expect = []
         for h in chain:
-            if h not in self.pool.hash_to_block:
+            found = self.pool.lookup([h])  # one link alone
+            if not found:
                 break
-            expect.append(self.pool.hash_to_block[h])
+            expect += found
         assert hits == (expect if self.PREFIX_CACHING else [])
         extra = data.draw(st.integers(0, 2))
         if not self.pool.can_allocate(extra + self.pool.num_acquirable_free(hits)):
@@ -333,16 +321,16 @@ class PoolMachine(RuleBasedStateMachine):
     # -- invariants ------------------------------------------------------------------
     @invariant()
     def accounting(self):
-        check_pool(self.pool)
+        self.pool.check_invariants(self.held.values())
 
     @invariant()
     def refcounts_match_model(self):
         for b in range(self.NUM_BLOCKS):
-            assert self.pool.refcounts[b] == self._model_refcount(b), b
+            assert self.pool.refcount(b) == self._model_refcount(b), b
 
     @invariant()
     def lru_matches_model(self):
-        cached = [b for b in self.pool.free_list if self.pool.hashes[b] is not None]
+        cached = [b for b in self.pool.eviction_order() if self.pool.content_hash(b) is not None]
         assert cached == self.lru
 
     def teardown(self):
@@ -351,7 +339,7 @@ class PoolMachine(RuleBasedStateMachine):
         check_pool(self.pool)
         assert self.pool.num_used == 0
         assert self.pool.num_free == self.NUM_BLOCKS
-        assert all(r == 0 for r in self.pool.refcounts)
+        assert not any(refcounts(self.pool))
 
 
 class PoolMachineNoPrefixCache(PoolMachine):
@@ -362,3 +350,12 @@ TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestPoolMachineNoPrefixCache = PoolMachineNoPrefixCache.TestCase
 TestPoolMachineNoPrefixCache.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_check_invariants_names_references_nobody_holds():
+    pool = BlockPool(4, 4)
+    a, b = pool.allocate(2)
+    pool.acquire([a])
+    pool.check_invariants([[a, b], [a]])
+    with pytest.raises(RuntimeError, match="refcounts differ"):
+        pool.check_invariants([[a, b]])  # a second reference on `a` that no holder owns: a leak

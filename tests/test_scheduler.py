@@ -18,7 +18,7 @@ import tokenizers
 import torch
 from torch import nn
 
-from model.attention import AttentionMetadata, _gather, write_kv
+from model.attention import AttentionMetadata, gather_blocks, write_kv
 from model.config import ModelConfig
 from model.loader import LoadedModel
 from model.sampling import SamplingParams
@@ -45,7 +45,7 @@ class ContextSumModel(nn.Module):
         write_kv(kv, kv, k_cache, v_cache, meta.slot_mapping)
         hidden = torch.zeros(num, 4)
         for g in meta.groups:
-            keys = _gather(k_cache, g.block_tables)[:, 0]  # [B, L, 4]
+            keys = gather_blocks(k_cache, g.block_tables)[:, 0]  # [B, L, 4]
             mask = g.mask[:, 0] & g.valid[:, :, None]  # [B, max_q, L] visible keys of real queries
             slot = torch.arange(keys.shape[1], dtype=keys.dtype)
             written = (keys[..., 1] == slot) & (keys[..., 2] == 1)  # [B, L]
@@ -101,19 +101,8 @@ def greedy(max_tokens: int, n: int = 1) -> SamplingParams:
 
 
 def check_pool(engine: LLMEngine) -> None:
-    pool = engine.pool
-    used = sum(1 for r in pool.refcounts if r > 0)
-    cached = sum(1 for r, h in zip(pool.refcounts, pool.hashes) if r == 0 and h is not None)
-    free = sum(1 for r, h in zip(pool.refcounts, pool.hashes) if r == 0 and h is None)
-    assert used + cached + free == pool.num_total
-    assert (pool.num_used, pool.num_cached) == (used, cached)
-    # every reference is held by exactly one live sequence's block table
-    held = [0] * pool.num_total
-    for seqs in engine.scheduler.requests.values():
-        for seq in seqs:
-            for b in seq.block_table:
-                held[b] += 1
-    assert held == pool.refcounts
+    """Pool accounting, and every reference is held by exactly one live sequence's block table."""
+    engine.pool.check_invariants(s.block_table for seqs in engine.scheduler.requests.values() for s in seqs)
 
 
 def check_kv(engine: LLMEngine) -> None:
@@ -159,7 +148,7 @@ def spy(engine: LLMEngine) -> list[Snapshot]:
             copies=list(out.copies),
             tables={(s.request_id, s.index): list(s.block_table)
                     for seqs in engine.scheduler.requests.values() for s in seqs},
-            refcounts=list(engine.pool.refcounts),
+            refcounts=[engine.pool.refcount(b) for b in range(engine.pool.num_total)],
             num_running=len(engine.scheduler.running),
         ))
         return out
@@ -233,7 +222,7 @@ def test_many_requests_on_tiny_pool_preempt_and_finish_correctly():
     assert engine.scheduler.num_preemptions > 0
     assert results == {(rid, 0): (reference(prompt, n), "length") for rid, prompt, n in reqs}
     pool = engine.pool
-    assert pool.num_used == 0 and all(r == 0 for r in pool.refcounts)
+    assert pool.num_used == 0 and not any(pool.refcount(b) for b in range(pool.num_total))
     assert pool.num_free == pool.num_total
     assert engine.scheduler.requests == {} and not engine.scheduler.running
     kv = engine.kv_usage()
@@ -379,7 +368,7 @@ def test_n_children_share_prompt_blocks_and_copy_partial_block_on_write():
     for child in seqs[1:]:
         assert child.status is SequenceStatus.RUNNING
         assert child.block_table == parent.block_table
-    assert [engine.pool.refcounts[b] for b in parent.block_table] == [3, 3, 3]
+    assert [engine.pool.refcount(b) for b in parent.block_table] == [3, 3, 3]
     assert engine.pool.num_used == 3
     assert steps[0].copies == []
     shared = list(parent.block_table)
@@ -487,7 +476,7 @@ def test_concurrent_identical_prompts_share_cached_prefix():
     a, b = engine.scheduler.requests["a"][0], engine.scheduler.requests["b"][0]
     assert b.num_cached_tokens == 16
     assert a.block_table[:4] == b.block_table[:4]
-    assert all(engine.pool.refcounts[x] == 2 for x in a.block_table[:4])
+    assert all(engine.pool.refcount(x) == 2 for x in a.block_table[:4])
     run(engine)
     assert a.output_token_ids == b.output_token_ids == reference(prompt, 10)
     assert engine.pool.num_used == 0

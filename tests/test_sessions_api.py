@@ -84,7 +84,7 @@ async def test_fork_shares_blocks_and_diverges(client, engine):
     assert fork["id"] != s["id"] and fork["num_kv_blocks"] == before["num_kv_blocks"]
     assert fork["messages"] == before["messages"]
     blocks = await engine.call(lambda e: list(e.sessions.get(s["id"]).block_table))
-    refs = await engine.call(lambda e: [e.pool.refcounts[b] for b in blocks])
+    refs = await engine.call(lambda e: [e.pool.refcount(b) for b in blocks])
     assert all(r >= 2 for r in refs)
     a = (await turn(client, s["id"], "left")).json()
     b = (await turn(client, fork["id"], "right")).json()

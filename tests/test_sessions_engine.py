@@ -48,7 +48,7 @@ def test_turns_reuse_resident_kv_and_match_a_fresh_engine(engine, tiny_checkpoin
     assert session.token_ids == turn1 + out1 and session.num_turns == 1
     computed = len(turn1) + len(out1) - 1  # the last reply token has no KV yet
     assert session.num_kv_tokens == computed and len(session.block_table) == -(-computed // BS)
-    assert all(engine.pool.refcounts[b] == 1 for b in session.block_table)
+    assert all(engine.pool.refcount(b) == 1 for b in session.block_table)
     turn2 = session.token_ids + ids(7, 2)
     out2, cached2 = run(engine, "t2", turn2, "s")
     assert cached1 == 0
@@ -63,7 +63,7 @@ def test_fork_shares_blocks_and_branches_diverge(engine, tiny_checkpoint):
     run(engine, "t1", ids(13, 3), "a")
     a = engine.sessions.get("a")
     b = engine.sessions.fork("a", "b", ttl=60)
-    assert b.block_table == a.block_table and all(engine.pool.refcounts[x] == 2 for x in a.block_table)
+    assert b.block_table == a.block_table and all(engine.pool.refcount(x) == 2 for x in a.block_table)
     shared_tokens = b.num_kv_tokens
     out_a, _ = run(engine, "ta", a.token_ids + ids(5, 4), "a")
     out_b, cached_b = run(engine, "tb", b.token_ids + ids(5, 5), "b")

@@ -128,7 +128,7 @@ class Scheduler:
         return (
             seq.num_computed_tokens % self.block_size != 0
             and index < len(seq.block_table)
-            and self.pool.refcounts[seq.block_table[index]] > 1
+            and self.pool.refcount(seq.block_table[index]) > 1
         )
 
     def _reserve(self, seq: Sequence, num: int, out: SchedulerOutput) -> bool:
@@ -136,7 +136,7 @@ class Scheduler:
         Returns False if `seq` itself had to be preempted."""
         cow = self._shared_tail(seq)
         needed = self._blocks_needed(seq, num) + int(cow)
-        while not self._make_room(lambda: needed):
+        while not self.pool.make_room(lambda: needed, self.reclaim):
             victims = [s for s in self.running if s is not seq and s not in out.scheduled]
             victim = victims[-1] if victims else seq
             self._preempt(victim)
@@ -147,14 +147,6 @@ class Scheduler:
             self._copy_on_write(seq, seq.num_computed_tokens // self.block_size, out)
             needed -= 1
         seq.block_table.extend(self.pool.allocate(needed))
-        return True
-
-    def _make_room(self, cost: Callable[[], int]) -> bool:
-        """Whether `cost()` blocks can be allocated, reclaiming idle memory if needed (the
-        cost is re-evaluated: reclaiming can turn held prefix hits into free blocks)."""
-        while not self.pool.can_allocate(cost()):
-            if self.reclaim is None or not self.reclaim():
-                return False
         return True
 
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
@@ -199,7 +191,7 @@ class Scheduler:
             num = min(seq.num_tokens - num_cached, budget)
             new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
             cow = num_cached % self.block_size != 0  # resuming into a shared partial block
-            if not self._make_room(lambda: new_blocks + cow + self.pool.num_acquirable_free(hits)):
+            if not self.pool.make_room(lambda: new_blocks + cow + self.pool.num_acquirable_free(hits), self.reclaim):
                 break
             self.waiting.popleft()
             self.pool.acquire(hits)
