@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         session_ttl_s=args.session_ttl, max_tokens_default=args.max_tokens_default,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
+        replica_id=args.replica_id,
     )
 
     def load() -> AsyncEngine:
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
+    serve.add_argument("--replica-id", default="",
+                       help="name this replica in the ids of the sessions it creates (sess_<ID>.<random>), "
+                            "so a proxy routes their turns back to it; see README 'Scaling out' (default: none)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request line")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)

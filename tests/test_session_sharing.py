@@ -5,6 +5,7 @@ stale copy is refreshed, a turn holds the session's lock, and nobody overwrites 
 another replica wrote."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,3 +147,23 @@ def test_the_kernel_releases_a_lock_when_its_holder_is_killed(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_replica_names_itself_in_the_ids_it_creates_as_the_nginx_map_expects():
+    from pathlib import Path
+
+    from server.api.session_routes import new_session_id
+    from server.api.state import ServerSettings
+    from server.engine.session_store import SAFE_ID
+
+    conf = (Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf").read_text()
+    routes = dict(re.findall(r"~\^/v1/sessions/(sess_\S+)\s+(\w+);", conf))
+    assert routes  # the map's patterns, e.g. sess_workmem-0\. -> workmem_0
+    for replica in ("workmem-0", "workmem-1"):
+        sid = new_session_id(ServerSettings("m", replica_id=replica).replica_id)
+        assert SAFE_ID.fullmatch(sid)
+        assert [u for pattern, u in routes.items() if re.match(pattern, sid)] == ["workmem_" + replica[-1]]
+    assert not any(re.match(p, new_session_id("")) for p in routes)  # no replica id: least connections
+    for bad in ("Upper", "has.dot", "-dash-first", "x" * 41, "sp ace"):
+        with pytest.raises(ValueError, match="replica id"):
+            ServerSettings("m", replica_id=bad)

@@ -30,6 +30,13 @@ DEFAULT_LIST_LIMIT = 20  # sessions per page of GET /v1/sessions
 MAX_LIST_LIMIT = 100
 
 
+def new_session_id(replica_id: str) -> str:
+    """A fresh session id; with a replica id, `sess_<replica>.<random>` (a proxy routes
+    the session's turns to its replica by that prefix, see deploy/nginx.conf)."""
+    token = secrets.token_urlsafe(18)
+    return f"sess_{replica_id}.{token}" if replica_id else f"sess_{token}"
+
+
 def _owner(request: Request) -> str | None:
     """The caller's API-key fingerprint (set by the middleware), None without keys."""
     return getattr(request.state, "owner", None)
@@ -50,7 +57,7 @@ def _describe(request: Request, info: dict) -> dict:
 async def create_session(body: SessionCreateRequest, request: Request):
     state = request.app.state.workmem
     check_model(state, body.model)
-    session_id = "sess_" + secrets.token_urlsafe(18)
+    session_id = new_session_id(state.settings.replica_id)
     ttl = body.ttl_seconds or state.settings.session_ttl_s
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     metadata = {**body.metadata, "overflow": body.overflow}
@@ -90,7 +97,7 @@ async def delete_session(session_id: str, request: Request):
 
 @router.post("/v1/sessions/{session_id}/fork")
 async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = None):
-    new_id = "sess_" + secrets.token_urlsafe(18)
+    new_id = new_session_id(request.app.state.workmem.settings.replica_id)
     ttl = (body.ttl_seconds if body else None) or request.app.state.workmem.settings.session_ttl_s
     owner = _owner(request)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full and 503 
 DEFAULT_MAX_TOKENS = 2048  # chat/session turns that give no max_tokens (capped by the context)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM lets in-flight streams finish
 DEFAULT_BODY_TIMEOUT_S = 10.0
+REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # what a proxy's rule can find in a session id
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,12 @@ class ServerSettings:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body must arrive whole within it
     cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none: no CORS headers
+    replica_id: str = ""  # names this replica in the ids of sessions it creates ("sess_<id>.<random>"); "": none
+
+    def __post_init__(self) -> None:
+        if self.replica_id and not REPLICA_ID.fullmatch(self.replica_id):
+            raise ValueError(f"replica id {self.replica_id!r}: use 1-40 of a-z, 0-9 and '-', starting with "
+                             "a letter or digit")
 
 
 @dataclass
