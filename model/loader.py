@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -32,12 +32,13 @@ class LoadedModel(NamedTuple):
 
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device, quant: QuantConfig = QuantConfig(),
-    native=None,
+    native=None, shard: Callable[[nn.Module], None] | None = None,
 ) -> LoadedModel:
     """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
     `quant` says which linears run on weight-only int4/int8 kernels (CPU only); with
     `native` (model.native.NativeOps) 8-bit group weights are packed for its matmul; dense
-    CPU linears end up in oneDNN's layout (model/prepack.py)."""
+    CPU linears end up in oneDNN's layout (model/prepack.py). `shard` (tensor parallelism,
+    model/parallel.py) cuts the full model down to one rank's part before it is moved."""
     path = Path(path)
     quant = quant.for_device(device, dtype)
     if path.suffix == ".gguf":
@@ -53,6 +54,8 @@ def load_model(
         raise FileNotFoundError(f"model path {str(path)!r} is neither a directory nor a .gguf file")
     model = build_model(config)
     load_weights(model, tensors, quant, native)
+    if shard is not None:
+        shard(model)
     model.to(device=device, dtype=dtype).eval()
     if prepack_available(device, dtype):
         prepack_linears(model)  # last: oneDNN's layout is opaque to .to() and to the loader

@@ -21,6 +21,9 @@ DEFAULT_MAX_SESSIONS = 1024
 DEFAULT_SESSION_MEMORY_FRACTION = 0.5  # of the KV pool that idle sessions may pin
 DEFAULT_SESSION_TTL_S = 3600.0
 
+DEFAULT_TP_TIMEOUT_S = 60.0  # a collective slower than this means a rank is gone
+DEFAULT_TP_HEARTBEAT_TIMEOUT_S = 10.0  # a follower silent this long is declared lost
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -51,13 +54,19 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
     num_threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
     grammar_cache_size: int = DEFAULT_GRAMMAR_CACHE_SIZE  # compiled structured-output grammars kept
+    tensor_parallel_size: int = 1  # ranks holding a model shard each (server/engine/tp_launch.py)
+    tp_timeout_s: float = DEFAULT_TP_TIMEOUT_S
+    tp_heartbeat_timeout_s: float = DEFAULT_TP_HEARTBEAT_TIMEOUT_S
 
     @property
     def quant(self) -> QuantConfig:
-        return QuantConfig(self.quantization, self.quant_dense_above)
+        """Tensor parallelism shards dense weights: `auto` loads a GGUF dense there."""
+        mode = "none" if self.tensor_parallel_size > 1 and self.quantization == "auto" else self.quantization
+        return QuantConfig(mode, self.quant_dense_above)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.session_memory_fraction <= 1.0:
@@ -67,6 +76,11 @@ class EngineConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         self.quant  # validates quantization and quant_dense_above
+        if self.tensor_parallel_size > 1 and self.quantization in ("int4", "int8"):
+            raise ValueError(f"quantization {self.quantization} cannot be sharded: tensor parallelism runs "
+                             "dense weights (use quantization none or auto)")
+        if self.tp_timeout_s <= 0 or self.tp_heartbeat_timeout_s <= 0:
+            raise ValueError("tp_timeout_s and tp_heartbeat_timeout_s must be > 0")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,6 +23,7 @@ from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
 from server.engine.offload import HostKVSwapper, KVSwap, KVSwapper
+from server.engine.tp_launch import TensorParallel
 from server.engine.session_store import SessionStore
 from server.engine.sessions import SessionTable, SessionTurn, TurnResult
 
@@ -48,20 +49,25 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         native = resolve_kernels(config.kernel_backend, self.device)
+        self.tp = TensorParallel(config, self.device) if config.tensor_parallel_size > 1 else None  # rank 0 of N
+        if self.tp is not None:
+            self.tp.check_loaded(loaded)
         if loaded is None:
-            loaded = load_model(config.model, self.dtype, self.device, config.quant, native)
+            loaded = load_model(config.model, self.dtype, self.device, config.quant, native,
+                                shard=None if self.tp is None else self.tp.shard)
         self.model, self.model_config, self.tokenizer = loaded
         if native is not None:
             install_kernels(self.model, native)
         self.kernel_backend = "torch" if native is None else "native"
-        self.plan = plan_kv_cache(config, self.model_config, self.dtype, self.device)
+        plan = plan_kv_cache if self.tp is None else self.tp.plan  # per rank under tensor parallelism
+        self.plan = plan(config, self.model_config, self.dtype, self.device)
         self.max_model_len = self.plan.max_model_len
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_namespace = kv_namespace(config.model, self.dtype, config.quant.mode)
-        self.runner = Runner(
+        self.runner = (Runner if self.tp is None else self.tp.runner)(
             self.model, self.model_config, self.plan.num_blocks, config.block_size,
             self.device, self.dtype, seed=config.seed,
         )
@@ -89,11 +95,19 @@ class LLMEngine:
     def _offload_tier(self) -> KVSwap | None:
         """Where idle sessions' KV goes when it leaves the pool: --session-dir, else host
         memory on CUDA, else nowhere (dropped and recomputed; on CPU the pool is host memory)."""
+        if self.tp is not None:  # each rank would have to swap its own heads: recompute instead
+            log.info("tensor parallelism: idle sessions' KV is not offloaded (their turns recompute it)")
+            return None
         if self.config.session_dir:
             return KVSwapper(self.runner.kv_cache, self.config.block_size, self.config.session_dir)
         if self.device.type == "cuda":
             return HostKVSwapper(self.runner.kv_cache)
         return None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel followers (nothing to do otherwise); call between steps."""
+        if self.tp is not None:
+            self.tp.stop()
 
     # -- requests ---------------------------------------------------------------------
     def add_request(

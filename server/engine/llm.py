@@ -25,6 +25,8 @@ class LLM:
     Batches wider than `quant_dense_above` rows use a dense copy (0: keep none).
     kernel_backend: "auto" = native CPU kernels (decode attention, norms, rotary) where a C
     compiler builds them, else torch ops; "torch" / "native" force one.
+    tensor_parallel_size: N > 1 shards the model over N ranks (this process is rank 0; see
+    server/engine/tp_launch.py); `close()` (or `with LLM(...)`) stops the other ranks.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class LLM:
         quant_dense_above: int = DEFAULT_DENSE_ABOVE,
         kernel_backend: str = "auto",
         num_threads: int | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -53,10 +56,20 @@ class LLM:
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
                 quantization=quantization, quant_dense_above=quant_dense_above,
                 kernel_backend=kernel_backend, num_threads=num_threads,
+                tensor_parallel_size=tensor_parallel_size,
             )
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(
         self,

@@ -6,7 +6,7 @@ and the sampler. The flat token batch concatenates each scheduled sequence's chu
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence as Seq
+from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
 from torch import nn
@@ -40,6 +40,17 @@ class TokenSlice(Seq[int]):
         return (self.tokens[i] for i in range(self.start, self.stop))
 
 
+class StepInputs(NamedTuple):
+    """What the model needs for one step, on the CPU (tensor-parallel rank 0 broadcasts it)."""
+
+    copies: list[tuple[int, int]]  # (src, dst) KV blocks to copy first
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    seq_attn: list[SeqAttention]
+    rows: torch.Tensor  # [S] int64: flat-batch rows whose logits are sampled
+
+
 class Runner:
     """Runs the model on the scheduler's batches; see module doc."""
 
@@ -61,21 +72,10 @@ class Runner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SamplerOutput:
-        for src, dst in out.copies:
-            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
-        input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
-        meta = build_attention_metadata(seq_attn, slot_mapping, self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.kv_layers, meta)  # [T, hidden]
-        # Row of each sampled sequence's last token in the flat batch.
-        last_row, end = {}, 0
-        for seq, num in out.scheduled.items():
-            end += num
-            last_row[seq] = end - 1
         sources = list(dict.fromkeys(src for src, _ in out.samples))
-        if not sources:
+        logits = self.forward(self.prepare(out, sources))  # [S, vocab] float32, or None
+        if logits is None:
             return SamplerOutput([], [])
-        rows = torch.tensor([last_row[s] for s in sources], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [S, vocab] float32
         source_index = {s: i for i, s in enumerate(sources)}
         expand = [source_index[src] for src, _ in out.samples]
         if expand != list(range(len(sources))):
@@ -83,6 +83,29 @@ class Runner:
         dsts = [dst for _, dst in out.samples]
         mask = self._token_mask(dsts, logits.shape[1])
         return self.sampler(logits, [_sampling_row(dst) for dst in dsts], mask)
+
+    def prepare(self, out: SchedulerOutput, sources: list[Sequence]) -> StepInputs:
+        """The step's model inputs (on the CPU); `sources` are the sequences sampled from."""
+        input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
+        last_row, end = {}, 0  # row of each sampled sequence's last token in the flat batch
+        for seq, num in out.scheduled.items():
+            end += num
+            last_row[seq] = end - 1
+        rows = torch.tensor([last_row[s] for s in sources], dtype=torch.int64)
+        return StepInputs(list(out.copies), input_ids, positions, slot_mapping, seq_attn, rows)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        """Block copies, the model, and logits [S, vocab] (float32) of `step.rows` (None if none)."""
+        for src, dst in step.copies:
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+        to = dict(device=self.device, dtype=torch.int64)
+        slot_mapping = step.slot_mapping.to(**to)
+        meta = build_attention_metadata(step.seq_attn, slot_mapping, self.block_size, self.device)
+        hidden = self.model(step.input_ids.to(**to), step.positions.to(**to), self.kv_layers, meta)  # [T, hidden]
+        if not len(step.rows):
+            return None
+        return self.model.compute_logits(hidden.index_select(0, step.rows.to(**to)))
 
     def _token_mask(self, dsts: list[Sequence], vocab_size: int) -> TokenMask | None:
         """The allowed next tokens of the rows whose output follows a grammar, computed together."""
@@ -108,11 +131,10 @@ class Runner:
             table = torch.tensor(seq.block_table, dtype=torch.int64)  # built once per step, shared
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             seq_attn.append(SeqAttention(num, start + num, table))
-        to = dict(device=self.device, dtype=torch.int64)
         return (
-            torch.tensor(ids).to(**to),
-            torch.cat(positions).to(**to),
-            torch.cat(slots).to(**to),
+            torch.tensor(ids, dtype=torch.int64),
+            torch.cat(positions),
+            torch.cat(slots),
             seq_attn,
         )
 

@@ -1,0 +1,199 @@
+"""Rank 0 of a tensor-parallel engine: start or meet the followers, hand the engine its
+shard, KV plan and runner, and watch the followers.
+
+One machine: rank 0 hosts the store on 127.0.0.1 (a free port) and spawns ranks 1..N-1
+(`torch.multiprocessing`, spawn). Several machines: with RANK=0 / WORLD_SIZE=N /
+MASTER_ADDR / MASTER_PORT in the environment it hosts the store there and waits for
+`workmem tp-worker` processes started with the same variables (server/engine/tp_worker.py).
+
+A follower is lost when its process exits (spawned ones), when it stops bumping its heartbeat
+for `tp_heartbeat_timeout_s`, or when a collective fails (a closed connection, or no answer
+within `tp_timeout_s`). Then the group is marked broken (every later collective raises
+RankLostError at once), the spawned followers are killed, and `on_lost` callbacks run:
+`workmem serve` turns /health to 503 and exits non-zero.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from model.config import ModelConfig
+from model.loader import LoadedModel
+from model.parallel import TPGroup, check_shardable, local_config, make_group, shard_model
+from server.engine.config import EngineConfig, KVCachePlan
+from server.engine.runner import Runner, StepInputs
+from server.engine.tp_comm import (
+    Rendezvous, backend_for, heartbeat_key, plan_shard, publish_config, rendezvous_from_env, send_step,
+    send_stop, set_rank_threads,
+)
+from server.engine.tp_worker import spawned_follower
+
+log = logging.getLogger("workmem.tp")
+MONITOR_INTERVAL_S = 0.25  # how often rank 0 looks at its followers
+STOP_JOIN_S = 10.0  # a stopped follower gets this long to exit before it is killed
+
+
+class TPRunner(Runner):
+    """Rank 0's runner: broadcasts each step, runs its shard, gathers the vocab-parallel
+    logits [S, vocab / N] of all ranks into [S, vocab] for the sampler."""
+
+    def __init__(self, *args, group: TPGroup, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        send_step(self.group, step, self.device)
+        logits = super().forward(step)
+        return None if logits is None else self.group.gather_last_dim(logits)
+
+
+class TensorParallel:
+    """Rank 0's handle on the group; see module doc. `start` blocks until all ranks joined."""
+
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.world = config.tensor_parallel_size
+        self.timeout = datetime.timedelta(seconds=config.tp_timeout_s)
+        self.procs: dict[int, mp.process.BaseProcess] = {}
+        self.on_lost: list[Callable[[str], None]] = []
+        self._stopping = threading.Event()
+        set_rank_threads(config, device)
+        if Path(config.model).is_dir():  # a GGUF's shapes are checked once loaded (shard_model)
+            check_shardable(ModelConfig.from_hf(config.model), self.world)
+        rdv = self._rendezvous()
+        self.store = dist.TCPStore(rdv.addr, rdv.port, self.world, True, self.timeout, wait_for_workers=False)
+        publish_config(self.store, config, device)
+        if rdv.port == 0:  # one machine: the followers are ours
+            self._spawn(self.store.port)
+        self.group = self._join()
+        self._monitor = threading.Thread(target=self._watch, name="workmem-tp-monitor", daemon=True)
+        self._monitor.start()
+        log.info("tensor parallel: %d ranks over %s", self.world, backend_for(device))
+
+    def _rendezvous(self) -> Rendezvous:
+        rdv = rendezvous_from_env()
+        if rdv is None:
+            return Rendezvous(0, self.world, "127.0.0.1", 0)
+        if rdv.rank != 0 or rdv.world != self.world:
+            raise ValueError(f"workmem serve is rank 0 of tensor_parallel_size {self.world} ranks; the "
+                             f"environment says RANK={rdv.rank} WORLD_SIZE={rdv.world}")
+        return rdv
+
+    def _spawn(self, port: int) -> None:
+        ctx = mp.get_context("spawn")
+        for rank in range(1, self.world):
+            proc = ctx.Process(target=spawned_follower, name=f"workmem-tp-rank{rank}", daemon=True,
+                               args=(rank, self.world, "127.0.0.1", port, logging.getLogger().level))
+            proc.start()
+            self.procs[rank] = proc
+
+    def _join(self) -> TPGroup:
+        """The process group, once every rank is in (fails early if a spawned one died)."""
+        result: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: result.update(group=self._make_group()), daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(MONITOR_INTERVAL_S)
+            dead = self._dead_follower()
+            if dead:
+                self._kill_followers()
+                raise RuntimeError(f"tensor parallel start-up failed: {dead}")
+        if "group" not in result:
+            self._kill_followers()
+            raise RuntimeError(f"tensor parallel start-up failed: ranks did not join within {self.timeout}")
+        return result["group"]  # type: ignore[return-value]
+
+    def _make_group(self) -> TPGroup:
+        return make_group(self.store, 0, self.world, backend_for(self.device), self.timeout)
+
+    # -- what the engine asks for -----------------------------------------------------
+    def shard(self, model: nn.Module) -> None:
+        try:
+            shard_model(model, self.group)
+        except BaseException:
+            self._kill_followers()  # they fail the same way; do not leave them waiting
+            raise
+
+    def plan(self, config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device) -> KVCachePlan:
+        try:
+            return plan_shard(config, model, self.group, dtype, device)
+        except BaseException:
+            self._kill_followers()
+            raise
+
+    def runner(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
+               device: torch.device, dtype: torch.dtype, seed: int | None = None) -> TPRunner:
+        return TPRunner(model, local_config(model_config, self.world), num_blocks, block_size, device, dtype,
+                        seed=seed, group=self.group)
+
+    def check_loaded(self, loaded: LoadedModel | None) -> None:
+        if loaded is not None:
+            raise ValueError("a preloaded model cannot be sharded: let the engine load it under tensor parallelism")
+
+    # -- life and death ---------------------------------------------------------------
+    @property
+    def lost(self) -> str | None:
+        return self.group.lost
+
+    def stop(self) -> None:
+        """Tell the followers to exit (between steps) and reap the spawned ones."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self.group.lost is None:
+            try:
+                send_stop(self.group, self.device)
+            except RuntimeError as exc:
+                log.warning("tensor parallel stop: %s", exc)
+        for proc in self.procs.values():
+            proc.join(STOP_JOIN_S)
+        self._kill_followers()
+
+    def _dead_follower(self) -> str | None:
+        for rank, proc in self.procs.items():
+            if proc.exitcode is not None:
+                return f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+        return None
+
+    def _kill_followers(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_JOIN_S)
+
+    def _watch(self) -> None:
+        """Monitor thread: process exits, heartbeats, and failed collectives."""
+        client = dist.TCPStore(self.store.host, self.store.port, self.world, False, self.timeout)
+        seen = {rank: (-1, time.monotonic()) for rank in range(1, self.world)}
+        while not self._stopping.wait(MONITOR_INTERVAL_S):
+            reason = self.group.lost or self._dead_follower() or self._silent(client, seen)
+            if reason and not self._stopping.is_set():
+                self._lose(reason)
+                return
+
+    def _silent(self, client: dist.Store, seen: dict[int, tuple[int, float]]) -> str | None:
+        now = time.monotonic()
+        for rank, (count, since) in seen.items():
+            current = client.add(heartbeat_key(rank), 0)
+            if current != count:
+                seen[rank] = (current, now)
+            elif now - since > self.config.tp_heartbeat_timeout_s:
+                return f"rank {rank} sent no heartbeat for {now - since:.1f} s"
+        return None
+
+    def _lose(self, reason: str) -> None:
+        self.group.lost = self.group.lost or reason
+        log.error("tensor parallel: %s; the engine cannot go on", reason)
+        self._kill_followers()  # any collective still waiting on them fails now
+        for callback in self.on_lost:
+            callback(reason)
