@@ -2,6 +2,7 @@
   serve      the OpenAI-compatible HTTP server
   chat       interactive terminal chat with a running server (streams tokens)
   generate   offline generation through the engine (no HTTP)
+  tp-worker  a tensor-parallel follower rank on another machine (environment rendezvous)
   bench      benchmarks (`workmem bench serve` = `python -m loadtest`, the HTTP load tester
              for any OpenAI-compatible server; `workmem bench offline` =
              `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`)
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,12 +21,13 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_KEEP_ALIVE_S = 5  # uvicorn's own default, made explicit
 DEFAULT_REQUEST_HEAD_TIMEOUT_S = 10.0
+EXIT_RANK_LOST = 3  # `workmem serve` exit status after losing a tensor-parallel rank
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from server.engine.config import (
         DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_SESSIONS,
-        DEFAULT_SESSION_MEMORY_FRACTION,
+        DEFAULT_SESSION_MEMORY_FRACTION, DEFAULT_TP_HEARTBEAT_TIMEOUT_S, DEFAULT_TP_TIMEOUT_S,
     )
     from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
     from model.quant import DEFAULT_DENSE_ABOVE
@@ -61,6 +64,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-cache-size", type=int, default=DEFAULT_GRAMMAR_CACHE_SIZE,
                         help="compiled structured-output grammars (JSON schemas, regexes, ...) kept, least "
                              f"recently used dropped first (default {DEFAULT_GRAMMAR_CACHE_SIZE})")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over N ranks (gloo on CPU, NCCL on CUDA); one machine: the "
+                             "other ranks are started here; several: see `workmem tp-worker` (default 1)")
+    parser.add_argument("--tp-timeout", type=float, default=DEFAULT_TP_TIMEOUT_S,
+                        help=f"seconds a collective may take before its rank counts as lost (default {DEFAULT_TP_TIMEOUT_S:.0f})")
+    parser.add_argument("--tp-heartbeat-timeout", type=float, default=DEFAULT_TP_HEARTBEAT_TIMEOUT_S,
+                        help="seconds without a follower's heartbeat before it counts as lost "
+                             f"(default {DEFAULT_TP_HEARTBEAT_TIMEOUT_S:.0f})")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -77,6 +88,8 @@ def engine_config_from_args(args: argparse.Namespace):
         session_dir=args.session_dir, quantization=args.quantization,
         quant_dense_above=args.quant_dense_above, kernel_backend=args.kernel_backend,
         num_threads=args.threads, grammar_cache_size=args.grammar_cache_size,
+        tensor_parallel_size=args.tensor_parallel_size, tp_timeout_s=args.tp_timeout,
+        tp_heartbeat_timeout_s=args.tp_heartbeat_timeout,
     )
 
 
@@ -91,6 +104,7 @@ def llm_from_args(args: argparse.Namespace):
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
         quantization=c.quantization, quant_dense_above=c.quant_dense_above,
         kernel_backend=c.kernel_backend, num_threads=c.num_threads,
+        tensor_parallel_size=c.tensor_parallel_size,
     )
 
 
@@ -115,14 +129,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def load() -> AsyncEngine:
         engine = AsyncEngine(LLMEngine(config), max_queue_len=args.max_queue_len)
+        exit_on_rank_loss(engine)
         engine.start()
         logging.getLogger("workmem").info("serving %s as %r on http://%s:%d", config.model, name, args.host, args.port)
         return engine
 
     app = create_app(settings, load=load)
-    return serve(app, app.state.workmem, host=args.host, port=args.port, log_level=args.log_level.lower(),
+    code = serve(app, app.state.workmem, host=args.host, port=args.port, log_level=args.log_level.lower(),
                  access_log=not args.no_access_log, timeout_keep_alive=args.timeout_keep_alive,
                  limit_concurrency=args.limit_concurrency, head_timeout=args.timeout_request_head)
+    engine = app.state.workmem.engine
+    if engine is not None and engine.engine.tp is not None:
+        if engine.engine.tp.lost:
+            return EXIT_RANK_LOST
+        engine.engine.close()
+    return code
+
+
+def exit_on_rank_loss(engine) -> None:
+    """Under tensor parallelism a lost rank breaks the engine for good: /health turns 503 at
+    once and the server drains (SIGTERM to itself) and exits with EXIT_RANK_LOST."""
+    tp = engine.engine.tp
+    if tp is None:
+        return
+
+    def lost(reason: str) -> None:
+        engine.error = RuntimeError(f"tensor parallel rank lost: {reason}")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    tp.on_lost.append(lost)
 
 
 def api_keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -235,10 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
+    sub.add_parser("tp-worker", help="a tensor-parallel follower rank on another machine (RANK, WORLD_SIZE, "
+                                     "MASTER_ADDR, MASTER_PORT from the environment, as torchrun sets them)")
+
     bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step [ARGS]` (see --help there)")
     bench.add_argument("which", choices=["serve", "offline", "step"])
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tp-worker"]:
+        from server.engine.tp_worker import main as tp_worker_main
+
+        return tp_worker_main(argv[1:])
     if argv[:2] == ["bench", "serve"]:  # its own parser takes the rest
         from loadtest.cli import main as serve_bench_main
 

@@ -1,19 +1,33 @@
 """Tensor parallelism on the CPU: two ranks over gloo on loopback (rank 0 spawns rank 1)
 against the same checkpoint on one rank. Greedy tokens must be identical and logprobs within
-1e-4 (float32: only the order of the all-reduced partial sums differs)."""
+1e-4 (float32: only the order of the all-reduced partial sums differs), offline and over a
+real `workmem serve --tensor-parallel-size 2`; a follower killed with -9 turns /health to
+503 and makes the server exit with EXIT_RANK_LOST instead of hanging."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from model.sampling import SamplingParams
+from server.cli import EXIT_RANK_LOST
 from server.engine import LLM
+from tests.server_fixtures import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 LOGPROB_TOL = 1e-4
 MAX_MODEL_LEN = 256
 ENGINE = dict(dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=MAX_MODEL_LEN, num_threads=1)
 PROMPTS = [[5, 17, 42, 99, 7], list(range(3, 40)), [200, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
+STARTUP_TIMEOUT_S = 120
+EXIT_TIMEOUT_S = 30  # after a follower dies, the server must be gone within this
 
 
 def _generate(model_dir: Path, tp: int) -> list:
@@ -62,3 +76,84 @@ def test_unsupported_combinations_fail_before_starting_ranks(tiny_checkpoint, ar
     kwargs = {"tensor_parallel_size": 2, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         LLM(str(tiny_checkpoint(arch)), **kwargs, **ENGINE)
+
+
+# -- a real server ------------------------------------------------------------------------
+def _serve(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKMEM_")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--dtype", "float32",
+           "--device", "cpu", "--port", str(port), "--served-model-name", "tiny", "--num-kv-blocks", "64",
+           "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "2"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode} during start-up:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+
+
+def _followers(pid: int) -> list[int]:
+    """The server's spawned rank processes (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_http_tp2_matches_offline_tp1(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    with LLM(str(model), **ENGINE) as llm:
+        ref = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, logprobs=1, ignore_eos=True))
+    proc, url = _serve(model, tmp_path / "server.log")
+    try:
+        assert len(_followers(proc.pid)) == 1
+        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as oai:
+            for prompt, r in zip(PROMPTS, ref):
+                out = oai.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=1,
+                                             extra_body={"ignore_eos": True})
+                lps = out.choices[0].logprobs.token_logprobs
+                expected = [lp[t] for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)]
+                assert out.usage.completion_tokens == len(expected) == len(lps)
+                assert max(abs(a - b) for a, b in zip(lps, expected)) < LOGPROB_TOL
+                assert out.choices[0].text == r.outputs[0].text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(EXIT_TIMEOUT_S) == 0, (tmp_path / "server.log").read_text()
+
+
+def test_killed_follower_fails_health_and_exits_nonzero(tiny_checkpoint, tmp_path):
+    proc, url = _serve(tiny_checkpoint("llama"), tmp_path / "server.log")
+    try:
+        (follower,) = _followers(proc.pid)
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # generating across both ranks
+            os.kill(follower, signal.SIGKILL)
+            rest = list(lines)  # the stream ends (with an error event) instead of hanging
+        assert "data: [DONE]" not in rest or any('"error"' in line for line in rest)
+        statuses = []
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                statuses.append(httpx.get(url + "/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                statuses.append(None)  # the port closed: the server is on its way out
+            time.sleep(0.05)
+        assert proc.wait(EXIT_TIMEOUT_S) == EXIT_RANK_LOST
+        lost = next(i for i, status in enumerate(statuses) if status != 200)  # 503, or the port closed
+        assert 200 not in statuses[lost:]
+        assert "rank 1" in (tmp_path / "server.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
