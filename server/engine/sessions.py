@@ -12,11 +12,11 @@ least recently used idle sessions are dropped first. A session with a running tu
 `busy` and is never dropped mid-turn. Everything here runs on the engine thread.
 
 With a store (`--session-dir`), memory is a cache of the directory, which replicas may
-share: every door reads the session's file digest first (`_sync`) and loads a session it
-does not hold (lookup on miss), replaces a stale copy (another replica took turns since:
-its resident KV is dropped and recomputed) or forgets one whose file is gone. A turn holds
-the session's file lock (session_lock.py) from `begin_turn` to its commit or abort, and so
-does every write of its files; a lock held elsewhere is `session_busy`.
+share: every door first asks session_disk.py whether the session's file changed (`_sync`)
+and loads a session it does not hold (lookup on miss), replaces a stale copy (another
+replica took turns since: its resident KV is dropped and recomputed) or forgets one whose
+file is gone. A turn holds the session's file lock from `begin_turn` to its commit or
+abort, and so does every write of its files; a lock held elsewhere is `session_busy`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
+from server.engine.session_disk import MemoryOnly, SessionDisk, StaleCopy
 from server.engine.session_record import BrokenSession, Session, SessionError
 
 __all__ = ["BrokenSession", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
@@ -63,10 +64,9 @@ class SessionTable:
         store: "SessionStore | None" = None, swapper: "KVSwap | None" = None,
     ) -> None:
         self.pool = pool
-        self.store = store
+        self.disk: SessionDisk | MemoryOnly = SessionDisk(store) if store is not None else MemoryOnly()
         self.swapper = swapper  # offload tier; without it evicted sessions are dropped
         self.broken: dict[str, str] = {}  # session id -> why its file could not be loaded
-        self.digests: dict[str, str] = {}  # session id -> digest of the file version held here
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -77,54 +77,38 @@ class SessionTable:
         self.num_disk_restores = 0
         self.num_memory_restores = 0
         self.num_store_loads = 0  # sessions read from the store after start-up (a miss or a stale copy)
-        if store is not None:
-            self._load(store)
+        for found in self.disk.load_all():  # an earlier run's sessions, in the dropped tier
+            self._adopt(found)
 
-    def _load(self, store: "SessionStore") -> None:
-        """Sessions saved by an earlier run come back in the dropped tier (KV recomputed)."""
-        for found in store.load_all():
-            if isinstance(found, BrokenSession):
-                self.broken[found.session_id] = found.error
-            else:
-                self._adopt(found)
-
-    def _adopt(self, stored: "Stored") -> Session:
+    def _adopt(self, found: "Stored | BrokenSession") -> None:
         """Hold a session read from the store; a KV file left for it is used at its next turn
         (every KV write happens under the lock and for the file's current version)."""
-        session = stored.session
+        if isinstance(found, BrokenSession):
+            self.broken[found.session_id] = found.error
+            return
+        session = found.session
         if self.swapper is not None:
             session.offloaded = self.swapper.find(session.session_id)
         self.sessions[session.session_id] = session
-        self.digests[session.session_id] = stored.digest
         self.broken.pop(session.session_id, None)
-        return session
 
     def _sync(self, session_id: str) -> None:
         """Bring the copy held here in line with the store's file (see the module doc). A
         busy session is ours: its lock keeps the file unchanged."""
         held = self.sessions.get(session_id)
-        if self.store is None or (held is not None and held.busy):
+        if held is not None and held.busy:
             return
-        digest = self.store.digest(session_id)
-        if held is not None and digest == self.digests.get(session_id):
+        change = self.disk.change(session_id, held is not None)
+        if change is None:
             return
-        if held is not None:
-            self._forget(held)
-        found = self.store.load(session_id) if digest is not None else None
-        if found is None:
-            self.broken.pop(session_id, None)
-        elif isinstance(found, BrokenSession):
-            self.broken[session_id] = found.error
-        else:
-            self._adopt(found)
+        if held is not None:  # stale: its files are another replica's now
+            self._release(held)
+            held.offloaded = None
+            del self.sessions[session_id]
+        self.broken.pop(session_id, None)
+        if change.found is not None:
+            self._adopt(change.found)
             self.num_store_loads += 1
-
-    def _forget(self, session: Session) -> None:
-        """Drop a stale copy from memory (its files are another replica's now)."""
-        self._release(session)
-        session.offloaded = None
-        del self.sessions[session.session_id]
-        self.digests.pop(session.session_id, None)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -167,26 +151,14 @@ class SessionTable:
     def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
         the session id `after`; and whether more follow."""
-        mine = sorted((s for s in self._all() if _visible(s, owner)), key=lambda s: (s.created, s.session_id))
+        every = self.disk.every(self.sessions)  # with a store: its directory, every replica's sessions
+        mine = sorted((s for s in every if _visible(s, owner)), key=lambda s: (s.created, s.session_id))
         if after is not None:
             ids = [s.session_id for s in mine]
             if after not in ids:
                 raise SessionError(f"session {after!r} (after) does not exist", "session_not_found")
             mine = mine[ids.index(after) + 1 :]
         return [s.info(self.pool.block_size) for s in mine[:limit]], len(mine) > limit
-
-    def _all(self) -> list[Session]:
-        """Every session: with a store, its directory (shared by replicas), the copies held
-        here standing for their files where current."""
-        if self.store is None:
-            return list(self.sessions.values())
-        found = []
-        for stored in self.store.load_all():
-            if not isinstance(stored, BrokenSession):
-                held = self.sessions.get(stored.session.session_id)
-                current = held is not None and self.digests.get(held.session_id) == stored.digest
-                found.append(held if current else stored.session)
-        return found
 
     def begin_turn(self, session_id: str) -> Session:
         """Start a turn. Without a copy here the session is looked up in the store; with
@@ -197,7 +169,11 @@ class SessionTable:
         session = self._get(session_id)
         if session.busy:
             raise SessionError(f"session {session_id!r} already has a turn running", "session_busy")
-        self._lock(session)
+        try:
+            self.disk.lock_turn(session_id)
+        except StaleCopy:
+            self._sync(session_id)  # the retry builds its prompt from the new version
+            raise
         session.busy = True
         if session.token_ids and not session.block_table:
             if not self._restore(session):
@@ -206,24 +182,6 @@ class SessionTable:
             self.swapper.discard(session_id)
         self._touch(session)
         return session
-
-    def _lock(self, session: Session) -> None:
-        """Take the session's file lock for a turn (store only); session_busy when another
-        replica holds it or wrote the session since this copy was read."""
-        sid = session.session_id
-        if self.store is None:
-            return
-        if not self.store.locks.acquire(sid):
-            raise SessionError(f"session {sid!r} has a turn running on another replica", "session_busy")
-        if self.store.digest(sid) != self.digests.get(sid):
-            self.store.locks.release(sid)
-            self._sync(sid)
-            raise SessionError(f"session {sid!r} changed on another replica while this turn was prepared; "
-                               "send it again", "session_busy")
-
-    def _unlock(self, session_id: str) -> None:
-        if self.store is not None:
-            self.store.locks.release(session_id)
 
     def _restore(self, session: Session) -> bool:
         """Bring an offloaded session's KV back into the pool (blocks still cached in the
@@ -257,7 +215,7 @@ class SessionTable:
     def abort_turn(self, session: Session) -> None:
         """A turn that did not finish: the session stays exactly as it was before it."""
         session.busy = False
-        self._unlock(session.session_id)
+        self.disk.unlock(session.session_id)
         self._touch(session)
 
     def commit_turn(self, session: Session, turn: TurnResult) -> None:
@@ -280,7 +238,7 @@ class SessionTable:
             session.num_turns += 1
             self._save(session)  # durable before the turn's response finishes
         finally:
-            self._unlock(session.session_id)
+            self.disk.unlock(session.session_id)
         self.enforce_budget()
 
     def fork(self, source_id: str, new_id: str, ttl: float, owner: str | None = None) -> Session:
@@ -310,21 +268,13 @@ class SessionTable:
         session = None if session_id in self.broken else self._get(session_id, owner)
         if session is not None and session.busy:
             raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
-        if self.store is not None and not self.store.locks.acquire(session_id):
-            raise SessionError(f"session {session_id!r} has a turn running on another replica", "session_busy")
-        try:
+        with self.disk.removing(session_id):  # session_busy while a turn runs on another replica
             if session is not None:
                 self._release(session)
                 del self.sessions[session_id]
             self.broken.pop(session_id, None)
-            self.digests.pop(session_id, None)
-            if self.store is not None:
-                self.store.delete(session_id)
             if self.swapper is not None:
                 self.swapper.discard(session_id)
-        finally:
-            if self.store is not None:
-                self.store.locks.release(session_id, remove=True)
 
     def save_all(self) -> int:
         """At graceful shutdown: write every resident session's KV to disk so the next
@@ -377,21 +327,11 @@ class SessionTable:
         self.num_evictions += 1
 
     def _write_kv(self, session: Session) -> "OffloadedKV | None":
-        """Save the session's full blocks; with a store only under its lock and for the
-        file's current version, so a stale copy never overwrites another replica's KV file.
-        None: not written (the KV will be recomputed)."""
+        """Save the session's full blocks, only while it is locked and current (see
+        SessionDisk.current). None: not written (the KV will be recomputed)."""
         assert self.swapper is not None
-        sid = session.session_id
-        if self.store is None:
-            return self.swapper.save(sid, *self._full_blocks(session))
-        if not self.store.locks.acquire(sid):
-            return None
-        try:
-            if self.store.digest(sid) != self.digests.get(sid):
-                return None
-            return self.swapper.save(sid, *self._full_blocks(session))
-        finally:
-            self.store.locks.release(sid)
+        with self.disk.current(session.session_id) as current:
+            return self.swapper.save(session.session_id, *self._full_blocks(session)) if current else None
 
     def _release(self, session: Session) -> None:
         self._unpin(session.block_table)  # blocks become cached-free: still findable by hash
@@ -415,8 +355,7 @@ class SessionTable:
                 del self.pins[b]
 
     def _save(self, session: Session) -> None:
-        if self.store is not None:
-            self.digests[session.session_id] = self.store.save(session)
+        self.disk.save(session)
 
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()

@@ -1,0 +1,139 @@
+"""The session table's view of its store, which replicas may share (README "Scaling out").
+
+`SessionDisk` remembers which file version (payload digest) each copy held in memory came
+from, tells the table when a file changed under it (another replica took a turn, deleted
+the session, or a copy was never held: lookup on miss), and wraps the per-session locks
+(session_lock.py): a turn holds its session's lock from start to commit or abort, and
+deletes and KV writes take it too, so two replicas never write one session at once.
+`MemoryOnly` is the same interface without a store (nothing to read, lock or write).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from server.engine.session_record import BrokenSession, Session, SessionError
+from server.engine.session_store import SessionStore, Stored
+
+
+@dataclass(frozen=True)
+class Change:
+    """The file no longer holds the version held here: what it holds now (None: no file)."""
+
+    found: Stored | BrokenSession | None
+
+
+class StaleCopy(SessionError):
+    """A turn's session changed on another replica after its prompt was built from it."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} changed on another replica while this turn was "
+                         "prepared; send it again", "session_busy")
+
+
+def busy_elsewhere(session_id: str) -> SessionError:
+    return SessionError(f"session {session_id!r} has a turn running on another replica", "session_busy")
+
+
+class SessionDisk:
+    """Digests of the versions held, change checks and locks over one SessionStore."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.digests: dict[str, str] = {}  # session id -> digest of the file version held in memory
+
+    def load_all(self) -> list[Stored | BrokenSession]:
+        found = self.store.load_all()
+        self.digests.update((f.session.session_id, f.digest) for f in found if isinstance(f, Stored))
+        return found
+
+    def change(self, session_id: str, held: bool) -> Change | None:
+        """None when the copy held here (`held`) is the file's current version; else what the
+        file holds now, read and remembered as the version held from here on."""
+        digest = self.store.digest(session_id)
+        if held and digest == self.digests.get(session_id):
+            return None
+        self.digests.pop(session_id, None)
+        found = self.store.load(session_id) if digest is not None else None
+        if isinstance(found, Stored):
+            self.digests[session_id] = found.digest
+        return Change(found)
+
+    def save(self, session: Session) -> None:
+        self.digests[session.session_id] = self.store.save(session)
+
+    def lock_turn(self, session_id: str) -> None:
+        """The session's lock for a turn. busy_elsewhere while another holder has it;
+        StaleCopy (lock not kept) when the file changed since the copy held was read."""
+        if not self.store.locks.acquire(session_id):
+            raise busy_elsewhere(session_id)
+        if self.store.digest(session_id) != self.digests.get(session_id):
+            self.store.locks.release(session_id)
+            raise StaleCopy(session_id)
+
+    def unlock(self, session_id: str) -> None:
+        self.store.locks.release(session_id)
+
+    @contextlib.contextmanager
+    def removing(self, session_id: str) -> Iterator[None]:
+        """Hold the lock while the session is deleted, then delete its files and lock file."""
+        if not self.store.locks.acquire(session_id):
+            raise busy_elsewhere(session_id)
+        try:
+            yield
+            self.store.delete(session_id)
+            self.digests.pop(session_id, None)
+        finally:
+            self.store.locks.release(session_id, remove=True)
+
+    @contextlib.contextmanager
+    def current(self, session_id: str) -> Iterator[bool]:
+        """True while locked and the copy held is the file's version: only then may its KV
+        be written (a stale copy never overwrites another replica's KV file)."""
+        if not self.store.locks.acquire(session_id):
+            yield False
+            return
+        try:
+            yield self.store.digest(session_id) == self.digests.get(session_id)
+        finally:
+            self.store.locks.release(session_id)
+
+    def every(self, held: Mapping[str, Session]) -> list[Session]:
+        """Every readable session in the directory, the copies held here standing for their
+        files where current (they know their resident KV)."""
+        found = []
+        for stored in self.store.load_all():
+            if isinstance(stored, Stored):
+                sid = stored.session.session_id
+                current = sid in held and self.digests.get(sid) == stored.digest
+                found.append(held[sid] if current else stored.session)
+        return found
+
+
+class MemoryOnly:
+    """SessionDisk's interface without a store: sessions live in memory only."""
+
+    def load_all(self) -> list[Stored | BrokenSession]:
+        return []
+
+    def change(self, session_id: str, held: bool) -> Change | None:
+        return None if held else Change(None)
+
+    def save(self, session: Session) -> None:
+        pass
+
+    def lock_turn(self, session_id: str) -> None:
+        pass
+
+    def unlock(self, session_id: str) -> None:
+        pass
+
+    def removing(self, session_id: str) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def current(self, session_id: str) -> contextlib.nullcontext[bool]:
+        return contextlib.nullcontext(True)
+
+    def every(self, held: Mapping[str, Session]) -> list[Session]:
+        return list(held.values())
