@@ -26,6 +26,10 @@ FORMAT_VERSION = 1
 SUFFIX = ".session.json"
 SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # ids that name a file in the directory
 UNREADABLE = "unreadable"  # digest of a file that is not a session record
+# `save` writes {"format_version": ..., "sha256": ..., "payload": ...} in that order, so the
+# digest sits in the file's first bytes: `digest` reads only those.
+_DIGEST_HEAD = re.compile(rb'\{"format_version": \d+, "sha256": "([0-9a-f]{64})", "payload": ')
+DIGEST_HEAD_BYTES = 128
 
 
 class Stored(NamedTuple):
@@ -95,11 +99,14 @@ class SessionStore:
         if not SAFE_ID.fullmatch(session_id):
             return None
         try:
-            return str(json.loads(self.path(session_id).read_text(encoding="utf-8"))["sha256"])
+            with open(self.path(session_id), "rb") as f:
+                head = f.read(DIGEST_HEAD_BYTES)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
             return UNREADABLE
+        match = _DIGEST_HEAD.match(head)
+        return match.group(1).decode() if match else UNREADABLE
 
 
 def _parse(text: str, session_id: str) -> Stored:
