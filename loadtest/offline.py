@@ -59,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
         help="engine token budget per step (default: %(default)s)")
     add("--threads", type=int, default=0, help="torch threads, 0 = torch's default (default: %(default)s)")
+    add("--tensor-parallel-size", type=int, default=1,
+        help="our engine on N ranks (gloo on the CPU; each rank cores/N threads unless --threads) (default: %(default)s)")
     add("--seed", type=int, default=0, help="seed for the random prompts (default: %(default)s)")
     add("--skip-hf", action="store_true", help="skip the transformers reference")
     add("--json", type=Path, default=None, help="also write the raw numbers to this file")
@@ -92,7 +94,8 @@ def load_ours(args: argparse.Namespace, dtype: str):
     from server.engine import LLM
 
     return LLM(str(args.model), dtype=dtype, device="cpu", max_num_seqs=args.concurrency,
-               max_num_batched_tokens=args.max_num_batched_tokens)
+               max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tensor_parallel_size,
+               num_threads=args.threads or None)
 
 
 def run_ours(args: argparse.Namespace, llm, dtype: str, warm: list[int], b1: list[list[int]],
@@ -161,6 +164,7 @@ def bench_dtype(args: argparse.Namespace, dtype: str) -> list[Row]:
                            args.input_len, args.seed)
     warm, b1, conc = prompts[0], prompts[1:1 + n1], prompts[1 + n1:]
     rows = run_ours(args, llm, dtype, warm, b1, conc)
+    llm.close()  # the other tensor-parallel ranks, if any
     del llm
     if not args.skip_hf:
         rows += run_hf(args, dtype, warm, b1, conc)

@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU: two ranks over gloo on loopback (rank 0 spawns rank 1)
 against the same checkpoint on one rank. Greedy tokens must be identical and logprobs within
 1e-4 (float32: only the order of the all-reduced partial sums differs), offline and over a
-real `workmem serve --tensor-parallel-size 2`; a follower killed with -9 turns /health to
+real `workmem serve --tensor-parallel-size 2` (with a `workmem tp-worker` as rank 1); a follower killed with -9 turns /health to
 503 and makes the server exit with EXIT_RANK_LOST instead of hanging."""
 from __future__ import annotations
 
@@ -79,10 +79,14 @@ def test_unsupported_combinations_fail_before_starting_ranks(tiny_checkpoint, ar
 
 
 # -- a real server ------------------------------------------------------------------------
-def _serve(model_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKMEM_")}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _serve(model_dir: Path, log_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--dtype", "float32",
            "--device", "cpu", "--port", str(port), "--served-model-name", "tiny", "--num-kv-blocks", "64",
            "--max-model-len", str(MAX_MODEL_LEN), "--tensor-parallel-size", "2"]
@@ -111,12 +115,18 @@ def _followers(pid: int) -> list[int]:
 
 
 def test_http_tp2_matches_offline_tp1(tiny_checkpoint, tmp_path):
+    """The several-machines path on loopback: `serve` is rank 0 and `tp-worker` rank 1, meeting
+    through torchrun-style variables (no spawned ranks)."""
     model = tiny_checkpoint("llama")
     with LLM(str(model), **ENGINE) as llm:
         ref = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, logprobs=1, ignore_eos=True))
-    proc, url = _serve(model, tmp_path / "server.log")
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "server", "tp-worker"], cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, env=_env(RANK="1", **rendezvous))
+    proc, url = _serve(model, tmp_path / "server.log", _env(RANK="0", **rendezvous))
     try:
-        assert len(_followers(proc.pid)) == 1
+        assert _followers(proc.pid) == []
         with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as oai:
             for prompt, r in zip(PROMPTS, ref):
                 out = oai.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=1,
@@ -129,10 +139,15 @@ def test_http_tp2_matches_offline_tp1(tiny_checkpoint, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(EXIT_TIMEOUT_S) == 0, (tmp_path / "server.log").read_text()
+        try:
+            assert worker.wait(EXIT_TIMEOUT_S) == 0, (tmp_path / "worker.log").read_text()  # told to stop
+        finally:
+            if worker.poll() is None:
+                worker.kill()
 
 
 def test_killed_follower_fails_health_and_exits_nonzero(tiny_checkpoint, tmp_path):
-    proc, url = _serve(tiny_checkpoint("llama"), tmp_path / "server.log")
+    proc, url = _serve(tiny_checkpoint("llama"), tmp_path / "server.log", _env())
     try:
         (follower,) = _followers(proc.pid)
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True, "ignore_eos": True}
