@@ -84,16 +84,19 @@ class TPGroup:
         return torch.cat(outs[0], dim=-1) if self.is_root else None
 
 
-def make_group(store: dist.Store, rank: int, world: int, backend: str,
-               timeout: datetime.timedelta) -> TPGroup:
-    """The process group of `world` ranks (blocks until all have joined through `store`)."""
+def make_group(store: dist.Store, rank: int, world: int, backend: str, timeout: datetime.timedelta,
+               pg_timeout: datetime.timedelta | None = None) -> TPGroup:
+    """The process group of `world` ranks (blocks until all have joined through `store`).
+    `timeout` bounds each collective; `pg_timeout` (default: the same) is the group's own,
+    which NCCL's watchdog applies to every wait: a follower idling between steps needs a long one."""
+    pg_timeout = pg_timeout or timeout
     if backend == "gloo":
-        pg = dist.ProcessGroupGloo(store, rank, world, timeout)
+        pg = dist.ProcessGroupGloo(store, rank, world, pg_timeout)
     elif backend == "nccl":
         if not dist.is_nccl_available():
             raise ValueError("tensor parallelism on CUDA needs NCCL, which this torch build lacks")
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = pg_timeout
         pg = dist.ProcessGroupNCCL(store, rank, world, opts)
     else:
         raise ValueError(f"unknown backend {backend!r}")

@@ -32,7 +32,7 @@ from model.parallel import TPGroup, check_shardable, local_config, make_group, s
 from server.engine.config import EngineConfig, KVCachePlan
 from server.engine.runner import Runner, StepInputs
 from server.engine.tp_comm import (
-    Rendezvous, backend_for, heartbeat_key, plan_shard, publish_config, rendezvous_from_env, send_step,
+    Rendezvous, backend_for, heartbeat_key, local_device, plan_shard, publish_config, rendezvous_from_env, send_step,
     send_stop, set_rank_threads,
 )
 from server.engine.tp_worker import spawned_follower
@@ -68,6 +68,8 @@ class TensorParallel:
         self.on_lost: list[Callable[[str], None]] = []
         self._stopping = threading.Event()
         set_rank_threads(config, device)
+        if device.type == "cuda":
+            local_device("cuda", 0)  # LOCAL_RANK's GPU, else the first
         if Path(config.model).is_dir():  # a GGUF's shapes are checked once loaded (shard_model)
             check_shardable(ModelConfig.from_hf(config.model), self.world)
         rdv = self._rendezvous()

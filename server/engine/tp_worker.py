@@ -18,7 +18,7 @@ from model.parallel import local_config, make_group
 from server.engine.config import resolve_dtype
 from server.engine.runner import Runner
 from server.engine.tp_comm import (
-    Rendezvous, backend_for, load_shard, local_device, plan_shard, read_config, recv_step,
+    FOLLOWER_IDLE_TIMEOUT, Rendezvous, backend_for, load_shard, local_device, plan_shard, read_config, recv_step,
     rendezvous_from_env, set_rank_threads, start_heartbeat,
 )
 
@@ -38,7 +38,7 @@ def run_follower(rdv: Rendezvous) -> None:
     start_heartbeat(rdv, timeout)
     device = local_device(device_type, rdv.rank)
     set_rank_threads(config, device)
-    group = make_group(store, rdv.rank, rdv.world, backend_for(device), timeout)
+    group = make_group(store, rdv.rank, rdv.world, backend_for(device), timeout, FOLLOWER_IDLE_TIMEOUT)
     dtype = resolve_dtype(config.dtype, device)
     native = resolve_kernels(config.kernel_backend, device)
     model, model_config, _ = load_shard(config, group, device, dtype, native)
