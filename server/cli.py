@@ -196,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs = llm.generate(ids, params)
     elapsed = time.perf_counter() - start
+    llm.close()  # stops the other tensor-parallel ranks, if any
     for prompt, out in zip(prompts, outputs):
         print(f"> {prompt}\n{out.text}\n[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]")
     total = sum(len(o.token_ids) for o in outputs)
