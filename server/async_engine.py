@@ -16,11 +16,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, TypeVar
 
 from model.sampling import SamplingParams
 from server.engine import LLMEngine, StepOutput
+from server.engine.limits import RequestLimits
+from server.engine.stats import EngineStats
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats", "QueueFullError", "ShutdownError", "SlowReaderError"]
 
 log = logging.getLogger("workmem.async_engine")
 T = TypeVar("T")
@@ -44,27 +48,6 @@ class ShutdownError(RuntimeError):
 
 class SlowReaderError(RuntimeError):
     """The request's reader fell more than `max_pending` outputs behind; it was aborted."""
-
-
-@dataclass
-class EngineStats:
-    """What the API may read about the engine (published by the engine thread)."""
-
-    kv_blocks_total: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_cached: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preemptions: int = 0
-    sessions_active: int = 0
-    session_blocks_pinned: int = 0
-    session_evictions: int = 0
-    session_restores_recompute: int = 0
-    session_restores_disk: int = 0
-    session_restores_memory: int = 0
-    session_offloads: int = 0
-    step_seconds: float = 0.0  # engine thread inside LLMEngine.step()
-    idle_seconds: float = 0.0  # engine thread blocked on an empty inbox with nothing to run
 
 
 @dataclass
@@ -142,7 +125,7 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             if not self._thread.is_alive():  # the engine is ours again: keep sessions' KV
-                saved = self.engine.sessions.save_all()
+                saved = self.engine.save_sessions()
                 if saved:
                     log.info("saved the KV of %d resident sessions", saved)
 
@@ -154,6 +137,11 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def limits(self) -> RequestLimits:
+        """The engine's request rules (immutable: safe to ask from the event loop)."""
+        return self.engine.limits
 
     @property
     def is_alive(self) -> bool:
@@ -298,30 +286,11 @@ class AsyncEngine:
         for loop, items in batches.items():
             _post(loop, items)
         for out in outputs:  # forget finished requests only after every sibling's output went out
-            if out.finished and out.request_id not in self.engine.scheduler.requests:
+            if out.finished and not self.engine.has_request(out.request_id):
                 self._requests.pop(out.request_id, None)
 
     def _publish_stats(self) -> None:
-        usage = self.engine.kv_usage()
-        sched = self.engine.scheduler
-        sessions = self.engine.sessions
-        self.stats = EngineStats(
-            kv_blocks_total=usage["total"],
-            kv_blocks_used=usage["used"],
-            kv_blocks_cached=usage["cached"],
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            num_preemptions=sched.num_preemptions,
-            sessions_active=len(sessions),
-            session_blocks_pinned=sessions.num_pinned_blocks,
-            session_evictions=sessions.num_evictions,
-            session_restores_recompute=sessions.num_recomputes,
-            session_restores_disk=sessions.num_disk_restores,
-            session_restores_memory=sessions.num_memory_restores,
-            session_offloads=sessions.num_offloads,
-            step_seconds=self._step_seconds,
-            idle_seconds=self._idle_seconds,
-        )
+        self.stats = replace(self.engine.stats(), step_seconds=self._step_seconds, idle_seconds=self._idle_seconds)
 
 
 def _send(req: _Request, item: StepOutput | BaseException) -> None:

@@ -8,6 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.engine.limits import RequestError
+
 log = logging.getLogger("workmem.api")
 
 ERROR_TYPES = {
@@ -53,10 +55,19 @@ def bad_request(exc: ValueError) -> APIError:
     return APIError(400, message, param=param)
 
 
+def request_error(exc: RequestError) -> APIError:
+    """The engine's refusal as a 400 (the engine owns the rule, its field and its code)."""
+    return APIError(400, exc.api_message, param=exc.param, code=exc.code)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return error_response(exc)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError):
+        return error_response(request_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

@@ -46,9 +46,9 @@ async def tokenize(body: TokenizeRequest, request: Request):
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = request.app.state.workmem
-    tok = serving_engine(state, body.model).tokenizer
-    if any(t < 0 or t >= tok.vocab_size for t in body.tokens):
-        raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="tokens")
+    engine = serving_engine(state, body.model)
+    engine.limits.check_token_ids(body.tokens, "token ids", "tokens", compute=False)  # text only
+    tok = engine.tokenizer
     return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
 
 

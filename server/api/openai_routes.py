@@ -19,6 +19,7 @@ from server.api.serving import (
 )
 from server.api.sse import DONE, EventStream, sse, until_disconnect
 from server.api.tools import NO_TOOLS, ToolCallDeltas, ToolPlan, forced_tool_params, request_tools, tool_message
+from server.engine.limits import RequestLimits
 
 router = APIRouter()
 STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # JSON, or SSE with stream
@@ -35,7 +36,7 @@ async def completions(body: CompletionRequest, request: Request):
     tok = engine.tokenizer
     texts = [body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)]
     check_text_fits(engine, texts, "prompt")
-    prompts = await off_loop(_completion_prompts, body.prompt, tok)
+    prompts = await off_loop(_completion_prompts, body.prompt, tok, engine.limits)
     cap = state.settings.max_tokens_limit
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
                   for p in prompts]
@@ -94,7 +95,7 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     return fmt.response(answers, gen.usage.as_dict())
 
 
-def _completion_prompts(prompt, tok: Tokenizer) -> list[list[int]]:
+def _completion_prompts(prompt, tok: Tokenizer, limits: RequestLimits) -> list[list[int]]:
     if isinstance(prompt, str):
         prompts = [tok.encode(prompt)]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -105,12 +106,8 @@ def _completion_prompts(prompt, tok: Tokenizer) -> list[list[int]]:
         prompts = [list(p) for p in prompt]
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts", param="prompt")
-    vocab = tok.vocab_size
-    for p in prompts:
-        if not p:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if min(p) < 0 or max(p) >= vocab:
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    for p in prompts:  # ids the model computes on and the tokenizer decodes (echo, logprobs)
+        limits.check_prompt(p)
     return prompts
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, TypeVar
 
 from model.sampling import SamplingParams
-from server.api.errors import APIError, bad_request
+from server.api.errors import APIError, bad_request, request_error
 from server.api.state import AppState
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShutdownError, SlowReaderError
 from server.engine import StepOutput
+from server.engine.limits import RequestError
 from server.engine.sessions import SessionError
 
 log = logging.getLogger("workmem.api")
@@ -74,34 +75,22 @@ def serving_engine(state: AppState, model: str | None) -> AsyncEngine:
 def fit_max_tokens(engine: AsyncEngine, prompt_len: int, requested: int | None, default: int | None,
                    cap: int | None = None, prompt_param: str = "messages") -> int:
     """The request's max_tokens (`default` when it gives none), checked against `cap`
-    (--max-tokens-limit) and the context; 400 with the numbers."""
+    (--max-tokens-limit, this server's) and the context (the engine's rule); 400 with the numbers."""
     if requested is not None and cap is not None and requested > cap:
         raise APIError(400, f"max_tokens={requested} is over this server's limit of {cap}", param="max_tokens")
-    limit = engine.max_model_len
-    if prompt_len >= limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens, but the prompt "
-                       f"has {prompt_len} tokens", param=prompt_param, code="context_length_exceeded")
-    room = limit - prompt_len
-    if requested is None:
-        return room if default is None else min(default, room)
-    if requested > room:
-        raise APIError(400, f"max_tokens={requested} does not fit: the prompt has {prompt_len} tokens "
-                       f"and the maximum context length is {limit} ({room} tokens left)",
-                       param="max_tokens", code="context_length_exceeded")
-    return requested
-
-
-TEXT_FIT_SLACK = 2  # normalizers may shrink text: reject only what cannot fit twice over
+    try:
+        return engine.limits.fit_max_tokens(prompt_len, requested, default, prompt_param)
+    except RequestError as exc:
+        raise request_error(exc) from None
 
 
 def check_text_fits(engine: AsyncEngine, texts: list[str], param: str) -> None:
     """400 before tokenizing (cheap, on the event loop) when the text alone cannot fit the
-    context: no token spans more than `tokenizer.max_token_chars` characters."""
-    limit = engine.max_model_len
-    total = sum(map(len, texts))
-    if total > limit * engine.tokenizer.max_token_chars * TEXT_FIT_SLACK:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens; {total} characters "
-                       f"of {param} cannot fit", param=param, code="context_length_exceeded")
+    context (the engine's rule: `RequestLimits.check_text`)."""
+    try:
+        engine.limits.check_text(texts, param)
+    except RequestError as exc:
+        raise request_error(exc) from None
 
 
 async def off_loop(fn: Callable[..., T], *args) -> T:
@@ -160,6 +149,9 @@ class Generation:
         except SessionError as exc:
             await _close_all(streams)
             raise session_error(exc) from None
+        except RequestError as exc:
+            await _close_all(streams)
+            raise request_error(exc) from None
         except ValueError as exc:
             await _close_all(streams)
             raise bad_request(exc) from None

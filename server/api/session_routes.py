@@ -23,6 +23,7 @@ from server.api.openai_routes import STREAMED, chat_response
 from server.api.tools import request_tools
 from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
 from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
+from server.engine.limits import RequestLimits
 from server.engine.sessions import Session, SessionError
 
 router = APIRouter()
@@ -117,7 +118,7 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     new = body.template_messages()
     check_text_fits(engine, [m["content"] for m in new], "messages")
     tools = request_tools(body, engine.tokenizer)
-    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.max_model_len, tools.tools)
+    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.limits, tools.tools)
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new, tools=tools)
 
 
@@ -127,25 +128,25 @@ def _snapshot(engine, session_id: str, owner: str | None) -> dict:
             "overflow": s.metadata.get("overflow", "error")}
 
 
-def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], max_model_len: int,
+def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], limits: RequestLimits,
                 tools: list[dict] | None = None) -> list[int]:
     """Transcript tokens + the new text's tokens (`tools` rendered by the template as in a
     chat); re-rendered whole if the template does not extend the transcript. Over the
-    context: 400, or drop old turns ("truncate")."""
+    context (the engine's `limits`): 400, or drop old turns ("truncate")."""
     history, transcript = snapshot["messages"], snapshot["token_ids"]
     try:
         prompt = _extend(tok, history + new, transcript, tools)
-        while len(prompt) >= max_model_len and snapshot["overflow"] == "truncate":
+        while not limits.has_room(len(prompt)) and snapshot["overflow"] == "truncate":
             history = _drop_oldest_turn(history)
             if history is None:
                 break
             prompt = tok.encode_chat(history + new, tools=tools)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
-    if len(prompt) >= max_model_len:
+    if not limits.has_room(len(prompt)):
         raise APIError(400, f"the session's conversation with this turn has {len(prompt)} tokens but the "
-                       f"maximum context length is {max_model_len}; start a new session or create it "
-                       f"with overflow=truncate", param="messages", code="context_length_exceeded")
+                       f"maximum context length is {limits.max_model_len}; start a new session or create "
+                       f"it with overflow=truncate", param="messages", code="context_length_exceeded")
     return prompt
 
 

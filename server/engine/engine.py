@@ -17,6 +17,7 @@ from model.native import install_kernels, resolve_kernels
 from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
 from server.engine.grammar import GrammarCompiler, GrammarState
+from server.engine.limits import RequestLimits
 from server.engine.memory import BlockPool, root_hash
 from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
@@ -25,6 +26,7 @@ from server.engine.sequence import Sequence
 from server.engine.offload import HostKVSwapper, KVSwap, KVSwapper
 from server.engine.tp_launch import TensorParallel
 from server.engine.session_store import SessionStore
+from server.engine.stats import EngineStats
 from server.engine.sessions import SessionTable, SessionTurn, TurnResult
 
 log = logging.getLogger("workmem.engine")
@@ -62,6 +64,8 @@ class LLMEngine:
         plan = plan_kv_cache if self.tp is None else self.tp.plan  # per rank under tensor parallelism
         self.plan = plan(config, self.model_config, self.dtype, self.device)
         self.max_model_len = self.plan.max_model_len
+        self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.tokenizer.vocab_size,
+                                    self.tokenizer.max_token_chars)
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
@@ -114,27 +118,20 @@ class LLMEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         session_id: str | None = None, new_messages: list[dict] | None = None, cache_salt: str | None = None,
     ) -> None:
-        """Queue a request. ValueError for an empty or too long prompt, a duplicate id,
-        token ids outside the vocabulary, or a `params.structured` grammar that does not
-        compile (each of the n sequences follows its own copy of the grammar; one that
-        completes it stops). With `session_id`, the request is that session's next turn
-        (SessionError if unknown or busy): the prompt must be the session's transcript
-        plus the new tokens; when it finishes, the transcript
-        (prompt + output) and its KV blocks become the session's, and `new_messages` plus
-        the reply are appended to its messages. An aborted turn changes nothing."""
+        """Queue a request. RequestError (a ValueError; see `limits`) for an empty or too
+        long prompt or ids outside the model's vocabulary; ValueError for a duplicate id or
+        a `params.structured` grammar that does not compile (each of the n sequences
+        follows its own copy of the grammar; one that completes it stops). With
+        `session_id`, the request is that session's next turn (SessionError if unknown or
+        busy): the prompt must be the session's transcript plus the new tokens; when it
+        finishes, the transcript (prompt + output) and its KV blocks become the session's,
+        and `new_messages` plus the reply are appended to its messages. An aborted turn
+        changes nothing."""
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens but max_model_len is "
-                f"{self.max_model_len}; it must leave room for at least one generated token"
-            )
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        params.check_vocab(vocab)
+        self.limits.check_prompt(prompt_token_ids, decode=False)  # raw ids: the model's vocabulary
+        self.limits.room(len(prompt_token_ids))
+        params.check_vocab(self.limits.vocab_size)
         if params.n > self.config.max_num_seqs:  # all n run at once: it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         seqs = [
@@ -264,7 +261,27 @@ class LLMEngine:
     def expire_sessions(self, now: float | None = None) -> list[str]:
         return self.sessions.expire(now)
 
+    def save_sessions(self) -> int:
+        """At graceful shutdown: write resident sessions' KV to disk (see SessionTable.save_all)."""
+        return self.sessions.save_all()
+
     # -- introspection ----------------------------------------------------------------
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request has a sequence that has not finished."""
+        return request_id in self.scheduler.requests
+
+    def stats(self) -> EngineStats:
+        """The engine's counters now (engine thread only)."""
+        usage, sched, sessions = self.kv_usage(), self.scheduler, self.sessions
+        return EngineStats(
+            kv_blocks_total=usage["total"], kv_blocks_used=usage["used"], kv_blocks_cached=usage["cached"],
+            num_running=len(sched.running), num_waiting=len(sched.waiting), num_preemptions=sched.num_preemptions,
+            sessions_active=len(sessions), session_blocks_pinned=sessions.num_pinned_blocks,
+            session_evictions=sessions.num_evictions, session_restores_recompute=sessions.num_recomputes,
+            session_restores_disk=sessions.num_disk_restores, session_restores_memory=sessions.num_memory_restores,
+            session_offloads=sessions.num_offloads,
+        )
+
     def kv_usage(self) -> dict[str, int]:
         pool = self.pool
         return {
