@@ -5,35 +5,22 @@ Same bodies, stream parsing and retry policy as `Client` (client/core.py).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator
 
 import httpx
 
 from client.core import (
-    DEFAULT_BACKOFF_S, DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, SESSIONS_PATH,
+    SESSIONS_PATH, ClientBase,
     Completion, Messages, StreamParser, Usage, auth_headers, chat_messages, connection_error, create_body,
-    may_retry_transport, normalize_base_url, request_body, response_json, retry_delay,
+    may_retry_transport, request_body, response_json,
 )
 from client.errors import WorkmemError, error_from_response
 from client.sessions import AsyncSession
 
 
-class AsyncClient:
-    """Non-blocking client for a workmem (OpenAI-compatible) server. `model` defaults to
-    the first id of GET /v1/models, fetched once on first use; a `model=` keyword on a call
-    overrides it. Other keywords (max_tokens, temperature, stop, ...) go into the body."""
-
-    def __init__(
-        self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
-        backoff: float = DEFAULT_BACKOFF_S, model: str | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        self.base_url = normalize_base_url(base_url)
-        self.api_key, self.max_retries, self.backoff, self.model = api_key, max_retries, backoff, model
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
-        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+class AsyncClient(ClientBase[httpx.AsyncClient], http=httpx.AsyncClient, sleep=asyncio.sleep):
+    """Non-blocking client for a workmem (OpenAI-compatible) server; its keywords are
+    `ClientBase`'s."""
 
     async def complete(self, prompt: str | list[int], **params: Any) -> Completion:
         body = request_body(await self._model_for(params), "prompt", prompt, params, stream=False)
@@ -126,31 +113,25 @@ class AsyncClient:
         method: str | None = None, idempotent: bool = True,
     ) -> httpx.Response:
         """`method` (default: POST `body`, GET when None) with retries; returns a < 400 response."""
-        attempt = 0
+        retries = self.retries()
         while True:
-            request = self._http.build_request(
-                method or ("GET" if body is None else "POST"), self.base_url + path, json=body,
-                headers=auth_headers(self.api_key, stream),
-            )
-            retryable = True
             try:
-                resp = await self._http.send(request, stream=stream)
+                resp = await self._http.send(self.build_request(path, body, stream, method), stream=stream)
             except httpx.TransportError as exc:
-                err: WorkmemError = connection_error(exc)
-                retryable = may_retry_transport(exc, idempotent)
-            else:
-                if resp.status_code < 400:
-                    return resp
-                try:
-                    await resp.aread()
-                    text = resp.text
-                except httpx.TransportError:
-                    text = ""
-                finally:
-                    await resp.aclose()
-                err = error_from_response(resp.status_code, text, resp.headers)
-            delay = retry_delay(err, attempt, self.backoff) if retryable and attempt < self.max_retries else None
-            if delay is None:
-                raise err
-            await self._sleep(delay)
-            attempt += 1
+                await self._sleep(retries.wait_after(connection_error(exc), may_retry_transport(exc, idempotent)))
+                continue
+            if resp.status_code < 400:
+                return resp
+            text = await _error_text(resp)
+            await self._sleep(retries.wait_after(error_from_response(resp.status_code, text, resp.headers)))
+
+
+async def _error_text(resp: httpx.Response) -> str:
+    """An error response's body ("" if it broke off); the response is closed."""
+    try:
+        await resp.aread()
+        return resp.text
+    except httpx.TransportError:
+        return ""
+    finally:
+        await resp.aclose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -116,6 +116,66 @@ def retry_delay(err: WorkmemError, attempt: int, backoff: float) -> float | None
         return None
     wait = err.retry_after if err.retry_after is not None else backoff * 2**attempt
     return min(wait, MAX_RETRY_WAIT_S)
+
+
+class Retries:
+    """One request's attempts under the retry policy (module doc)."""
+
+    def __init__(self, max_retries: int, backoff: float) -> None:
+        self.max_retries, self.backoff, self.attempt = max_retries, backoff, 0
+
+    def wait_after(self, err: WorkmemError, retryable: bool = True) -> float:
+        """Seconds to wait before the next attempt after `err`; raises `err` when there is none."""
+        delay = retry_delay(err, self.attempt, self.backoff) if retryable and self.attempt < self.max_retries else None
+        if delay is None:
+            raise err
+        self.attempt += 1
+        return delay
+
+
+HTTP = TypeVar("HTTP", httpx.Client, httpx.AsyncClient)
+
+
+class ClientBase(Generic[HTTP]):
+    """What `Client` and `AsyncClient` share: settings, request building, retries.
+
+    `model` defaults to the first id of GET /v1/models, fetched once on first use; a
+    `model=` keyword on a call overrides it. Other keywords (max_tokens, temperature, stop,
+    ...) go into the body. `http_client` (default: a new one with `timeout`, closed with
+    the client) and `sleep` (waits between retries; tests pass one that records the waits)
+    are the subclass's kind: blocking or asyncio (named where it is declared)."""
+
+    _http_type: type
+    _default_sleep: Callable[[float], Any]
+
+    def __init__(
+        self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S, max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff: float = DEFAULT_BACKOFF_S, model: str | None = None,
+        http_client: HTTP | None = None, sleep: Callable[[float], Any] | None = None,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.api_key, self.max_retries, self.backoff, self.model = api_key, max_retries, backoff, model
+        self._owns_http = http_client is None
+        self._http: HTTP = http_client or self._http_type(timeout=timeout)
+        self._sleep = sleep or self._default_sleep
+
+    def __init_subclass__(cls, http: type | None = None, sleep: Callable[[float], Any] | None = None,
+                          **kwargs: Any) -> None:
+        """`class Client(ClientBase[httpx.Client], http=httpx.Client, sleep=time.sleep)`."""
+        super().__init_subclass__(**kwargs)
+        if http is not None:
+            cls._http_type = http
+        if sleep is not None:
+            cls._default_sleep = staticmethod(sleep)
+
+    def build_request(self, path: str, body: dict[str, Any] | None, stream: bool, method: str | None) -> httpx.Request:
+        """`method` (default: POST `body`, GET when None) to `path`, with the auth headers."""
+        return self._http.build_request(method or ("GET" if body is None else "POST"), self.base_url + path, json=body,
+                                        headers=auth_headers(self.api_key, stream))
+
+    def retries(self) -> Retries:
+        return Retries(self.max_retries, self.backoff)
 
 
 def response_json(resp: httpx.Response) -> Any:

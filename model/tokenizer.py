@@ -305,6 +305,11 @@ class IncrementalDetokenizer:
         self._deltas: list[str] = []
 
     @property
+    def window_size(self) -> int:
+        """Tokens in the window now (left context + not yet emitted): what the next call decodes."""
+        return len(self._ids)
+
+    @property
     def text(self) -> str:
         if len(self._deltas) > 1:
             self._deltas = ["".join(self._deltas)]

@@ -193,21 +193,17 @@ def dead_url() -> str:
 
 
 def recording_client(url: str, **kw: Any) -> tuple[Client, list[float]]:
-    c = Client(url, **kw)
     sleeps: list[float] = []
-    c._sleep = sleeps.append
-    return c, sleeps
+    return Client(url, sleep=sleeps.append, **kw), sleeps
 
 
 def recording_async_client(url: str, **kw: Any) -> tuple[AsyncClient, list[float]]:
-    c = AsyncClient(url, **kw)
     sleeps: list[float] = []
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    c._sleep = sleep
-    return c, sleeps
+    return AsyncClient(url, sleep=sleep, **kw), sleeps
 
 
 # ---------------------------------------------------------------- sync client

@@ -199,8 +199,7 @@ def test_session_writes_are_not_retried_after_the_request_may_have_arrived():
         raise failure[0]("boom", request=request)
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    with Client("http://t", max_retries=2, http_client=http) as c:
-        c._sleep = lambda s: None
+    with Client("http://t", max_retries=2, http_client=http, sleep=lambda s: None) as c:
         with pytest.raises(APIConnectionError):
             c.session("sess_x").send("hi")
         assert calls == ["/v1/sessions/sess_x/chat/completions"]  # a turn may not be applied twice

@@ -178,7 +178,7 @@ def test_compiled_grammars_are_cached_lru(tiny_checkpoint, llm):
     compiler.matcher(specs[1])
     assert compiler.matcher(specs[0]) is not compiler.matcher(specs[0])  # fresh copies of one entry
     compiler.matcher(specs[2])  # evicts specs[1], the least recently used
-    assert len(compiler) == 2 and list(compiler._cache) == [specs[0], specs[2]]
+    assert len(compiler) == 2 and compiler.cached_specs() == [specs[0], specs[2]]
 
 
 def test_bad_grammars_are_value_errors_naming_the_problem(llm):

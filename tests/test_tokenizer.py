@@ -262,7 +262,7 @@ def test_detokenizer_window_stays_bounded(tok):
     widest = 0
     for i in ids:
         det.add([i])
-        widest = max(widest, len(det._ids))
+        widest = max(widest, det.window_size)
     assert widest <= 12 and len(ids) > 500
     assert det.text + det.flush() == tok.decode(ids)
 
@@ -324,7 +324,7 @@ def test_detokenizer_random_ids_exact(tok, data):
         deltas.append(det.add(ids[i:i + n]))
         i += n
     assert "".join(deltas) + det.flush() == tok.decode(ids, skip_special_tokens=skip)
-    assert len(det._ids) <= 4 + 2 * 8 + 4
+    assert det.window_size <= 4 + 2 * 8 + 4
 
 
 # ---- stop strings ----

@@ -101,6 +101,10 @@ class GrammarCompiler:
     def __len__(self) -> int:
         return len(self._cache)
 
+    def cached_specs(self) -> list[GrammarSpec]:
+        """The specs whose compiled grammars are cached, least recently used first."""
+        return list(self._cache)
+
 
 class GrammarState:
     """One sequence's matcher and how many of its output tokens it has consumed."""
