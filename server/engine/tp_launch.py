@@ -76,6 +76,9 @@ class TensorParallel:
         self.store = dist.TCPStore(rdv.addr, rdv.port, self.world, True, self.timeout, wait_for_workers=False)
         publish_config(self.store, config, device)
         if rdv.port == 0:  # one machine: the followers are ours
+            if device.type == "cuda" and torch.cuda.device_count() < self.world:
+                raise ValueError(f"tensor_parallel_size {self.world} needs {self.world} GPUs on this machine "
+                                 f"(NCCL runs one rank per GPU); {torch.cuda.device_count()} visible")
             self._spawn(self.store.port)
         self.group = self._join()
         self._monitor = threading.Thread(target=self._watch, name="workmem-tp-monitor", daemon=True)
