@@ -58,7 +58,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     WORKMEM_PORT=8000
 RUN useradd --create-home --uid 10001 --user-group workmem \
- && mkdir -p /models && chown workmem:workmem /models
+ && mkdir -p /models /sessions && chown workmem:workmem /models /sessions
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
@@ -68,6 +68,8 @@ WORKDIR /home/workmem
 EXPOSE 8000
 # Mount models read-only here: -v "$PWD/models:/models:ro" ... --model /models/x.gguf
 # (no VOLUME: it would create an anonymous volume on every run).
+# Session transcripts (--session-dir /sessions): a volume owned by the workmem user
+# (deploy/compose.replicas.yaml shares one between replicas).
 HEALTHCHECK --interval=5s --timeout=3s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('WORKMEM_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["workmem", "serve", "--host", "0.0.0.0"]
