@@ -167,3 +167,24 @@ def test_a_replica_names_itself_in_the_ids_it_creates_as_the_nginx_map_expects()
     for bad in ("Upper", "has.dot", "-dash-first", "x" * 41, "sp ace"):
         with pytest.raises(ValueError, match="replica id"):
             ServerSettings("m", replica_id=bad)
+
+
+def test_with_a_store_max_sessions_bounds_memory_not_the_directory(tiny_checkpoint, tmp_path):
+    a = make_engine(tiny_checkpoint, session_dir=str(tmp_path), max_sessions=2)
+    for sid in ("s1", "s2"):
+        a.sessions.create(Session(sid, ttl=600))
+    conversation(a, "s2", TURNS[:1])  # s2 resident, s1 the least recently used
+    a.sessions.create(Session("s3", ttl=600))  # s1 leaves memory, its file stays
+    assert list(a.sessions.sessions) == ["s2", "s3"]
+    assert a.sessions.get("s1").session_id == "s1"  # a miss reads it back; s2 leaves (its KV evicted first)
+    assert list(a.sessions.sessions) == ["s3", "s1"] and a.pool.num_used == a.sessions.num_pinned_blocks == 0
+    assert len(a.sessions.listing(None, limit=10)[0]) == 3
+    turns = conversation(a, "s2", TURNS[1:2])  # back from disk: its KV restored, not recomputed
+    assert a.sessions.num_recomputes == 0 and turns
+    restarted = make_engine(tiny_checkpoint, session_dir=str(tmp_path), max_sessions=2)
+    assert sorted(restarted.sessions.sessions) == ["s2", "s3"]  # the two last saved (a turn, a create)
+    a.add_request("busy", a.sessions.get("s1").token_ids + TURNS[2], GREEDY, session_id="s1")
+    a.add_request("busy2", a.sessions.get("s2").token_ids + TURNS[2], GREEDY, session_id="s2")
+    with pytest.raises(SessionError, match="maximum of 2 sessions") as err:  # every copy held is busy
+        a.sessions.create(Session("s4", ttl=600))
+    assert err.value.code == "too_many_sessions"

@@ -39,6 +39,8 @@ def busy_elsewhere(session_id: str) -> SessionError:
 class SessionDisk:
     """Digests of the versions held, change checks and locks over one SessionStore."""
 
+    keeps_files = True  # a session not held in memory is still in the store
+
     def __init__(self, store: SessionStore) -> None:
         self.store = store
         self.digests: dict[str, str] = {}  # session id -> digest of the file version held in memory
@@ -62,6 +64,10 @@ class SessionDisk:
 
     def save(self, session: Session) -> None:
         self.digests[session.session_id] = self.store.save(session)
+
+    def forget(self, session_id: str) -> None:
+        """The copy held in memory is gone (its file stays)."""
+        self.digests.pop(session_id, None)
 
     def lock_turn(self, session_id: str) -> None:
         """The session's lock for a turn. busy_elsewhere while another holder has it;
@@ -114,6 +120,8 @@ class SessionDisk:
 class MemoryOnly:
     """SessionDisk's interface without a store: sessions live in memory only."""
 
+    keeps_files = False
+
     def load_all(self) -> list[Stored | BrokenSession]:
         return []
 
@@ -121,6 +129,9 @@ class MemoryOnly:
         return None if held else Change(None)
 
     def save(self, session: Session) -> None:
+        pass
+
+    def forget(self, session_id: str) -> None:
         pass
 
     def lock_turn(self, session_id: str) -> None:

@@ -77,7 +77,7 @@ class SessionTable:
         self.num_disk_restores = 0
         self.num_memory_restores = 0
         self.num_store_loads = 0  # sessions read from the store after start-up (a miss or a stale copy)
-        for found in self.disk.load_all():  # an earlier run's sessions, in the dropped tier
+        for found in sorted(self.disk.load_all(), key=_recency):  # an earlier run's, in the dropped tier
             self._adopt(found)
 
     def _adopt(self, found: "Stored | BrokenSession") -> None:
@@ -86,6 +86,7 @@ class SessionTable:
         if isinstance(found, BrokenSession):
             self.broken[found.session_id] = found.error
             return
+        self._room()
         session = found.session
         if self.swapper is not None:
             session.offloaded = self.swapper.find(session.session_id)
@@ -120,13 +121,27 @@ class SessionTable:
 
     def create(self, session: Session) -> Session:
         """Add `session`, saved first: a create that fails leaves nothing behind."""
-        if len(self.sessions) >= self.max_sessions:
-            raise SessionError(f"the server holds its maximum of {self.max_sessions} sessions", "too_many_sessions")
         if session.session_id in self.sessions:
             raise SessionError(f"session {session.session_id!r} already exists", "session_exists")
+        self._room()
         self._save(session)
         self.sessions[session.session_id] = session
         return session
+
+    def _room(self) -> None:
+        """Room for one more session in memory. With a store, memory is a cache of it: the
+        least recently used idle session leaves memory (its KV evicted first; its file stays
+        and a miss reads it again). Without a store, or with every session busy:
+        too_many_sessions."""
+        if len(self.sessions) < self.max_sessions:
+            return
+        idle = next((s for s in self.sessions.values() if not s.busy), None) if self.disk.keeps_files else None
+        if idle is None:
+            raise SessionError(f"the server holds its maximum of {self.max_sessions} sessions", "too_many_sessions")
+        if idle.block_table:
+            self._evict(idle)
+        del self.sessions[idle.session_id]
+        self.disk.forget(idle.session_id)
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The session as the store has it now; with `owner`, one that another key created
@@ -360,6 +375,10 @@ class SessionTable:
     def _touch(self, session: Session) -> None:
         session.last_used = time.time()
         self.sessions.move_to_end(session.session_id)
+
+
+def _recency(found: "Stored | BrokenSession") -> float:
+    return found.session.last_used if not isinstance(found, BrokenSession) else 0.0
 
 
 def _visible(session: Session, owner: str | None) -> bool:
