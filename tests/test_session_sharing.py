@@ -188,3 +188,34 @@ def test_with_a_store_max_sessions_bounds_memory_not_the_directory(tiny_checkpoi
     with pytest.raises(SessionError, match="maximum of 2 sessions") as err:  # every copy held is busy
         a.sessions.create(Session("s4", ttl=600))
     assert err.value.code == "too_many_sessions"
+
+
+def test_expired_sessions_no_replica_holds_are_swept_from_the_store(replicas, tmp_path):
+    import json
+
+    a, b = replicas
+    a.sessions.create(Session("gone", ttl=100))
+    a.sessions.create(Session("old-format", ttl=100))
+    a.sessions.create(Session("locked", ttl=100))
+    a.sessions.create(Session("fresh", ttl=10_000))
+    conversation(a, "gone", TURNS[:1])
+    last = a.sessions.sessions["gone"].last_used
+    old = tmp_path / "old-format.session.json"  # as saved before files carried expires_at
+    record = json.loads(old.read_text())
+    old.write_text(json.dumps({k: v for k, v in record.items() if k != "expires_at"}))
+    holder = SessionLocks(tmp_path)
+    assert holder.acquire("locked")  # a turn running on some replica
+    b.sessions.sessions.clear()  # b holds none of them (like a replica that never read them)
+    b.sessions.sweep_interval_s = 0
+    assert b.expire_sessions(now=last + 50) == []
+    assert sorted(b.expire_sessions(now=last + 150)) == ["gone", "old-format"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.session.json", "locked.lock", "locked.session.json"]
+    holder.release("locked")
+    assert b.expire_sessions(now=last + 150) == ["locked"]
+    with pytest.raises(SessionError, match="does not exist"):
+        a.sessions.get("gone")  # a's copy learns the file is gone
+    b.sessions.get("fresh")
+    b.sessions.sweep_interval_s = 60
+    assert b.expire_sessions(now=last + 20_000) == ["fresh"]  # held by b: the in-memory path
+    a.sessions.create(Session("later", ttl=1))
+    assert b.expire_sessions(now=last + 20_030) == []  # the next sweep is a minute away

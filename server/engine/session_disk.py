@@ -5,16 +5,20 @@ from, tells the table when a file changed under it (another replica took a turn,
 the session, or a copy was never held: lookup on miss), and wraps the per-session locks
 (session_lock.py): a turn holds its session's lock from start to commit or abort, and
 deletes and KV writes take it too, so two replicas never write one session at once.
+`sweep` deletes the expired sessions that no copy here stands for (their replica may be
+gone, or a copy left memory), reading only each file's first bytes.
 `MemoryOnly` is the same interface without a store (nothing to read, lock or write).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Container, Iterator, Mapping
 
 from server.engine.session_record import BrokenSession, Session, SessionError
-from server.engine.session_store import SessionStore, Stored
+from server.engine.session_store import Head, SessionStore, Stored
+
+SWEEP_INTERVAL_S = 60.0  # how often `SessionTable.expire` sweeps the store for expired sessions
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,30 @@ class SessionDisk:
         finally:
             self.store.locks.release(session_id)
 
+    def sweep(self, now: float, held: Container[str]) -> list[str]:
+        """Delete the files of the expired sessions not `held` here, each under its lock and
+        checked again there (a turn elsewhere may have renewed it); returns their ids."""
+        gone = []
+        for sid in self.store.ids():
+            if sid in held or not self._expired(sid, self.store.head(sid), now):
+                continue
+            if not self.store.locks.acquire(sid):  # a turn is running somewhere
+                continue
+            try:
+                if self._expired(sid, self.store.head(sid), now):
+                    self.store.delete(sid)
+                    self.digests.pop(sid, None)
+                    gone.append(sid)
+            finally:
+                self.store.locks.release(sid, remove=sid in gone)
+        return gone
+
+    def _expired(self, session_id: str, head: Head | None, now: float) -> bool:
+        if head is not None and head.expires_at is not None:
+            return now > head.expires_at
+        found = self.store.load(session_id) if head is not None else None  # an older file: read it whole
+        return isinstance(found, Stored) and now > found.session.last_used + found.session.ttl
+
     def every(self, held: Mapping[str, Session]) -> list[Session]:
         """Every readable session in the directory, the copies held here standing for their
         files where current (they know their resident KV)."""
@@ -145,6 +173,9 @@ class MemoryOnly:
 
     def current(self, session_id: str) -> contextlib.nullcontext[bool]:
         return contextlib.nullcontext(True)
+
+    def sweep(self, now: float, held: Container[str]) -> list[str]:
+        return []
 
     def every(self, held: Mapping[str, Session]) -> list[Session]:
         return list(held.values())

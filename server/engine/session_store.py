@@ -26,10 +26,18 @@ FORMAT_VERSION = 1
 SUFFIX = ".session.json"
 SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # ids that name a file in the directory
 UNREADABLE = "unreadable"  # digest of a file that is not a session record
-# `save` writes {"format_version": ..., "sha256": ..., "payload": ...} in that order, so the
-# digest sits in the file's first bytes: `digest` reads only those.
-_DIGEST_HEAD = re.compile(rb'\{"format_version": \d+, "sha256": "([0-9a-f]{64})", "payload": ')
-DIGEST_HEAD_BYTES = 128
+# `save` writes {"format_version", "sha256", "expires_at", "payload"} in that order, so the
+# digest and the expiry sit in the file's first bytes: `head` reads only those. (Files saved
+# before "expires_at" existed lack it; readers ignore keys they do not know.)
+_HEAD = re.compile(rb'\{"format_version": \d+, "sha256": "([0-9a-f]{64})", (?:"expires_at": ([0-9.e+-]+), )?"payload": ')
+HEAD_BYTES = 192
+
+
+class Head(NamedTuple):
+    """A session file's first bytes: its digest and when it expires (None: not recorded)."""
+
+    digest: str
+    expires_at: float | None
 
 
 class Stored(NamedTuple):
@@ -59,7 +67,8 @@ class SessionStore:
             "owner": session.owner,
         }
         body = json.dumps(payload, sort_keys=True, ensure_ascii=False)
-        record = {"format_version": FORMAT_VERSION, "sha256": _digest(body), "payload": body}
+        record = {"format_version": FORMAT_VERSION, "sha256": _digest(body),
+                  "expires_at": session.last_used + session.ttl, "payload": body}
         final = self.path(session.session_id)
         tmp = final.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -77,8 +86,12 @@ class SessionStore:
         except FileNotFoundError:
             pass
 
+    def ids(self) -> list[str]:
+        """The session ids that have a file, sorted."""
+        return sorted(file.name[: -len(SUFFIX)] for file in self.directory.glob(f"*{SUFFIX}"))
+
     def load_all(self) -> list[Stored | BrokenSession]:
-        found = (self.load(file.name[: -len(SUFFIX)]) for file in sorted(self.directory.glob(f"*{SUFFIX}")))
+        found = (self.load(session_id) for session_id in self.ids())
         return [f for f in found if f is not None]
 
     def load(self, session_id: str) -> Stored | BrokenSession | None:
@@ -96,17 +109,24 @@ class SessionStore:
     def digest(self, session_id: str) -> str | None:
         """The digest the session's file carries now (not verified: `load` does that);
         None without a file, UNREADABLE for one that is not a session record."""
+        head = self.head(session_id)
+        return head.digest if head is not None else None
+
+    def head(self, session_id: str) -> Head | None:
+        """The file's digest and expiry from its first bytes; None without a file."""
         if not SAFE_ID.fullmatch(session_id):
             return None
         try:
             with open(self.path(session_id), "rb") as f:
-                head = f.read(DIGEST_HEAD_BYTES)
+                first = f.read(HEAD_BYTES)
         except FileNotFoundError:
             return None
         except OSError:
-            return UNREADABLE
-        match = _DIGEST_HEAD.match(head)
-        return match.group(1).decode() if match else UNREADABLE
+            return Head(UNREADABLE, None)
+        match = _HEAD.match(first)
+        if match is None:
+            return Head(UNREADABLE, None)
+        return Head(match.group(1).decode(), float(match.group(2)) if match.group(2) else None)
 
 
 def _parse(text: str, session_id: str) -> Stored:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
-from server.engine.session_disk import MemoryOnly, SessionDisk, StaleCopy
+from server.engine.session_disk import SWEEP_INTERVAL_S, MemoryOnly, SessionDisk, StaleCopy
 from server.engine.session_record import BrokenSession, Session, SessionError
 
 __all__ = ["BrokenSession", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
@@ -77,6 +77,8 @@ class SessionTable:
         self.num_disk_restores = 0
         self.num_memory_restores = 0
         self.num_store_loads = 0  # sessions read from the store after start-up (a miss or a stale copy)
+        self.sweep_interval_s = SWEEP_INTERVAL_S
+        self._next_sweep = 0.0  # when `expire` next sweeps the store for sessions not held here
         for found in sorted(self.disk.load_all(), key=_recency):  # an earlier run's, in the dropped tier
             self._adopt(found)
 
@@ -303,7 +305,8 @@ class SessionTable:
         return saved
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Delete idle sessions whose TTL passed; returns their ids."""
+        """Delete idle sessions whose TTL passed, and every `sweep_interval_s` those in the
+        store that no copy here stands for; returns their ids."""
         now = time.time() if now is None else now
         gone = []
         for session_id in [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]:
@@ -316,6 +319,12 @@ class SessionTable:
             except SessionError:  # a turn began on another replica
                 continue
             gone.append(session_id)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval_s
+            for session_id in self.disk.sweep(now, self.sessions):
+                if self.swapper is not None:
+                    self.swapper.discard(session_id)
+                gone.append(session_id)
         return gone
 
     def enforce_budget(self) -> None:
