@@ -36,7 +36,7 @@ def load_model(
 ) -> LoadedModel:
     """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
     `quant` says which linears run on weight-only int4/int8 kernels (CPU only); with
-    `native` (model.native.NativeOps) 8-bit group weights are packed for its matmul; dense
+    `native` (model.native.NativeOps) 4/8-bit group weights are packed for its matmul; dense
     CPU linears end up in oneDNN's layout (model/prepack.py). `shard` (tensor parallelism,
     model/parallel.py) cuts the full model down to one rank's part before it is moved."""
     path = Path(path)

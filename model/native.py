@@ -2,8 +2,8 @@
 cached per source + CPU, loaded with ctypes. No torch headers, so a build takes ~1 s.
 
 `native_kernels()` returns them as `NativeOps`, or None (with one warning) where no
-compiler works; `resolve_kernels` picks them at start-up, the loader packs 8-bit weights
-for them, `install_kernels` hands them to the layers (else the torch paths stay).
+compiler works; `resolve_kernels` picks them at start-up, the loader packs 4/8-bit group
+weights for them (AVX512-VNNI), `install_kernels` hands them to the layers (else the torch paths stay).
 `WORKMEM_NATIVE=0` turns them off.
 OpenMP comes from torch's own `libgomp.so.1` (already loaded, same soname), so the kernels
 share torch's thread pool and follow `torch.set_num_threads`.
@@ -30,7 +30,7 @@ from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 log = logging.getLogger("workmem.native")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "quant_gemv.c"))
+SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "vnni_gemv.c"))
 HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets the compiler vectorize the dot products' sums and call glibc's vector
 # expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX).
@@ -53,7 +53,7 @@ _SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
     "write_kv": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, stride, kc, vc, slots, n, row)
-    "quant_matmul_q8": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64],  # (x, M, K, codes, scale_zero, out, N)
+    "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64],  # (x, M, K, packed, bits, out, N)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -71,6 +71,8 @@ class NativeOps:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, None
                 self.fns[name, dtype] = fn
+        # vnni_gemv.c is built only where the compiler targets AVX512-VNNI (else its doors abort)
+        self.vnni = bool(lib.vnni_available())
 
     def attention(self, dtype: torch.dtype):
         return self.fns["paged_decode_attention", dtype]
@@ -90,12 +92,10 @@ class NativeOps:
         self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
         return out
 
-    def quant_matmul(self, x: torch.Tensor, codes: torch.Tensor, scale_zero: torch.Tensor,
-                     out: torch.Tensor) -> None:
-        """out [M, N] = x [M, K] @ W^T, W an 8-bit weight packed by model.quant.native_pack."""
+    def vnni_matmul(self, x: torch.Tensor, packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.vnni_pack (needs `self.vnni`)."""
         m, k = x.shape
-        self.fns["quant_matmul_q8", x.dtype](x.data_ptr(), m, k, codes.data_ptr(), scale_zero.data_ptr(),
-                                             out.data_ptr(), out.shape[1])
+        self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), bits, out.data_ptr(), out.shape[1])
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor) -> bool:

@@ -17,11 +17,12 @@ crossover is near 6 rows for SmolLM2-135M shapes in a whole decode step), so a
 QuantLinear may also keep a dense copy of its weight and use it above `dense_above` rows.
 The model files never see any of this: the loader decides what to pack.
 
-Given the native kernels (model/native.py), an 8-bit group weight (Q8_0: the default
-model's LM head) is packed for model/csrc/quant_gemv.c instead (`native_pack`: groups of
-32, bf16 scale and zero point per group), which ran 1.2-1.5x faster than torch's two-plane
-int4 call in a throwaway micro-benchmark (`workmem bench step`'s lm_head column shows it in
-a step). On 4-bit weights torch's int4 kernel measured as fast or faster, so they stay on it.
+Given the native kernels (model/native.py) on a CPU with AVX512-VNNI, a weight in 4- or
+8-bit groups of 32 (GGUF Q4_0/Q4_1/Q4_K/Q8_0, or `int4` here) is packed for
+model/csrc/vnni_gemv.c instead (`vnni_pack`): it quantizes each activation row to int8 per
+group of 32 and multiplies with integer dot products, as llama.cpp does. For one decode
+row that ran 3-4x faster than torch's int4 kernel (and ~5x the bf16 linear on the LM head),
+at ~0.6% relative error against the dequantized weight (torch's int4 kernel: ~0.3%).
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
 INT4_ROW_MULTIPLE = 16  # the int4 packer wants N divisible by this
-NATIVE_GROUP = 32  # model/csrc/quant_gemv.c: one scale and zero per 32 columns
-NATIVE_K_MULTIPLE = 64  # ... and K padded to a multiple of this (zero groups)
-NATIVE_CODE_OFFSET = 128  # its w = (c - 128) * scale + zero, c unsigned 8-bit
+VNNI_CODE_OFFSET = 128  # model/csrc/vnni_gemv.c takes 8-bit codes unsigned: code + 128
+VNNI_GROUP = 32  # model/csrc/vnni_gemv.c: one float16 scale and minimum per 32 columns
+VNNI_ROWS = 16  # ... rows packed in blocks of 16 (one per 32-bit lane)
 
 
 @dataclass
@@ -166,24 +167,31 @@ def int8_as_int4_planes(w: GroupQuant) -> GroupQuant:
     return GroupQuant.cat([high, low])
 
 
-def native_8bit_groups(w: "torch.Tensor | GroupQuant") -> bool:
-    """Whether quant_gemv.c takes this weight exactly: 8-bit codes in groups of 32."""
-    return isinstance(w, GroupQuant) and w.bits == 8 and w.group == NATIVE_GROUP and w.shape[1] % NATIVE_GROUP == 0
+def vnni_fits(w: "torch.Tensor | GroupQuant") -> bool:
+    """Whether vnni_gemv.c takes this weight: 4- or 8-bit codes in groups of 32."""
+    return isinstance(w, GroupQuant) and w.bits in (4, 8) and w.group == VNNI_GROUP and w.shape[1] % VNNI_GROUP == 0
 
 
-def native_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layout of model/csrc/quant_gemv.c from unsigned 8-bit codes [N, K] (0..255) with
-    w = (c - NATIVE_CODE_OFFSET) * scale + zero and scale, zero [N, K / 32]: codes uint8
-    [N, Kp] (per 64 columns 32 words: low byte from the first group, high from the second)
-    and scale/zero int16 [N, Kp / 32, 2] holding bf16 bits; Kp = K rounded up to
-    NATIVE_K_MULTIPLE with zero groups."""
-    n, k = codes.shape
-    pad = -k % NATIVE_K_MULTIPLE
-    kp = k + pad
-    c = F.pad(codes.to(torch.int32), (0, pad)).to(torch.uint8)
-    packed = c.reshape(n, kp // 64, 2, 32).transpose(2, 3).reshape(n, kp)
-    sz = torch.stack([F.pad(t.float(), (0, pad // NATIVE_GROUP)) for t in (scale, zero)], -1)
-    return packed.contiguous(), sz.to(torch.bfloat16).view(torch.int16).contiguous()
+def vnni_pack(w: GroupQuant) -> torch.Tensor:
+    """The layout of model/csrc/vnni_gemv.c: uint8 [ceil(N / 16), K / 32, record] where a
+    record holds 16 rows x 32 columns of unsigned codes (4-bit: two per byte, 8-bit: code +
+    128) interleaved so that a 32-bit lane is one row, then the 16 rows' scale and minimum
+    as float16 (an 8-bit weight's minimum absorbs the -128 * scale of its unsigned codes)."""
+    n, k = w.shape
+    nb, g, pad = -(-n // VNNI_ROWS), k // VNNI_GROUP, -n % VNNI_ROWS
+    codes, scale, minimum = w.codes.to(torch.int32), w.scale.float(), w.minimum.float()
+    if w.bits == 8:
+        codes, minimum = codes + VNNI_CODE_OFFSET, minimum - VNNI_CODE_OFFSET * scale
+    codes = F.pad(codes, (0, 0, 0, pad)).to(torch.uint8)
+    if w.bits == 4:  # chunk c of 8 columns: byte j of a lane = code[8c + j] | code[8c + 4 + j] << 4
+        v = codes.reshape(nb, VNNI_ROWS, g, 4, 2, 4)
+        v = v[..., 0, :] | (v[..., 1, :] << 4)
+    else:  # chunk c of 4 columns: byte j of a lane = code[4c + j]
+        v = codes.reshape(nb, VNNI_ROWS, g, 8, 4)
+    v = v.permute(0, 2, 3, 1, 4).reshape(nb, g, -1)  # [block, group, chunk * lane * byte]
+    halves = [F.pad(t, (0, 0, 0, pad)).reshape(nb, VNNI_ROWS, g).permute(0, 2, 1).to(torch.float16)
+              for t in (scale, minimum)]
+    return torch.cat([v, *(h.contiguous().view(torch.uint8) for h in halves)], -1).contiguous()
 
 
 class QuantLinear(nn.Module):
@@ -202,9 +210,10 @@ class QuantLinear(nn.Module):
         self.planes = 1  # 2: an int8 weight split into two int4 planes (int8_as_int4_planes)
         self.padded = False  # int4 rows padded to INT4_ROW_MULTIPLE
         self.dense_above = dense_above
-        self.native = None  # model.native.NativeOps when the weight is packed for quant_gemv.c
-        if native is not None and bits == 8 and native_8bit_groups(weight):
-            self._init_native8(weight, native)
+        self.vnni = None  # model.native.NativeOps when the weight is packed for vnni_gemv.c
+        if native is not None and native.vnni and bits == weight.bits and vnni_fits(weight):
+            self.register_buffer("vnni_packed", vnni_pack(weight), persistent=False)
+            self.vnni = native
         elif bits == 4:
             self._init_int4(weight)
         elif bits == 8:
@@ -242,26 +251,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
 
-    def _init_native8(self, w: GroupQuant, ops) -> None:
-        """Pack an 8-bit group weight (Q8_0) for model/csrc/quant_gemv.c: unsigned codes
-        c + 128, its scale, its minimum as the zero point."""
-        codes, sz = native_pack(w.codes.to(torch.int32) + NATIVE_CODE_OFFSET, w.scale, w.minimum)
-        self.register_buffer("native_codes", codes, persistent=False)
-        self.register_buffer("native_sz", sz, persistent=False)
-        self.native_k, self.native = codes.shape[1], ops  # K padded
-
-    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype in self.native.dtypes and x.shape[0] and self.native_k == self.in_features:
-            x = x.contiguous()  # the common case, with as few torch calls as possible
-            y = x.new_empty(x.shape[0], self.out_features)
-            self.native.quant_matmul(x, self.native_codes, self.native_sz, y)
-            return y
+    def _vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        dtype = x.dtype if x.dtype in self.native.dtypes else torch.bfloat16
-        xin = F.pad(x2.to(dtype), (0, self.native_k - self.in_features)).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features, dtype=dtype)
+        dtype = x.dtype if x.dtype in self.vnni.dtypes else torch.float32
+        x2 = x2.to(dtype).contiguous()
+        y = x2.new_empty(x2.shape[0], self.out_features)
         if x2.shape[0]:
-            self.native.quant_matmul(xin, self.native_codes, self.native_sz, y)
+            self.vnni.vnni_matmul(x2, self.vnni_packed, self.bits, y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,8 +265,8 @@ class QuantLinear(nn.Module):
             if self.dense_packed:
                 return prepacked_linear(x, self.dense, self.bias)
             return F.linear(x, self.dense, self.bias)
-        if self.native is not None:
-            y = self._native_forward(x)
+        if self.vnni is not None:
+            y = self._vnni_forward(x)
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
             n = self.out_features
@@ -283,6 +279,5 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        bits = 8 if self.native is not None else self.bits
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{bits}{', native' if self.native is not None else ''}, dense_above={self.dense_above}")
+                f"int{self.bits}{', vnni' if self.vnni is not None else ''}, dense_above={self.dense_above}")

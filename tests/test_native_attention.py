@@ -11,10 +11,9 @@ from model.native import native_kernels, select_kernels
 BLOCK = 4
 
 
-def _case(heads: int, kv_heads: int, num_new: list[int], context: list[int], dtype: torch.dtype):
+def _case(heads: int, kv_heads: int, num_new: list[int], context: list[int], dtype: torch.dtype, d: int = 16):
     """Random pools and a step whose sequences own scattered (permuted) blocks."""
     g = torch.Generator().manual_seed(sum(context) + heads)
-    d = 16
     per_seq = [-(-c // BLOCK) for c in context]
     num_blocks = sum(per_seq) + 3
     k_cache = torch.randn(num_blocks, BLOCK, kv_heads, d, generator=g).to(dtype)
@@ -49,6 +48,23 @@ def test_native_decode_equals_sdpa(dtype, tol, heads, kv_heads, num_new, context
     got = native.forward(q, k, v, k_cache, v_cache, meta)
     assert got.shape == want.shape and got.dtype == dtype
     assert (got.float() - want.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 1), (4, 4), (10, 1)])
+@pytest.mark.parametrize("context", [[1, 7, 300], [700]])
+def test_native_bf16_decode_head_dims_and_groups(head_dim, heads, kv_heads, context):
+    """bf16 at the head sizes of real models: the AVX512-BF16 path (groups of up to 8 query
+    heads per kv head, heads summed in register chunks) and the generic one (a group of 10),
+    long contexts split into pieces across threads."""
+    lib = native_kernels()
+    assert lib is not None, "the C compiler is part of the test environment"
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, [1] * len(context), context, torch.bfloat16, head_dim)
+    ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
+    native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
+    want = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    got = native.forward(q, k, v, k_cache, v_cache, meta)
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
 
 
 def test_backend_selection(tiny_checkpoint):

@@ -142,12 +142,13 @@ def test_loader_packs_what_the_mode_says(tmp_path: Path, mode: str) -> None:
 
 
 def test_default_model_auto_vs_none_greedy_agreement() -> None:
-    """The default Q4_1 file on its own int4/int8 kernels vs the same weights dense, both
-    bf16: greedy chat answers. Both round differently (the kernels hold each group's scale
-    and zero point in bf16; dense bf16 rounds each weight; logits are bf16 either way), and
-    a 135M model's greedy answer often turns on a near-tie: dense bf16 itself matches dense
-    float32 on only 6-8 of these 10 for 32 tokens. So: the first 8 tokens on nearly all,
-    whole answers on half, and print the counts (BENCHMARKS.md quotes them)."""
+    """The default Q4_1 file on its own 4/8-bit kernels vs the same weights dense, both bf16:
+    greedy chat answers, one prompt at a time (a batch above `dense_above` rows would run
+    the dense copy). The two round differently (the kernels quantize activations to int8
+    per group of 32, or hold scales in bf16 on torch's kernel; dense bf16 rounds each
+    weight), and a 135M model's greedy answer often turns on a near-tie: dense bf16 itself
+    matches dense float32 on only 6-8 of these 10 for 32 tokens. So: the first 8 tokens on
+    most, whole answers on half, and print the counts (BENCHMARKS.md quotes them)."""
     from model.sampling import SamplingParams
     from server.default_model import default_model_path
     from server.engine import LLM
@@ -162,10 +163,11 @@ def test_default_model_auto_vs_none_greedy_agreement() -> None:
                   max_model_len=1024)
         assert any(isinstance(m, QuantLinear) for m in llm.engine.model.modules()) == (mode == "auto")
         prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
-        answers[mode] = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))]
+        greedy = SamplingParams(temperature=0, max_tokens=32)
+        answers[mode] = [llm.generate([p], greedy)[0].token_ids for p in prompts]
     agree = sum(a == b for a, b in zip(answers["auto"], answers["none"]))
     head = sum(a[:8] == b[:8] for a, b in zip(answers["auto"], answers["none"]))
     print(f"auto vs none: {agree} of {len(questions)} greedy answers identical for 32 tokens, "
           f"{head} for the first 8")
-    assert head >= 8 and agree >= 5
+    assert head >= 7 and agree >= 5
     assert "4" in llm.tokenizer.decode(answers["auto"][0])  # "What is 2+2?"

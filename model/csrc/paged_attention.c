@@ -36,23 +36,59 @@ static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t 
 static inline int fast_dot_f32_ok(int64_t D) { (void)D; return 0; }
 static inline float fast_dot_f32(const float *a, const float *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
 
+/* Combine each (sequence, head)'s pieces into out [B, H, D]: rescale to the global max.
+ * part: per (sequence, piece) acc [H, D], max [H], sum [H]. */
+#define DEFINE_COMBINE(NAME, T, STORE)                                                         \
+static void NAME(const float *part, int64_t splits, T *out, int64_t B, int64_t H, int64_t D) { \
+    const int64_t stride = H * (D + 2);                                                        \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
+    for (int64_t b = 0; b < B; b++) {                                                          \
+        for (int64_t h = 0; h < H; h++) { /* combine the pieces: rescale to the global max */ \
+            float m = -FLT_MAX, l = 0.f, o[D];                                                 \
+            for (int64_t sp = 0; sp < splits; sp++) {                                          \
+                const float pm = part[(b * splits + sp) * stride + H * D + h];                 \
+                m = pm > m ? pm : m;                                                           \
+            }                                                                                  \
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;                                        \
+            for (int64_t sp = 0; sp < splits; sp++) {                                          \
+                const float *pt = part + (b * splits + sp) * stride;                           \
+                const float w = pt[H * D + H + h] > 0.f ? expf(pt[H * D + h] - m) : 0.f;       \
+                l += w * pt[H * D + H + h];                                                    \
+                for (int64_t d = 0; d < D; d++) o[d] += w * pt[h * D + d];                     \
+            }                                                                                  \
+            T *op = out + (b * H + h) * D;                                                     \
+            for (int64_t d = 0; d < D; d++) op[d] = STORE(o[d] / l);                           \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_COMBINE(combine_bf16, uint16_t, bf16_store)
+DEFINE_COMBINE(combine_f32, float, f32_store)
+
 #define MIN_SPLIT_TOKENS 64 /* a context is split across tasks only into pieces this long */
+
+/* Pieces per sequence: enough tasks for two per thread (a sequence's kv heads are
+ * `tasks_per_piece` tasks already), never pieces shorter than MIN_SPLIT_TOKENS. */
+static int64_t pieces_per_sequence(const int64_t *context_lens, int64_t B, int64_t tasks_per_piece) {
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
+    const int64_t per_seq = B * tasks_per_piece;
+    int64_t splits = (2 * omp_get_max_threads() + per_seq - 1) / per_seq;
+    if (splits > longest / MIN_SPLIT_TOKENS) splits = longest / MIN_SPLIT_TOKENS;
+    return splits < 1 ? 1 : splits;
+}
 
 /* Tasks: (sequence, piece of its context); every task serves all H query heads, reading
  * each K/V row of its piece once, whole (all kv heads: contiguous memory). Few sequences
  * are split into pieces so every thread has work; each piece leaves its max, sum of
  * exponentials and weighted V sum per head in `part`, combined at the end (as
  * flash-decoding does). */
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT)                                 \
+#define DEFINE_KERNEL(NAME, T, LOAD, STORE, FAST_OK, FAST_DOT, COMBINE)                               \
 void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,                   \
           const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, T *out,     \
           int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {            \
-    const int64_t g = H / kvH, row = kvH * D, threads = omp_get_max_threads();                 \
-    int64_t longest = 0;                                                                       \
-    for (int64_t b = 0; b < B; b++) longest = context_lens[b] > longest ? context_lens[b] : longest; \
-    int64_t splits = (2 * threads + B - 1) / B; /* pieces per sequence */                      \
-    if (splits > longest / MIN_SPLIT_TOKENS) splits = longest / MIN_SPLIT_TOKENS;             \
-    if (splits < 1) splits = 1;                                                                \
+    const int64_t g = H / kvH, row = kvH * D;                                                  \
+    const int64_t splits = pieces_per_sequence(context_lens, B, 1);                            \
     const int64_t stride = H * (D + 2); /* per task: acc [H, D], max [H], sum [H] */          \
     float *part = malloc(sizeof(float) * B * splits * stride);                                 \
     const int fast = FAST_OK(D);                                                               \
@@ -99,27 +135,148 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
             free(scores);                                                                      \
         }                                                                                      \
     }                                                                                          \
-    _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
-    for (int64_t b = 0; b < B; b++) {                                                          \
-        for (int64_t h = 0; h < H; h++) { /* combine the pieces: rescale to the global max */ \
-            float m = -FLT_MAX, l = 0.f, o[D];                                                 \
-            for (int64_t sp = 0; sp < splits; sp++) {                                          \
-                const float pm = part[(b * splits + sp) * stride + H * D + h];                 \
-                m = pm > m ? pm : m;                                                           \
-            }                                                                                  \
-            for (int64_t d = 0; d < D; d++) o[d] = 0.f;                                        \
-            for (int64_t sp = 0; sp < splits; sp++) {                                          \
-                const float *pt = part + (b * splits + sp) * stride;                           \
-                const float w = pt[H * D + H + h] > 0.f ? expf(pt[H * D + h] - m) : 0.f;       \
-                l += w * pt[H * D + H + h];                                                    \
-                for (int64_t d = 0; d < D; d++) o[d] += w * pt[h * D + d];                     \
-            }                                                                                  \
-            T *op = out + (b * H + h) * D;                                                     \
-            for (int64_t d = 0; d < D; d++) op[d] = STORE(o[d] / l);                           \
-        }                                                                                      \
-    }                                                                                          \
+    COMBINE(part, splits, out, B, H, D);                                                       \
     free(part);                                                                                \
 }
 
-DEFINE_KERNEL(paged_decode_attention_bf16, uint16_t, bf16_load, bf16_store, fast_dot_bf16_ok, fast_dot_bf16)
-DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f32_ok, fast_dot_f32)
+static DEFINE_KERNEL(generic_attention_bf16, uint16_t, bf16_load, bf16_store, fast_dot_bf16_ok, fast_dot_bf16, combine_bf16)
+DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f32_ok, fast_dot_f32, combine_f32)
+
+#if defined(__AVX512BF16__)
+/* The bf16 fast path (AVX512-BF16, D = 64 or 128, H / kvH <= FAST_MAX_GROUP): tasks are
+ * (sequence, piece, kv head), so the g query heads that share a kv head read each K/V row
+ * together; q.k with exact bf16 products; V rows widened once per row and summed into
+ * float32 accumulators held in registers (heads in chunks of 256 / D). */
+#define FAST_MAX_GROUP 8
+
+static inline __m512 widen_bf16(const uint16_t *p) { /* 16 bf16 -> 16 float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* acc[h][:] += sum_t p[h][t] * v[t][:] for HN heads of D (compile-time) elements. */
+#define DEFINE_V_PASS(NAME, D, HN)                                                             \
+static inline void NAME(const uint16_t *v_cache, const int64_t *table, int64_t t0, int64_t n,  \
+                        int64_t bs, int64_t row, const float *p, int64_t p_stride, float *acc, \
+                        int64_t acc_stride) {                                                  \
+    __m512 o[HN][D / 16];                                                                      \
+    for (int h = 0; h < HN; h++)                                                               \
+        for (int c = 0; c < D / 16; c++) o[h][c] = _mm512_setzero_ps();                        \
+    for (int64_t t = 0; t < n; t++) {                                                          \
+        const int64_t tok = t0 + t;                                                            \
+        const uint16_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row;                \
+        __m512 v[D / 16];                                                                      \
+        for (int c = 0; c < D / 16; c++) v[c] = widen_bf16(vr + 16 * c);                       \
+        for (int h = 0; h < HN; h++) {                                                         \
+            const __m512 ph = _mm512_set1_ps(p[h * p_stride + t]);                             \
+            for (int c = 0; c < D / 16; c++) o[h][c] = _mm512_fmadd_ps(ph, v[c], o[h][c]);     \
+        }                                                                                      \
+    }                                                                                          \
+    for (int h = 0; h < HN; h++)                                                               \
+        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(acc + h * acc_stride + 16 * c, o[h][c]); \
+}
+DEFINE_V_PASS(v_pass_64_1, 64, 1)
+DEFINE_V_PASS(v_pass_64_2, 64, 2)
+DEFINE_V_PASS(v_pass_64_3, 64, 3)
+DEFINE_V_PASS(v_pass_64_4, 64, 4)
+DEFINE_V_PASS(v_pass_128_1, 128, 1)
+DEFINE_V_PASS(v_pass_128_2, 128, 2)
+
+/* V pass for heads [0, g): chunks of at most 256 / D heads. vr: the kv head's V base. */
+static void v_pass(const uint16_t *vr, const int64_t *table, int64_t t0, int64_t n, int64_t bs, int64_t row,
+                   int64_t D, int64_t g, const float *p, int64_t p_stride, float *acc) {
+    const int64_t chunk = D == 64 ? 4 : 2;
+    for (int64_t h = 0; h < g; h += chunk) {
+        const int64_t hn = g - h < chunk ? g - h : chunk;
+        const float *ph = p + h * p_stride;
+        float *ah = acc + h * D;
+        if (D == 64) {
+            if (hn == 4) v_pass_64_4(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+            else if (hn == 3) v_pass_64_3(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+            else if (hn == 2) v_pass_64_2(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+            else v_pass_64_1(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+        } else if (hn == 2) v_pass_128_2(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+        else v_pass_128_1(vr, table, t0, n, bs, row, ph, p_stride, ah, D);
+    }
+}
+
+/* One task: kv head j of sequence piece [t0, t0 + n); scores [g, n] scratch. Leaves acc
+ * [g, D] (strided by D within the piece's [H, D]), max and sum of its g heads. */
+static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
+                      int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float scale,
+                      float *scores, float *acc, float *max, float *sum) {
+    __m512bh qv[FAST_MAX_GROUP][4];
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t c = 0; c < D / 32; c++) qv[i][c] = (__m512bh)_mm512_loadu_si512(qb + (j * g + i) * D + 32 * c);
+    for (int64_t i = 0; i < g; i++) max[i] = -FLT_MAX;
+    for (int64_t t = 0; t < n; t++) { /* K pass: each row read once for the g heads */
+        const int64_t tok = t0 + t;
+        const uint16_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * D;
+        __m512bh k[4];
+        for (int64_t c = 0; c < D / 32; c++) k[c] = (__m512bh)_mm512_loadu_si512(kr + 32 * c);
+        for (int64_t i = 0; i < g; i++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t c = 0; c < D / 32; c++) a = _mm512_dpbf16_ps(a, qv[i][c], k[c]);
+            const float s = _mm512_reduce_add_ps(a) * scale;
+            scores[i * n + t] = s;
+            max[i] = s > max[i] ? s : max[i];
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float l = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float e = expf(scores[i * n + t] - max[i]);
+            scores[i * n + t] = e;
+            l += e;
+        }
+        sum[i] = l;
+    }
+    v_pass(v_cache + j * D, table, t0, n, bs, row, D, g, scores, n, acc);
+}
+
+static int fast_attention_ok(int64_t H, int64_t kvH, int64_t D) {
+    return (D == 64 || D == 128) && H % kvH == 0 && H / kvH <= FAST_MAX_GROUP;
+}
+
+static void fast_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                                const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, uint16_t *out,
+                                int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {
+    const int64_t g = H / kvH, row = kvH * D, splits = pieces_per_sequence(context_lens, B, kvH);
+    const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */
+    float *part = malloc(sizeof(float) * B * splits * stride);
+    _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t sp = 0; sp < splits; sp++) {
+            for (int64_t j = 0; j < kvH; j++) {
+                const int64_t len = context_lens[b], per = (len + splits - 1) / splits;
+                const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;
+                float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H;
+                if (n <= 0) {
+                    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }
+                    continue;
+                }
+                float *scores = malloc(sizeof(float) * g * n);
+                fast_task(q + b * q_stride, k_cache, v_cache, tables + b * max_blocks, t0, n, j, g, row, D, bs,
+                          scale, scores, acc + j * g * D, max, sum);
+                free(scores);
+            }
+        }
+    }
+    combine_bf16(part, splits, out, B, H, D);
+    free(part);
+}
+#endif
+
+void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
+                                 const uint16_t *v_cache, const int64_t *tables, int64_t max_blocks,
+                                 const int64_t *context_lens, uint16_t *out, int64_t B, int64_t H, int64_t kvH,
+                                 int64_t D, int64_t bs, float scale) {
+#if defined(__AVX512BF16__)
+    if (fast_attention_ok(H, kvH, D)) {
+        fast_attention_bf16(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, bs,
+                            scale);
+        return;
+    }
+#endif
+    generic_attention_bf16(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, bs,
+                           scale);
+}
