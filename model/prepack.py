@@ -60,9 +60,9 @@ class PrepackedLinear(nn.Module):
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Swap `model`'s dense linears for prepacked ones (see module doc); returns how many."""
-    from model.quant import QuantLinear
-
+    """Swap `model`'s dense linears for prepacked ones (see module doc); returns how many.
+    A module with a `prepack_dense()` method (model/quant.py's QuantLinear, which imports
+    this module) packs its own dense copy and says whether it had one."""
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
@@ -70,10 +70,8 @@ def prepack_linears(model: nn.Module) -> int:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, PrepackedLinear(module.weight, module.bias))
             count += 1
-        elif isinstance(module, QuantLinear) and module.dense is not None:
-            module.dense = prepack_weight(module.dense)
-            module.dense_packed = True
-            count += 1
+        elif callable(getattr(module, "prepack_dense", None)):
+            count += module.prepack_dense()
     source = getattr(model, "tied_head_source", None)
     if source and model.config.tie_word_embeddings and model.tied_head is None:
         model.tied_head = PrepackedLinear(model.get_parameter(source), None)

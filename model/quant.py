@@ -33,12 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.prepack import prepacked_linear
+from model.prepack import prepack_weight, prepacked_linear
 
 log = logging.getLogger("workmem.quant")
 
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
-DEFAULT_DENSE_ABOVE = 6  # rows above which the (prepacked) dense copy beats the weight-only kernels here
+# Rows above which the (prepacked) dense copy beats the weight-only kernels here, measured
+# on SmolLM2-135M shapes: torch's int4 kernel loses from 7 rows on, vnni_gemv.c (whose cost
+# grows by its integer dot products per row) only past 32; prefill chunks go dense.
+TORCH_DENSE_ABOVE = 6
+VNNI_DENSE_ABOVE = 32
+DEFAULT_DENSE_ABOVE = None  # None: whichever of the two fits the kernel in use
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
@@ -89,12 +94,12 @@ class QuantConfig:
     weight (the tied LM head included); `none`: all dense. `dense_above`: see QuantLinear."""
 
     mode: str = "none"
-    dense_above: int = DEFAULT_DENSE_ABOVE
+    dense_above: int | None = DEFAULT_DENSE_ABOVE
 
     def __post_init__(self) -> None:
         if self.mode not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {self.mode!r}")
-        if self.dense_above < 0:
+        if self.dense_above is not None and self.dense_above < 0:
             raise ValueError(f"dense_above must be >= 0, got {self.dense_above}")
 
     def for_device(self, device: torch.device, dtype: torch.dtype) -> "QuantConfig":
@@ -126,7 +131,7 @@ def fuse_shards(shards: list["torch.Tensor | GroupQuant"]) -> "torch.Tensor | Gr
 
 
 def make_quant_linear(
-    weight: "torch.Tensor | GroupQuant", bits: int, bias: torch.Tensor | None, dense_above: int, native=None
+    weight: "torch.Tensor | GroupQuant", bits: int, bias: torch.Tensor | None, dense_above: int | None, native=None
 ) -> "QuantLinear":
     if not isinstance(weight, GroupQuant):
         k = weight.shape[1]
@@ -197,19 +202,19 @@ def vnni_pack(w: GroupQuant) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W held as int4 groups or int8 rows (see module doc).
 
-    x: [M, K] -> [M, N]. Above `dense_above` rows a dense copy of W (kept only when
-    `dense_above` > 0) runs instead, because the weight-only kernels lose to a dense
+    x: [M, K] -> [M, N]. Above `dense_above` rows (None: the kernel's own crossover) a
+    dense copy of W (kept only when `dense_above` > 0) runs instead, because the
+    weight-only kernels lose to a dense
     GEMM on wide batches. Buffers follow `.to(dtype)`: scales and the dense copy take the
     activations' dtype; codes stay integer."""
 
-    def __init__(self, weight: GroupQuant, bits: int, bias: torch.Tensor | None, dense_above: int,
+    def __init__(self, weight: GroupQuant, bits: int, bias: torch.Tensor | None, dense_above: int | None,
                  native=None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits = bits
         self.planes = 1  # 2: an int8 weight split into two int4 planes (int8_as_int4_planes)
         self.padded = False  # int4 rows padded to INT4_ROW_MULTIPLE
-        self.dense_above = dense_above
         self.vnni = None  # model.native.NativeOps when the weight is packed for vnni_gemv.c
         if native is not None and native.vnni and bits == weight.bits and vnni_fits(weight):
             self.register_buffer("vnni_packed", vnni_pack(weight), persistent=False)
@@ -220,6 +225,9 @@ class QuantLinear(nn.Module):
             self._init_int8(weight)
         else:
             raise ValueError(f"unsupported quantization bits {bits}")
+        if dense_above is None:
+            dense_above = VNNI_DENSE_ABOVE if self.vnni is not None else TORCH_DENSE_ABOVE
+        self.dense_above = dense_above
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         dense = weight.dequantize() if dense_above > 0 else None
         self.register_buffer("dense", dense, persistent=False)
@@ -251,7 +259,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
 
+    def prepack_dense(self) -> int:
+        """Put the dense copy in oneDNN's layout (model/prepack.py); 1 if there is one, else 0."""
+        if self.dense is None or self.dense_packed:
+            return 0
+        self.dense = prepack_weight(self.dense)
+        self.dense_packed = True
+        return 1
+
     def _vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype in self.vnni.dtypes and x.shape[0] and x.is_contiguous():
+            y = x.new_empty(x.shape[0], self.out_features)  # the decode case, in as few calls as possible
+            self.vnni.vnni_matmul(x, self.vnni_packed, self.bits, y)
+            return y
         x2 = x.reshape(-1, self.in_features)
         dtype = x.dtype if x.dtype in self.vnni.dtypes else torch.float32
         x2 = x2.to(dtype).contiguous()

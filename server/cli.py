@@ -30,7 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         DEFAULT_SESSION_MEMORY_FRACTION, DEFAULT_TP_HEARTBEAT_TIMEOUT_S, DEFAULT_TP_TIMEOUT_S,
     )
     from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
-    from model.quant import DEFAULT_DENSE_ABOVE
+    from model.quant import DEFAULT_DENSE_ABOVE, TORCH_DENSE_ABOVE, VNNI_DENSE_ABOVE
 
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
@@ -54,7 +54,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "dense; int4/int8 = quantize every linear; none = dense (default auto)")
     parser.add_argument("--quant-dense-above", type=int, default=DEFAULT_DENSE_ABOVE,
                         help="quantized linears keep a dense copy for batches wider than this many "
-                             f"rows (faster there; 0 = no copy, less memory; default {DEFAULT_DENSE_ABOVE})")
+                             f"rows (faster there; 0 = no copy, less memory; default {VNNI_DENSE_ABOVE} on "
+                             f"the AVX512-VNNI kernel, {TORCH_DENSE_ABOVE} on torch's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the engine (default: torch's, one per core)")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "native"],

@@ -50,7 +50,7 @@ class EngineConfig:
     session_memory_fraction: float = DEFAULT_SESSION_MEMORY_FRACTION
     session_dir: str | None = None  # durable session transcripts (restored after a restart)
     quantization: str = "auto"  # auto | none | int4 | int8 (model/quant.py)
-    quant_dense_above: int = DEFAULT_DENSE_ABOVE  # batches wider than this use dense weights
+    quant_dense_above: int | None = DEFAULT_DENSE_ABOVE  # batches wider use dense weights (None: per kernel)
     kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
     num_threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
     grammar_cache_size: int = DEFAULT_GRAMMAR_CACHE_SIZE  # compiled structured-output grammars kept

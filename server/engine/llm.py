@@ -22,7 +22,8 @@ class LLM:
     `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step.
     quantization: "auto" runs a GGUF's 4-bit blocks on int4 and Q8_0 on int8 kernels (CPU),
     safetensors dense; "int4"/"int8" quantize every linear; "none" keeps all dense.
-    Batches wider than `quant_dense_above` rows use a dense copy (0: keep none).
+    Batches wider than `quant_dense_above` rows use a dense copy (0: keep none; None: the
+    kernel's own crossover, model/quant.py).
     kernel_backend: "auto" = native CPU kernels (decode attention, norms, rotary) where a C
     compiler builds them, else torch ops; "torch" / "native" force one.
     tensor_parallel_size: N > 1 shards the model over N ranks (this process is rank 0; see
@@ -43,7 +44,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int | None = None,
         quantization: str = "auto",
-        quant_dense_above: int = DEFAULT_DENSE_ABOVE,
+        quant_dense_above: int | None = DEFAULT_DENSE_ABOVE,
         kernel_backend: str = "auto",
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
