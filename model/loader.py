@@ -16,7 +16,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.gpt2 import CONV1D
-from model.prepack import prepack_available, prepack_linears
+from model.prepack import prepack_available, prepack_linears, weight_packing
 from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear
 from model.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ def load_model(
         shard(model)
     model.to(device=device, dtype=dtype).eval()
     if prepack_available(device, dtype):
-        prepack_linears(model)  # last: oneDNN's layout is opaque to .to() and to the loader
+        prepack_linears(model, weight_packing(dtype, native))  # last: packed layouts are opaque to .to() and the loader
     return LoadedModel(model, config, tokenizer)
 
 

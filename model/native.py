@@ -30,7 +30,7 @@ from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 log = logging.getLogger("workmem.native")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "vnni_gemv.c"))
+SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "vnni_gemv.c", "lanes_gemm.c"))
 HEADERS = (CSRC / "bf16.h",)
 # -ffast-math lets the compiler vectorize the dot products' sums and call glibc's vector
 # expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX).
@@ -52,7 +52,7 @@ _SIGNATURES = {
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
-    "write_kv": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, stride, kc, vc, slots, n, row)
+    "write_kv": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, k/v stride, kc, vc, slots, n, row)
     "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64],  # (x, M, K, packed, bits, out, N)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -71,8 +71,12 @@ class NativeOps:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, None
                 self.fns[name, dtype] = fn
-        # vnni_gemv.c is built only where the compiler targets AVX512-VNNI (else its doors abort)
+        # vnni_gemv.c / lanes_gemm.c are built only where the compiler targets AVX512-VNNI /
+        # AVX512-BF16 (else their doors abort)
         self.vnni = bool(lib.vnni_available())
+        self.lanes = bool(lib.lanes_gemm_available())
+        self._lanes_gemm = lib.lanes_gemm_bf16  # bf16 only: (x, M, K, packed, out, N)
+        self._lanes_gemm.argtypes, self._lanes_gemm.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64], None
 
     def attention(self, dtype: torch.dtype):
         return self.fns["paged_decode_attention", dtype]
@@ -97,17 +101,22 @@ class NativeOps:
         m, k = x.shape
         self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), bits, out.data_ptr(), out.shape[1])
 
+    def lanes_gemm(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T in bf16, W packed by model.prepack.lanes_pack (needs `self.lanes`)."""
+        m, k = x.shape
+        self._lanes_gemm(x.data_ptr(), m, k, packed.data_ptr(), out.data_ptr(), out.shape[1])
+
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor) -> bool:
-        """Copy K, V [T, kvH, d] (rows contiguous, same token stride) into the pools at
-        `slots` [T]; False (nothing done) where the layouts do not allow a row copy."""
+        """Copy K, V [T, kvH, d] (each token's row contiguous, any token strides) into the
+        pools at `slots` [T]; False (nothing done) where the layouts do not allow a row copy."""
         t, heads, dim = k.shape
         row = heads * dim
-        if not (k.dtype == v.dtype == k_cache.dtype and k.stride(1) == dim and k.stride(2) == 1
-                and v.stride() == k.stride() and k_cache.is_contiguous() and v_cache.is_contiguous()
+        if not (k.dtype == v.dtype == k_cache.dtype and k.stride()[1:] == (dim, 1) == v.stride()[1:]
+                and v.shape == k.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and slots.dtype == torch.int64 and slots.is_contiguous()):
             return False
-        self.fns["write_kv", k.dtype](k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(),
+        self.fns["write_kv", k.dtype](k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k_cache.data_ptr(),
                                       v_cache.data_ptr(), slots.data_ptr(), t, row)
         return True
 

@@ -7,8 +7,12 @@ here) and, measured on this machine's SmolLM2-135M shapes (K = 576/1536), 1.3-2.
 for 1-32 rows and the same for prefill-sized inputs, in bf16 and float32 alike
 (`python -m model.prepack` prints the comparison).
 
-`prepack_linears(model)` runs last in loading (the weights are final and in their dtype):
-every remaining `nn.Linear` becomes a `PrepackedLinear`, a QuantLinear's dense copy is
+Where the native kernels (model/native.py) have it, bf16 weights take model/csrc/
+lanes_gemm.c's layout instead (`LanesPacking`): faster than oneDNN at every batch size
+measured here. `weight_packing` picks one of the two at load.
+
+`prepack_linears(model, packing)` runs last in loading (the weights are final and in their
+dtype): every remaining `nn.Linear` becomes a `PrepackedLinear`, a QuantLinear's dense copy is
 packed in place, and a tied LM head without a quantized copy gets a packed copy of the
 embedding matrix (`model.tied_head`; the embedding itself stays for the lookup, so a tied
 head costs its matrix twice in memory). `WORKMEM_PREPACK=0` turns all of it off.
@@ -18,9 +22,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PREPACK_ROWS = 16  # the batch size oneDNN is told to expect; any row count works
+LANES = 16  # lanes_gemm.c: output rows per block (one per float32 lane)
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -43,38 +49,102 @@ def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor |
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class PrepackedLinear(nn.Module):
-    """y = x W^T (+ b) with W in oneDNN's layout; x: [..., K] bf16/float32 on the CPU."""
+def lanes_pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bf16 (K even) -> the layout of model/csrc/lanes_gemm.c: [ceil(N / 16), K / 2,
+    16, 2], rows in blocks of 16 (zero rows pad N) whose 16 rows sit side by side per pair
+    of columns."""
+    n, k = weight.shape
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, -n % LANES))
+    return w.reshape(-1, LANES, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+
+class WeightPacking:
+    """A dense weight layout chosen once at load: `pack` a weight [N, K], then run
+    `linear(x [..., K], packed, bias, N)`. OneDNN's (bf16/float32) or lanes_gemm.c's (bf16)."""
+
+    name = "onednn-prepacked"
+
+    def takes(self, weight: torch.Tensor) -> bool:
+        return True
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return prepack_weight(weight)
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        return prepacked_linear(x, packed, bias)
+
+
+class LanesPacking(WeightPacking):
+    """bf16 weights for model/csrc/lanes_gemm.c (AVX512-BF16 dot products, 16 output rows
+    per vector). With a whole model's weights coming from memory it ran 1.1-2.5x oneDNN's
+    prepacked linear at 1-512 rows here (`python -m model.prepack` compares one weight)."""
+
+    name = "bf16-lanes"
+
+    def __init__(self, ops) -> None:
+        self.ops = ops  # model.native.NativeOps with .lanes
+
+    def takes(self, weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return lanes_pack(weight)
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+            x2 = x2.to(torch.bfloat16).contiguous()
+        y = x2.new_empty(x2.shape[0], n)
+        if x2.shape[0]:
+            self.ops.lanes_gemm(x2, packed, y)
+        if bias is not None:
+            y += bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+ONEDNN = WeightPacking()
+
+
+def weight_packing(dtype: torch.dtype, native=None) -> WeightPacking:
+    """lanes_gemm.c for bf16 where the native kernels have it, else oneDNN's layout."""
+    if native is not None and native.lanes and dtype == torch.bfloat16:
+        return LanesPacking(native)
+    return ONEDNN
+
+
+class PrepackedLinear(nn.Module):
+    """y = x W^T (+ b) with W packed once (a WeightPacking); x: [..., K] bf16/float32 on the CPU."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packing: WeightPacking = ONEDNN) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", prepack_weight(weight), persistent=False)
+        self.packing = packing if packing.takes(weight) else ONEDNN
+        self.register_buffer("packed", self.packing.pack(weight), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return prepacked_linear(x, self.packed, self.bias)
+        return self.packing.linear(x, self.packed, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn-prepacked"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.packing.name}"
 
 
-def prepack_linears(model: nn.Module) -> int:
+def prepack_linears(model: nn.Module, packing: WeightPacking = ONEDNN) -> int:
     """Swap `model`'s dense linears for prepacked ones (see module doc); returns how many.
-    A module with a `prepack_dense()` method (model/quant.py's QuantLinear, which imports
-    this module) packs its own dense copy and says whether it had one."""
+    A module with a `prepack_dense(packing)` method (model/quant.py's QuantLinear, which
+    imports this module) packs its own dense copy and says whether it had one."""
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, PrepackedLinear(module.weight, module.bias))
+            setattr(parent, attr, PrepackedLinear(module.weight, module.bias, packing))
             count += 1
         elif callable(getattr(module, "prepack_dense", None)):
-            count += module.prepack_dense()
+            count += module.prepack_dense(packing)
     source = getattr(model, "tied_head_source", None)
     if source and model.config.tie_word_embeddings and model.tied_head is None:
-        model.tied_head = PrepackedLinear(model.get_parameter(source), None)
+        model.tied_head = PrepackedLinear(model.get_parameter(source), None, packing)
         count += 1
     return count
 
@@ -90,17 +160,21 @@ def _compare() -> None:  # python -m model.prepack: F.linear vs prepacked, micro
             fn()
         return (time.perf_counter() - start) / n * 1e6
 
-    print("| dtype | N x K | rows | F.linear us | prepacked us | ratio |\n|---|---|---:|---:|---:|---:|")
+    from model.native import native_kernels
+
+    lanes = weight_packing(torch.bfloat16, native_kernels())
+    print("| dtype | N x K | rows | F.linear us | oneDNN us | lanes us |\n|---|---|---:|---:|---:|---:|")
     for dtype in (torch.bfloat16, torch.float32):
         for n, k in ((960, 576), (3072, 576), (576, 1536), (49152, 576)):
             w = torch.randn(n, k, dtype=dtype)
-            packed = prepack_weight(w)
+            onednn, packed = prepack_weight(w), lanes.pack(w)
             for rows in (1, 16, 256):
                 x = torch.randn(rows, k, dtype=dtype)
                 reps = 10 if n * rows > 10**6 else 100
                 plain = per_call(lambda: torch.nn.functional.linear(x, w), reps)
-                fast = per_call(lambda: prepacked_linear(x, packed, None), reps)
-                print(f"| {str(dtype)[6:]} | {n} x {k} | {rows} | {plain:.0f} | {fast:.0f} | {plain / fast:.2f} |")
+                fast = per_call(lambda: prepacked_linear(x, onednn, None), reps)
+                own = per_call(lambda: lanes.linear(x, packed, None, n), reps) if lanes.takes(w) else float("nan")
+                print(f"| {str(dtype)[6:]} | {n} x {k} | {rows} | {plain:.0f} | {fast:.0f} | {own:.0f} |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.prepack import prepack_weight, prepacked_linear
+from model.prepack import ONEDNN, WeightPacking
 
 log = logging.getLogger("workmem.quant")
 
@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
         dense = weight.dequantize() if dense_above > 0 else None
         self.register_buffer("dense", dense, persistent=False)
-        self.dense_packed = False  # the dense copy in oneDNN's layout (model/prepack.py)
+        self.dense_packing: WeightPacking | None = None  # the dense copy's layout once packed (model/prepack.py)
 
     def _init_int4(self, w: GroupQuant) -> None:
         if w.bits != 4 or w.group not in INT4_GROUP_SIZES:
@@ -259,12 +259,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", w.codes.to(torch.int8).contiguous(), persistent=False)  # [N, K]
         self.register_buffer("scales", w.scale.reshape(-1).contiguous(), persistent=False)  # [N]
 
-    def prepack_dense(self) -> int:
-        """Put the dense copy in oneDNN's layout (model/prepack.py); 1 if there is one, else 0."""
-        if self.dense is None or self.dense_packed:
+    def prepack_dense(self, packing: WeightPacking = ONEDNN) -> int:
+        """Put the dense copy in `packing`'s layout (model/prepack.py); 1 if there is one, else 0."""
+        if self.dense is None or self.dense_packing is not None:
             return 0
-        self.dense = prepack_weight(self.dense)
-        self.dense_packed = True
+        self.dense_packing = packing if packing.takes(self.dense) else ONEDNN
+        self.dense = self.dense_packing.pack(self.dense)
         return 1
 
     def _vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +282,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.dense_above:
-            if self.dense_packed:
-                return prepacked_linear(x, self.dense, self.bias)
+            if self.dense_packing is not None:
+                return self.dense_packing.linear(x, self.dense, self.bias, self.out_features)
             return F.linear(x, self.dense, self.bias)
         if self.vnni is not None:
             y = self._vnni_forward(x)

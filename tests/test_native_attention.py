@@ -146,3 +146,16 @@ def test_loading_the_kernels_keeps_ieee_subnormals():
             "x = torch.tensor([1e-40], dtype=torch.float32); print(ops is not None, bool((x * 1.0).item() != 0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"], "kernels built (the C compiler is part of the test environment), subnormals kept"
+
+
+def test_native_write_kv_takes_k_and_v_with_different_token_strides():
+    """The Llama layer's K is a view of the rotated [T, H + kvH, d] tensor and its V a view of
+    the fused qkv [T, H + 2 kvH, d]: different token strides, one native call (no fallback)."""
+    lib = native_kernels()
+    qk, qkv = torch.randn(5, 12, 16), torch.randn(5, 15, 16)
+    k, v = qk[:, 9:], qkv[:, 12:]
+    k_cache, v_cache = torch.zeros(8, BLOCK, 3, 16), torch.zeros(8, BLOCK, 3, 16)
+    slots = torch.tensor([3, 9, 17, 30, 31])
+    assert lib.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 3, 16)[slots], k) and torch.equal(v_cache.view(-1, 3, 16)[slots], v)
+    assert not lib.write_kv(k, v.transpose(1, 2), k_cache, v_cache, slots)  # rows not contiguous

@@ -1,5 +1,6 @@
-"""oneDNN-prepacked dense linears (model/prepack.py): same numbers as F.linear, swapped in
-by the loader for every dense CPU linear, and off with WORKMEM_PREPACK=0."""
+"""Prepacked dense linears (model/prepack.py), oneDNN's layout and lanes_gemm.c's: same
+numbers as F.linear, swapped in by the loader for every dense CPU linear, and off with
+WORKMEM_PREPACK=0."""
 from __future__ import annotations
 
 import pytest
@@ -8,28 +9,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.loader import load_model
-from model.prepack import PrepackedLinear, prepack_available, prepack_linears
+from model.native import native_kernels
+from model.prepack import ONEDNN, PrepackedLinear, prepack_available, prepack_linears, weight_packing
 from model.quant import QuantLinear, quantize_int4
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not prepack_available(CPU, torch.float32), reason="torch built without oneDNN")
+OPS = native_kernels()
+LANES = weight_packing(torch.bfloat16, OPS)
+needs_lanes = pytest.mark.skipif(LANES is ONEDNN, reason="no AVX512-BF16 native kernels here")
 
 
+@pytest.mark.parametrize("packing", [ONEDNN, pytest.param(LANES, marks=needs_lanes)], ids=["onednn", "lanes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(0, 48), (1, 48), (17, 48), (2, 5, 48)])
-def test_prepacked_linear_equals_f_linear(dtype: torch.dtype, shape: tuple) -> None:
+@pytest.mark.parametrize("shape", [(0, 48), (1, 48), (17, 48), (2, 5, 48), (40, 47)])
+def test_prepacked_linear_equals_f_linear(packing, dtype: torch.dtype, shape: tuple) -> None:
     if not prepack_available(CPU, dtype):
         pytest.skip(f"no oneDNN {dtype} here")
     torch.manual_seed(0)
-    w, b = torch.randn(40, 48, dtype=dtype), torch.randn(40, dtype=dtype)
+    k = shape[-1]
+    w, b = torch.randn(37, k, dtype=dtype), torch.randn(37, dtype=dtype)  # 37 rows: not a multiple of 16
     x = torch.randn(*shape, dtype=dtype)
-    got = PrepackedLinear(w, b)(x)
+    layer = PrepackedLinear(w, b, packing)
+    # lanes_gemm.c takes bf16 weights with an even K; others fall back to oneDNN's layout
+    assert layer.packing is (packing if dtype == torch.bfloat16 and k % 2 == 0 else ONEDNN)
+    got = layer(x)
     want = F.linear(x, w, b)
     assert got.shape == want.shape and got.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: one rounding of the output at most
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    strided = torch.randn(3, 96, dtype=dtype)[:, ::2]  # a non-contiguous input
-    torch.testing.assert_close(PrepackedLinear(w, None)(strided), F.linear(strided, w), rtol=tol, atol=tol)
+    strided = torch.randn(3, 2 * k, dtype=dtype)[:, ::2]  # a non-contiguous input
+    torch.testing.assert_close(PrepackedLinear(w, None, packing)(strided), F.linear(strided, w), rtol=tol, atol=tol)
 
 
 def test_loader_prepacks_every_dense_linear_and_the_tied_head(tiny_checkpoint, monkeypatch) -> None:
@@ -46,10 +56,25 @@ def test_loader_prepacks_every_dense_linear_and_the_tied_head(tiny_checkpoint, m
     torch.testing.assert_close(mlp(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_quant_linear_dense_copy_is_prepacked() -> None:
+@pytest.mark.parametrize("packing", [ONEDNN, pytest.param(LANES, marks=needs_lanes)], ids=["onednn", "lanes"])
+def test_quant_linear_dense_copy_is_prepacked(packing) -> None:
     torch.manual_seed(0)
     layer = QuantLinear(quantize_int4(torch.randn(64, 128)), 4, None, dense_above=2).to(torch.bfloat16)
     dense = layer.dense.clone()
-    assert prepack_linears(layer) == 1 and layer.dense_packed
+    assert prepack_linears(layer, packing) == 1 and layer.dense_packing is packing
+    assert prepack_linears(layer, packing) == 0  # packed once
     wide = torch.randn(6, 128, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(wide), F.linear(wide, dense), rtol=2e-2, atol=2e-2)
+
+
+@needs_lanes
+def test_loader_packs_bf16_for_lanes_gemm(tiny_checkpoint) -> None:
+    """A bf16 model loaded with the native kernels runs every dense linear (tied head
+    included) on lanes_gemm.c, and gives the logits of the oneDNN-packed model."""
+    path = tiny_checkpoint("qwen2")
+    lanes = load_model(path, torch.bfloat16, CPU, native=OPS).model
+    onednn = load_model(path, torch.bfloat16, CPU).model
+    packed = [m for m in lanes.modules() if isinstance(m, PrepackedLinear)]
+    assert packed and all(m.packing is not ONEDNN for m in packed) and lanes.tied_head in packed
+    x = torch.randn(5, lanes.config.hidden_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(lanes.compute_logits(x), onednn.compute_logits(x), rtol=3e-2, atol=3e-2)

@@ -64,14 +64,15 @@ void silu_and_mul_##SUFFIX(const T *gate_up, T *out, int64_t n, int64_t inter) {
     }                                                                                          \
 }
 
-/* write_kv: this step's K and V rows [n, row] (token stride `stride` elements) into the
- * pools [slots, row] at `slots[t]`: the KV write of every layer, one call. */
+/* write_kv: this step's K and V rows [n, row] (token strides `k_stride`, `v_stride`
+ * elements: views into one fused qkv row) into the pools [slots, row] at `slots[t]`: the
+ * KV write of every layer, one call. */
 #define DEFINE_WRITE_KV(SUFFIX, T)                                                             \
-void write_kv_##SUFFIX(const T *k, const T *v, int64_t stride, T *k_cache, T *v_cache,         \
-                       const int64_t *slots, int64_t n, int64_t row) {                         \
+void write_kv_##SUFFIX(const T *k, const T *v, int64_t k_stride, int64_t v_stride, T *k_cache, \
+                       T *v_cache, const int64_t *slots, int64_t n, int64_t row) {             \
     for (int64_t t = 0; t < n; t++) {                                                          \
-        memcpy(k_cache + slots[t] * row, k + t * stride, sizeof(T) * row);                     \
-        memcpy(v_cache + slots[t] * row, v + t * stride, sizeof(T) * row);                     \
+        memcpy(k_cache + slots[t] * row, k + t * k_stride, sizeof(T) * row);                   \
+        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(T) * row);                   \
     }                                                                                          \
 }
 
