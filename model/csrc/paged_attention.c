@@ -148,6 +148,13 @@ DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f
  * together; q.k with exact bf16 products; V rows widened once per row and summed into
  * float32 accumulators held in registers (heads in chunks of 256 / D). */
 #define FAST_MAX_GROUP 8
+/* Rows are prefetched this many tokens ahead (blocks of a sequence need not be adjacent, so
+ * the hardware prefetcher loses the stream at each block edge): ~10% at 4k context here. */
+#define PREFETCH_TOKENS 16
+
+static inline void prefetch_row(const uint16_t *row, int64_t D) { /* D bf16 = D * 2 bytes */
+    for (int64_t c = 0; c < D * 2; c += 64) _mm_prefetch((const char *)row + c, _MM_HINT_T0);
+}
 
 static inline __m512 widen_bf16(const uint16_t *p) { /* 16 bf16 -> 16 float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -164,6 +171,10 @@ static inline void NAME(const uint16_t *v_cache, const int64_t *table, int64_t t
     for (int64_t t = 0; t < n; t++) {                                                          \
         const int64_t tok = t0 + t;                                                            \
         const uint16_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row;                \
+        if (t + PREFETCH_TOKENS < n) {                                                         \
+            const int64_t ft = tok + PREFETCH_TOKENS;                                          \
+            prefetch_row(v_cache + (table[ft / bs] * bs + ft % bs) * row, D);                  \
+        }                                                                                      \
         __m512 v[D / 16];                                                                      \
         for (int c = 0; c < D / 16; c++) v[c] = widen_bf16(vr + 16 * c);                       \
         for (int h = 0; h < HN; h++) {                                                         \
@@ -211,6 +222,10 @@ static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_
     for (int64_t t = 0; t < n; t++) { /* K pass: each row read once for the g heads */
         const int64_t tok = t0 + t;
         const uint16_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * D;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_row(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * D, D);
+        }
         __m512bh k[4];
         for (int64_t c = 0; c < D / 32; c++) k[c] = (__m512bh)_mm512_loadu_si512(kr + 32 * c);
         for (int64_t i = 0; i < g; i++) {
