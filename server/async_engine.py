@@ -144,6 +144,18 @@ class AsyncEngine:
         return self.engine.limits
 
     @property
+    def rank_lost(self) -> bool:
+        return self.engine.rank_lost
+
+    def on_rank_lost(self, callback: Callable[[str], None]) -> None:
+        """See LLMEngine.on_rank_lost (the callback runs on the thread that notices)."""
+        self.engine.on_rank_lost(callback)
+
+    def close(self) -> None:
+        """After shutdown(): stop the tensor-parallel followers, if any."""
+        self.engine.close()
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 

@@ -140,25 +140,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  access_log=not args.no_access_log, timeout_keep_alive=args.timeout_keep_alive,
                  limit_concurrency=args.limit_concurrency, head_timeout=args.timeout_request_head)
     engine = app.state.workmem.engine
-    if engine is not None and engine.engine.tp is not None:
-        if engine.engine.tp.lost:
+    if engine is not None:
+        if engine.rank_lost:
             return EXIT_RANK_LOST
-        engine.engine.close()
+        engine.close()
     return code
 
 
 def exit_on_rank_loss(engine) -> None:
     """Under tensor parallelism a lost rank breaks the engine for good: /health turns 503 at
     once and the server drains (SIGTERM to itself) and exits with EXIT_RANK_LOST."""
-    tp = engine.engine.tp
-    if tp is None:
-        return
-
     def lost(reason: str) -> None:
         engine.error = RuntimeError(f"tensor parallel rank lost: {reason}")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    tp.on_lost.append(lost)
+    engine.on_rank_lost(lost)
 
 
 def api_keys_from_args(args: argparse.Namespace) -> tuple[str, ...]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -112,6 +113,16 @@ class LLMEngine:
         """Stop the tensor-parallel followers (nothing to do otherwise); call between steps."""
         if self.tp is not None:
             self.tp.stop()
+
+    @property
+    def rank_lost(self) -> bool:
+        """Whether a tensor-parallel rank was lost (the engine is then broken for good)."""
+        return self.tp is not None and self.tp.lost
+
+    def on_rank_lost(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` once if a tensor-parallel rank is lost (never without TP)."""
+        if self.tp is not None:
+            self.tp.on_lost.append(callback)
 
     # -- requests ---------------------------------------------------------------------
     def add_request(
