@@ -265,8 +265,9 @@ static void fast_attention_bf16(const uint16_t *q, int64_t q_stride, const uint1
                 const int64_t len = context_lens[b], per = (len + splits - 1) / splits;
                 const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;
                 float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H;
-                if (n <= 0) {
+                if (n <= 0) { /* an empty piece: weight 0 in the combine, whose sums must stay finite */
                     for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }
+                    for (int64_t i = 0; i < g * D; i++) acc[j * g * D + i] = 0.f;
                     continue;
                 }
                 float *scores = malloc(sizeof(float) * g * n);
