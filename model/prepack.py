@@ -1,4 +1,4 @@
-"""Dense CPU linears on oneDNN with their weights reordered once, at load.
+"""Dense CPU linears with their weights packed once, at load: oneDNN's layout, or lanes_gemm.c's (bf16).
 
 `F.linear` on the CPU hands oneDNN/MKL a plain row-major weight on every call. oneDNN's
 own entry point, `mkldnn._linear_pointwise`, takes a weight already reordered into its
@@ -9,7 +9,7 @@ for 1-32 rows and the same for prefill-sized inputs, in bf16 and float32 alike
 
 Where the native kernels (model/native.py) have it, bf16 weights take model/csrc/
 lanes_gemm.c's layout instead (`LanesPacking`): faster than oneDNN at every batch size
-measured here. `weight_packing` picks one of the two at load.
+measured here (1.1-1.4x). `weight_packing` picks one of the two at load.
 
 `prepack_linears(model, packing)` runs last in loading (the weights are final and in their
 dtype): every remaining `nn.Linear` becomes a `PrepackedLinear`, a QuantLinear's dense copy is
@@ -76,8 +76,9 @@ class WeightPacking:
 
 class LanesPacking(WeightPacking):
     """bf16 weights for model/csrc/lanes_gemm.c (AVX512-BF16 dot products, 16 output rows
-    per vector). With a whole model's weights coming from memory it ran 1.1-2.5x oneDNN's
-    prepacked linear at 1-512 rows here (`python -m model.prepack` compares one weight)."""
+    per vector). With a whole model's weights coming from memory it ran 1.1-1.4x oneDNN's
+    prepacked linear at 1-512 rows here (2 threads; 1.8x at one row on one thread);
+    `python -m model.prepack` compares them on one weight."""
 
     name = "bf16-lanes"
 
