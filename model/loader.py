@@ -37,8 +37,9 @@ def load_model(
     """Build the architecture named by the checkpoint and fill it (HF dir or .gguf file);
     `quant` says which linears run on weight-only int4/int8 kernels (CPU only); with
     `native` (model.native.NativeOps) 4/8-bit group weights are packed for its matmul; dense
-    CPU linears end up in oneDNN's layout (model/prepack.py). `shard` (tensor parallelism,
-    model/parallel.py) cuts the full model down to one rank's part before it is moved."""
+    CPU linears are packed once (model/prepack.py: lanes_gemm.c for bf16, else oneDNN).
+    `shard` (tensor parallelism, model/parallel.py) cuts the full model down to one rank's
+    part before it is moved."""
     path = Path(path)
     quant = quant.for_device(device, dtype)
     if path.suffix == ".gguf":

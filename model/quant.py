@@ -1,4 +1,4 @@
-"""Weight-only quantized linears: int4 groups and int8 rows on torch's CPU kernels.
+"""Weight-only quantized linears: 4/8-bit groups on model/csrc/vnni_gemv.c or torch's CPU kernels.
 
 A checkpoint's quantized weight arrives as a `GroupQuant` (integer codes with one scale and
 one minimum per group of columns; GGUF's Q4_0/Q4_1/Q4_K and Q8_0 blocks map onto it
@@ -11,10 +11,10 @@ exactly). The loader (model/loader.py) swaps the model's `nn.Linear`s for `Quant
         GGUF's Q8_0 (a scale per 32) instead runs exactly as two int4 planes (see
         `int8_as_int4_planes`).
 
-Both kernels are 2-5x faster than a bf16 linear for a few rows (decode) and slower for
-many (measured here against the oneDNN-prepacked dense copy, model/prepack.py: the
-crossover is near 6 rows for SmolLM2-135M shapes in a whole decode step), so a
-QuantLinear may also keep a dense copy of its weight and use it above `dense_above` rows.
+Weight-only kernels are faster than a bf16 linear for a few rows (decode) and slower for
+many (prefill), so a QuantLinear may also keep a dense copy of its weight (packed by
+model/prepack.py) and use it above `dense_above` rows: the crossover in a whole decode
+step of SmolLM2-135M is near 6 rows for torch's kernels, past 32 for vnni_gemv.c.
 The model files never see any of this: the loader decides what to pack.
 
 Given the native kernels (model/native.py) on a CPU with AVX512-VNNI, a weight in 4- or
@@ -204,8 +204,7 @@ class QuantLinear(nn.Module):
 
     x: [M, K] -> [M, N]. Above `dense_above` rows (None: the kernel's own crossover) a
     dense copy of W (kept only when `dense_above` > 0) runs instead, because the
-    weight-only kernels lose to a dense
-    GEMM on wide batches. Buffers follow `.to(dtype)`: scales and the dense copy take the
+    weight-only kernels lose to a dense GEMM on wide batches. Buffers follow `.to(dtype)`: scales and the dense copy take the
     activations' dtype; codes stay integer."""
 
     def __init__(self, weight: GroupQuant, bits: int, bias: torch.Tensor | None, dense_above: int | None,
@@ -268,13 +267,9 @@ class QuantLinear(nn.Module):
         return 1
 
     def _vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype in self.vnni.dtypes and x.shape[0] and x.is_contiguous():
-            y = x.new_empty(x.shape[0], self.out_features)  # the decode case, in as few calls as possible
-            self.vnni.vnni_matmul(x, self.vnni_packed, self.bits, y)
-            return y
-        x2 = x.reshape(-1, self.in_features)
-        dtype = x.dtype if x.dtype in self.vnni.dtypes else torch.float32
-        x2 = x2.to(dtype).contiguous()
+        x2 = x.reshape(-1, self.in_features)  # a view for the usual [M, K] bf16 decode input
+        if x2.dtype not in self.vnni.dtypes or not x2.is_contiguous():
+            x2 = x2.to(x2.dtype if x2.dtype in self.vnni.dtypes else torch.float32).contiguous()
         y = x2.new_empty(x2.shape[0], self.out_features)
         if x2.shape[0]:
             self.vnni.vnni_matmul(x2, self.vnni_packed, self.bits, y)
