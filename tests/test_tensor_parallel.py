@@ -5,6 +5,7 @@ real `workmem serve --tensor-parallel-size 2` (with a `workmem tp-worker` as ran
 503 and makes the server exit with EXIT_RANK_LOST instead of hanging."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,7 +154,8 @@ def test_killed_follower_fails_health_and_exits_nonzero(tiny_checkpoint, tmp_pat
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as stream:
             lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))  # generating across both ranks
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[len("data: "):])["choices"]  # a token event: generating across both ranks
             os.kill(follower, signal.SIGKILL)
             rest = list(lines)  # the stream ends (with an error event) instead of hanging
         assert "data: [DONE]" not in rest or any('"error"' in line for line in rest)

@@ -40,7 +40,8 @@ async def completions(body: CompletionRequest, request: Request):
     cap = state.settings.max_tokens_limit
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
                   for p in prompts]
-    params = [make_params(body, m, body.logprobs) for m in max_tokens]
+    # off the event loop: a grammar (response_format, guided_*) is validated against the vocabulary
+    params = await off_loop(lambda: [make_params(body, m, body.logprobs) for m in max_tokens])
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params, cache_salt=body.cache_salt)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
     fmt = ResponseFormat(gen.request_id, "text_completion", state.settings.served_model_name, tok)
@@ -58,7 +59,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = serving_engine(_state(request), body.model)
     messages = body.template_messages()
     check_text_fits(engine, [m["content"] for m in messages], "messages")
-    tools = request_tools(body, engine.tokenizer)
+    tools = await off_loop(request_tools, body, engine.tokenizer)  # validates a forced tool's schema
     encode = functools.partial(engine.tokenizer.encode_chat, tools=tools.tools)
     try:
         prompt = await off_loop(encode, messages, body.add_generation_prompt)
@@ -79,7 +80,7 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    params = forced_tool_params(make_params(body, max_tokens, logprobs), tools)
+    params = forced_tool_params(await off_loop(make_params, body, max_tokens, logprobs), tools)
     gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages,
                      body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,

@@ -117,7 +117,7 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
     new = body.template_messages()
     check_text_fits(engine, [m["content"] for m in new], "messages")
-    tools = request_tools(body, engine.tokenizer)
+    tools = await off_loop(request_tools, body, engine.tokenizer)  # validates a forced tool's schema
     prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.limits, tools.tools)
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new, tools=tools)
 

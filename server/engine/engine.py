@@ -117,7 +117,7 @@ class LLMEngine:
     @property
     def rank_lost(self) -> bool:
         """Whether a tensor-parallel rank was lost (the engine is then broken for good)."""
-        return self.tp is not None and self.tp.lost
+        return self.tp is not None and self.tp.lost is not None
 
     def on_rank_lost(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` once if a tensor-parallel rank is lost (never without TP)."""

@@ -264,12 +264,12 @@ class SessionTable:
         source = self.get(source_id, owner)
         child = Session(new_id, ttl, token_ids=list(source.token_ids), messages=list(source.messages),
                         metadata=dict(source.metadata), num_turns=source.num_turns, owner=owner)
-        self.create(child)
+        self._touch(source)  # most recently used: the room `create` may make is never the source's KV
+        self.create(child)  # saved there (a file holds no block table)
         self._pin(source.block_table)
         child.block_table = list(source.block_table)
         child.block_hashes = list(source.block_hashes)
         child.num_kv_tokens = source.num_kv_tokens
-        self._save(child)
         self.enforce_budget()
         return child
 
