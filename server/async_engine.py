@@ -268,6 +268,10 @@ class AsyncEngine:
             except ValueError as exc:
                 _send(message.request, exc)
                 return
+            except Exception as exc:  # noqa: BLE001 - this request fails; the engine serves on
+                log.exception("request %s could not be added", message.request_id)
+                _send(message.request, RuntimeError(f"the request could not be added: {exc}"))
+                return
             self._requests[message.request_id] = message.request
         elif isinstance(message, _Call):
             try:

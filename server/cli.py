@@ -22,6 +22,7 @@ DEFAULT_PORT = 8000
 DEFAULT_KEEP_ALIVE_S = 5  # uvicorn's own default, made explicit
 DEFAULT_REQUEST_HEAD_TIMEOUT_S = 10.0
 EXIT_RANK_LOST = 3  # `workmem serve` exit status after losing a tensor-parallel rank
+EXIT_LOAD_FAILED = 4  # `workmem serve` exit status when the model cannot load (without --stay-up-on-load-failure)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -135,10 +136,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("workmem").info("serving %s as %r on http://%s:%d", config.model, name, args.host, args.port)
         return engine
 
-    app = create_app(settings, load=load)
+    def load_failed(reason: str) -> None:  # logged with its reason by the app already
+        if not args.stay_up_on_load_failure:
+            logging.getLogger("workmem").error("exiting with status %d (--stay-up-on-load-failure keeps the "
+                                               "server up, answering 503 with the reason)", EXIT_LOAD_FAILED)
+            os.kill(os.getpid(), signal.SIGTERM)  # the drain that follows has no streams to wait for
+
+    app = create_app(settings, load=load, on_load_failure=load_failed)
     code = serve(app, app.state.workmem, host=args.host, port=args.port, log_level=args.log_level.lower(),
                  access_log=not args.no_access_log, timeout_keep_alive=args.timeout_keep_alive,
                  limit_concurrency=args.limit_concurrency, head_timeout=args.timeout_request_head)
+    if app.state.workmem.load_error is not None and not args.stay_up_on_load_failure:
+        return EXIT_LOAD_FAILED
     engine = app.state.workmem.engine
     if engine is not None:
         if engine.rank_lost:
@@ -241,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--replica-id", default="",
                        help="name this replica in the ids of the sessions it creates (sess_<ID>.<random>), "
                             "so a proxy routes their turns back to it; see README 'Scaling out' (default: none)")
+    serve.add_argument("--stay-up-on-load-failure", action="store_true",
+                       help="when the model cannot load, keep serving /health as 503 with the reason "
+                            f"(default: log it and exit with status {EXIT_LOAD_FAILED})")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request line")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)

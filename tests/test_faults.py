@@ -77,3 +77,30 @@ async def test_a_reader_that_falls_behind_is_cut_off(tiny_checkpoint):
         assert sum(len(o.new_token_ids) for o in fresh) == 3
     finally:
         engine.shutdown()
+
+
+async def test_a_request_that_fails_inside_add_request_fails_alone(tiny_checkpoint):
+    """An error that is no ValueError while a request is added (here: queueing it) fails that
+    request; the engine thread does not die of it."""
+    from model.sampling import SamplingParams
+
+    engine = start_engine(tiny_checkpoint("llama"), max_model_len=128, num_kv_blocks=64, block_size=8)
+    scheduler = engine.engine.scheduler
+    real_add = scheduler.add
+
+    def add(seqs):
+        if seqs[0].request_id == "bad":
+            raise OSError("injected fault")
+        real_add(seqs)
+
+    scheduler.add = add
+    try:
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            async for _ in engine.generate("bad", [1, 2, 3], params):
+                pass
+        assert engine.is_alive
+        good = [o async for o in engine.generate("good", [1, 2, 3], params)]
+        assert sum(len(o.new_token_ids) for o in good) == 3
+    finally:
+        engine.shutdown()

@@ -274,3 +274,36 @@ def test_host_memory_offload_tier_restores_identically(tiny_checkpoint):
     assert conversation(engine, "s", turns[1:]) == expected[1:]
     assert engine.sessions.num_memory_restores == 1 and engine.sessions.num_recomputes == 0
     assert engine.sessions.swapper.saved == {}
+
+
+def _raise(*_args, **_kwargs):
+    raise RuntimeError("injected fault")
+
+
+@pytest.mark.parametrize("where", ["scheduler.add", "text stream", "KV restore"])
+def test_a_turn_that_fails_inside_add_request_gives_the_session_back(tiny_checkpoint, tmp_path, monkeypatch, where):
+    """A failure after begin_turn (queueing the sequence, its detokenizer, reading its
+    offloaded KV back) leaves the session idle and unlocked, its blocks accounted for: the
+    next turn runs and gives the tokens a fresh engine gives."""
+    engine = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    engine.sessions.create(Session("s", ttl=600))
+    conversation(engine, "s", [ids(9, 60)])
+    session = engine.sessions.get("s")
+    used_before = engine.pool.num_used
+    with monkeypatch.context() as patch:
+        if where == "scheduler.add":
+            patch.setattr(engine.scheduler, "add", _raise)
+        elif where == "text stream":
+            patch.setattr("server.engine.engine.TextStream", _raise)
+        else:
+            assert engine.sessions.reclaim() and session.tier == "offloaded"
+            patch.setattr(engine.sessions.swapper, "write_blocks", _raise)
+            used_before = engine.pool.num_used
+        with pytest.raises(RuntimeError, match="injected fault"):
+            engine.add_request("t", session.token_ids + ids(4, 61), GREEDY, session_id="s")
+    assert not session.busy and not engine.has_request("t") and not engine.has_unfinished()
+    assert engine.sessions.disk.store.locks.held == {}  # the file lock went back too
+    assert engine.pool.num_used == used_before
+    new = ids(5, 62)
+    expected = reference(tiny_checkpoint, session.token_ids + new)
+    assert conversation(engine, "s", [new]) == [expected]

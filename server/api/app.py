@@ -26,16 +26,18 @@ def create_app(
     settings: ServerSettings,
     engine: AsyncEngine | None = None,
     load: Callable[[], AsyncEngine] | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """An app serving `engine`, or one that builds it with `load` in the background at
-    start-up (answering 503 until then). An engine the app loaded is shut down on exit."""
+    start-up (answering 503 until then; a failed load is logged and calls
+    `on_load_failure(reason)`). An engine the app loaded is shut down on exit."""
     state = AppState(settings, engine=engine)
     owns_engine = engine is None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if state.engine is None and load is not None:
-            state.load_in_background(load)
+            state.load_in_background(load, on_load_failure)
         yield
         if owns_engine and state.engine is not None:
             state.engine.shutdown()

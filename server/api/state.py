@@ -1,6 +1,7 @@
 """What the routes share, kept on `app.state.workmem` (no module globals)."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import re
@@ -16,6 +17,7 @@ DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full and 503 
 DEFAULT_MAX_TOKENS = 2048  # chat/session turns that give no max_tokens (capped by the context)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM lets in-flight streams finish
 DEFAULT_BODY_TIMEOUT_S = 10.0
+log = logging.getLogger("workmem.server")
 REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # what a proxy's rule can find in a session id
 
 
@@ -59,14 +61,20 @@ class AppState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine.stats if self.engine else EngineStats())
 
-    def load_in_background(self, load: Callable[[], AsyncEngine]) -> threading.Thread:
-        """Build the engine off the event loop; /health answers 503 until it is ready."""
+    def load_in_background(self, load: Callable[[], AsyncEngine],
+                           on_failure: Callable[[str], None] | None = None) -> threading.Thread:
+        """Build the engine off the event loop; /health answers 503 until it is ready. A load
+        that fails is logged with its reason, which /health and every generation route then
+        report; `on_failure(reason)` runs next (`workmem serve` exits unless told to stay up)."""
 
         def run() -> None:
             try:
                 self.engine = load()
-            except Exception as exc:  # reported by /health and every generation route
+            except Exception as exc:
                 self.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("model failed to load: %s", self.load_error, exc_info=exc)
+                if on_failure is not None:
+                    on_failure(self.load_error)
 
         thread = threading.Thread(target=run, name="workmem-load", daemon=True)
         thread.start()

@@ -154,19 +154,28 @@ class LLMEngine:
         if params.structured is not None:
             for seq in seqs:
                 seq.grammar = GrammarState(self.grammars.matcher(params.structured))
+        session = None
         if session_id is not None:
             if params.n != 1:
                 raise ValueError("n must be 1 in a session turn")
             if not self.config.enable_prefix_caching:
                 raise ValueError("sessions need prefix caching (drop --no-prefix-caching)")
             session = self.sessions.begin_turn(session_id)
-            seqs[0].session_turn = SessionTurn(session, list(new_messages or []))
-            kv = session.num_kv_tokens
-            if 0 < kv < len(prompt_token_ids) and prompt_token_ids[:kv] == session.token_ids[:kv]:
-                seqs[0].resume = (list(session.block_table), kv)  # start from the resident KV
-        for seq in seqs:
-            self.streams[seq] = TextStream(self.tokenizer, seq)
-        self.scheduler.add(seqs)
+        try:  # from here a failure must give the turn back: its session is busy and locked
+            if session is not None:
+                seqs[0].session_turn = SessionTurn(session, list(new_messages or []))
+                kv = session.num_kv_tokens
+                if 0 < kv < len(prompt_token_ids) and prompt_token_ids[:kv] == session.token_ids[:kv]:
+                    seqs[0].resume = (list(session.block_table), kv)  # start from the resident KV
+            for seq in seqs:
+                self.streams[seq] = TextStream(self.tokenizer, seq)
+            self.scheduler.add(seqs)
+        except BaseException:
+            for seq in seqs:
+                self.streams.pop(seq, None)
+            if session is not None:
+                self.sessions.abort_turn(session)
+            raise
 
     def abort(self, request_id: str) -> list[StepOutput]:
         """Stop a request wherever it is; returns its final outputs (reason "abort")."""

@@ -192,11 +192,15 @@ class SessionTable:
             self._sync(session_id)  # the retry builds its prompt from the new version
             raise
         session.busy = True
-        if session.token_ids and not session.block_table:
-            if not self._restore(session):
-                self.num_recomputes += 1
-        if self.swapper is not None:  # a KV file older than the coming transcript must not outlive it
-            self.swapper.discard(session_id)
+        try:  # a failure here (reading its KV back, say) gives the turn back
+            if session.token_ids and not session.block_table:
+                if not self._restore(session):
+                    self.num_recomputes += 1
+            if self.swapper is not None:  # a KV file older than the coming transcript must not outlive it
+                self.swapper.discard(session_id)
+        except BaseException:
+            self.abort_turn(session)
+            raise
         self._touch(session)
         return session
 
@@ -216,7 +220,12 @@ class SessionTable:
             return False
         self._pin(hits)
         fresh = self.pool.allocate(missing)
-        self.swapper.write_blocks(saved, len(hits), fresh)
+        try:
+            self.swapper.write_blocks(saved, len(hits), fresh)
+        except BaseException:  # nothing half-restored stays pinned
+            self.pool.free(fresh)
+            self._unpin(hits)
+            raise
         for block, content in zip(fresh, saved.block_hashes[len(hits):]):
             self.pool.register(block, content)
             self.pins[block] = self.pins.get(block, 0) + 1
