@@ -114,19 +114,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import create_app
     from server.api.state import ServerSettings
     from server.async_engine import AsyncEngine
+    from server.sampling_defaults import sampling_defaults_from_args
     from server.engine import LLMEngine
     from server.graceful import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
     name = args.served_model_name or _model_name(config.model)
+    defaults = sampling_defaults_from_args(args, config.model, is_default_model=args.model is None)
+    logging.getLogger("workmem").info(defaults.describe())
     settings = ServerSettings(
         served_model_name=name, api_keys=api_keys_from_args(args), metrics_public=args.metrics_public,
         max_request_bytes=args.max_request_bytes, max_queue_len=args.max_queue_len,
         session_ttl_s=args.session_ttl, max_tokens_default=args.max_tokens_default,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
-        replica_id=args.replica_id,
+        replica_id=args.replica_id, sampling_defaults=defaults, web_ui=not args.no_ui,
     )
 
     def load() -> AsyncEngine:
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.api.state import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S
     from server.engine.config import DEFAULT_SESSION_TTL_S
+    from server.sampling_defaults import add_sampling_default_args
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--stay-up-on-load-failure", action="store_true",
                        help="when the model cannot load, keep serving /health as 503 with the reason "
                             f"(default: log it and exit with status {EXIT_LOAD_FAILED})")
+    add_sampling_default_args(serve)
+    serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the JSON API is unchanged)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request line")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)

@@ -16,6 +16,7 @@ from server.api import misc_routes, openai_routes, session_routes
 from server.api.errors import error_body, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.state import AppState, ServerSettings
+from server.api.web import install_web_ui, is_page_path
 from server.async_engine import AsyncEngine
 
 OPEN_PATHS = ("/health",)  # answered without an API key (and while draining)
@@ -49,6 +50,8 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(session_routes.router)
     app.include_router(misc_routes.router)
+    if settings.web_ui:
+        install_web_ui(app)
     app.add_middleware(LimitsMiddleware, settings=settings, state=state)
     if settings.cors_origins:  # outermost, so preflights and errors carry the headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
@@ -68,7 +71,8 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"] not in self.open_paths:
+        page = self.settings.web_ui and is_page_path(scope["path"])
+        if scope["path"] not in self.open_paths and not page:
             if self.state.draining:
                 return await _reject(send, 503, "the server is shutting down", "server_shutting_down",
                                      retry_after=self.settings.retry_after_s)

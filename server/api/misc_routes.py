@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from server.api.errors import APIError, error_body
 from server.api.protocol import DetokenizeRequest, TokenizeRequest
-from server.api.serving import off_loop, serving_engine
+from server.api.serving import off_loop, ready_engine, serving_engine
 
 router = APIRouter()
 
@@ -22,7 +22,16 @@ async def models(request: Request):
         "id": state.settings.served_model_name, "object": "model", "created": int(state.started),
         "owned_by": "workmem",
         "max_model_len": engine.max_model_len if engine else None,
+        "sampling_defaults": state.settings.sampling_defaults.as_dict(),
     }]}
+
+
+@router.get("/v1/memory")
+async def memory(request: Request):
+    """The KV pool now: blocks by holder, the caller's sessions with their tiers, queue and
+    running counts (server/engine/memory_view.py). The chat page draws it once a second."""
+    owner = getattr(request.state, "owner", None)
+    return await ready_engine(request.app.state.workmem).call(lambda e: e.memory_view(owner))
 
 
 @router.post("/tokenize")

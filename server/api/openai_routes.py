@@ -41,7 +41,8 @@ async def completions(body: CompletionRequest, request: Request):
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
                   for p in prompts]
     # off the event loop: a grammar (response_format, guided_*) is validated against the vocabulary
-    params = await off_loop(lambda: [make_params(body, m, body.logprobs) for m in max_tokens])
+    defaults = state.settings.sampling_defaults
+    params = await off_loop(lambda: [make_params(body, m, body.logprobs, defaults) for m in max_tokens])
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params, cache_salt=body.cache_salt)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
     fmt = ResponseFormat(gen.request_id, "text_completion", state.settings.served_model_name, tok)
@@ -80,7 +81,8 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-    params = forced_tool_params(await off_loop(make_params, body, max_tokens, logprobs), tools)
+    params = await off_loop(make_params, body, max_tokens, logprobs, state.settings.sampling_defaults)
+    params = forced_tool_params(params, tools)
     gen = Generation(state, "chatcmpl-" + secrets.token_hex(12), [prompt], [params], session_id, new_messages,
                      body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model.generation_config import SAMPLING_FIELDS
 from model.sampling import SamplingParams
+from server.sampling_defaults import OPENAI_DEFAULTS, SamplingDefaults
 from server.api.structured import grammar_spec
 from server.api.tools import template_tool_calls
 
@@ -82,8 +84,10 @@ class SamplingFields(_Body):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # temperature, top_p, top_k, min_p, repetition_penalty: None (left out) takes the server's
+    # SamplingDefaults (the model's recommendations, else OpenAI's; server/sampling_defaults.py)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -94,9 +98,9 @@ class SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int = Field(-1, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
@@ -109,14 +113,17 @@ class SamplingFields(_Body):
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams for this body; ValueError (naming the field) when invalid."""
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
+        """SamplingParams for this body, `defaults` filling the sampling fields it leaves
+        out; ValueError (naming the field) when invalid."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(len(s) > MAX_STOP_LEN for s in stop):
             raise ValueError(f"stop strings must be at most {MAX_STOP_LEN} characters")
+        pick = {name: getattr(defaults, name) if getattr(self, name) is None else getattr(self, name)
+                for name in SAMPLING_FIELDS}
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            n=self.n, max_tokens=max_tokens, **pick,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias) if self.logit_bias else None, seed=self.seed,
             stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,

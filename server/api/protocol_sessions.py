@@ -23,16 +23,34 @@ class SessionCreateRequest(_Body):
     @field_validator("metadata")
     @classmethod
     def _bounded(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        if len(metadata) > MAX_METADATA_KEYS:
-            raise ValueError(f"metadata may hold at most {MAX_METADATA_KEYS} keys")
-        size = len(json.dumps(metadata, ensure_ascii=False).encode())
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
-        return metadata
+        return bounded_metadata(metadata)
+
+
+def bounded_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """`metadata` if within the limits, else ValueError saying which."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(f"metadata may hold at most {MAX_METADATA_KEYS} keys")
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+    return metadata
 
 
 class SessionForkRequest(_Body):
     ttl_seconds: float | None = Field(None, gt=0, le=MAX_SESSION_TTL_S)
+    num_turns: int | None = Field(None, ge=0)  # keep only the first N turns (None: all of them)
+
+
+class SessionUpdateRequest(_Body):
+    """Keys merged into the session's metadata; a null value removes its key (`overflow`,
+    set at creation, stays as it was)."""
+
+    metadata: dict[str, Any]
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return bounded_metadata(metadata)
 
 
 class SessionChatRequest(ChatCompletionRequest):

@@ -19,6 +19,7 @@ from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, Sh
 from server.engine import StepOutput
 from server.engine.limits import RequestError
 from server.engine.sessions import SessionError
+from server.sampling_defaults import OPENAI_DEFAULTS, SamplingDefaults
 
 log = logging.getLogger("workmem.api")
 T = TypeVar("T")
@@ -111,9 +112,11 @@ MERGE_BUFFER = 64  # outputs of a request's prompts waiting for its writer
 MAX_LOGPROB_VALUES = 200_000  # n x max_tokens x (top_logprobs + 1) per prompt: bounds the response size
 
 
-def make_params(body, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def make_params(body, max_tokens: int, logprobs: int | None,
+                defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
+    """The body's SamplingParams; `defaults` (the server's) fill its absent sampling fields."""
     try:
-        params = body.sampling_params(max_tokens, logprobs)
+        params = body.sampling_params(max_tokens, logprobs, defaults)
     except ValueError as exc:
         raise bad_request(exc) from None
     if logprobs is not None and params.n * max_tokens * (logprobs + 1) > MAX_LOGPROB_VALUES:

@@ -3,7 +3,8 @@
     POST   /v1/sessions                        create (optional initial messages)
     POST   /v1/sessions/{id}/chat/completions  next turn: only the new messages
     GET    /v1/sessions[/{id}]                 inspect
-    POST   /v1/sessions/{id}/fork              branch, sharing every KV block
+    POST   /v1/sessions/{id}                   update metadata (e.g. a name)
+    POST   /v1/sessions/{id}/fork              branch, sharing every KV block (or its first N turns)
     DELETE /v1/sessions/{id}                   free everything
 
 A turn's prompt is the session's token transcript plus the tokens of the new text the
@@ -21,10 +22,12 @@ from model.tokenizer import Tokenizer
 from server.api.errors import APIError
 from server.api.openai_routes import STREAMED, chat_response
 from server.api.tools import request_tools
-from server.api.protocol_sessions import SessionChatRequest, SessionCreateRequest, SessionForkRequest
+from server.api.protocol_sessions import (
+    SessionChatRequest, SessionCreateRequest, SessionForkRequest, SessionUpdateRequest, bounded_metadata,
+)
 from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
 from server.engine.limits import RequestLimits
-from server.engine.sessions import Session, SessionError
+from server.engine.sessions import ForkPoint, Session, SessionError
 
 router = APIRouter()
 DEFAULT_LIST_LIMIT = 20  # sessions per page of GET /v1/sessions
@@ -96,17 +99,61 @@ async def delete_session(session_id: str, request: Request):
     return {"id": session_id, "object": "session.deleted", "deleted": True}
 
 
+@router.post("/v1/sessions/{session_id}")
+async def update_session(session_id: str, body: SessionUpdateRequest, request: Request):
+    """Merge `metadata` into the session's (the web page keeps a session's name there)."""
+    owner = _owner(request)
+    current = (await _call(request, lambda e: e.sessions.info(session_id, owner)))["metadata"]
+    merged = {k: v for k, v in {**current, **body.metadata}.items() if v is not None}
+    if "overflow" in current:
+        merged["overflow"] = current["overflow"]
+    try:
+        bounded_metadata(merged)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="metadata") from None
+
+    def update(engine):
+        engine.sessions.set_metadata(session_id, merged, owner)
+        return engine.sessions.info(session_id, owner)
+
+    return _describe(request, await _call(request, update))
+
+
 @router.post("/v1/sessions/{session_id}/fork")
 async def fork_session(session_id: str, request: Request, body: SessionForkRequest | None = None):
-    new_id = new_session_id(request.app.state.workmem.settings.replica_id)
-    ttl = (body.ttl_seconds if body else None) or request.app.state.workmem.settings.session_ttl_s
+    state = request.app.state.workmem
+    new_id = new_session_id(state.settings.replica_id)
+    ttl = (body.ttl_seconds if body else None) or state.settings.session_ttl_s
     owner = _owner(request)
+    at = None
+    if body is not None and body.num_turns is not None:
+        snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
+        at = await off_loop(fork_point, ready_engine(state).tokenizer, snapshot, body.num_turns)
 
     def fork(engine):
-        engine.sessions.fork(session_id, new_id, ttl, owner)
+        engine.sessions.fork(session_id, new_id, ttl, owner, at)
         return engine.sessions.info(new_id)
 
     return _describe(request, await _call(request, fork))
+
+
+def fork_point(tok: Tokenizer, snapshot: dict, num_turns: int) -> ForkPoint:
+    """The messages up to the end of turn `num_turns` (system messages before it kept) and
+    the longest prefix of the transcript that is their tokens: the KV the child can share."""
+    messages = snapshot["messages"]
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if num_turns > len(answers):
+        raise APIError(400, f"num_turns={num_turns}, but the session has {len(answers)} turns",
+                       param="num_turns")
+    keep = answers[num_turns - 1] + 1 if num_turns else next(
+        (i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    try:
+        ids = tok.encode_chat(messages[:keep], add_generation_prompt=False) if keep else []
+    except ValueError as exc:
+        raise APIError(400, f"chat template failed: {exc}", param="num_turns") from None
+    transcript = snapshot["token_ids"]
+    same = next((i for i, (a, b) in enumerate(zip(ids, transcript)) if a != b), min(len(ids), len(transcript)))
+    return ForkPoint(keep, transcript[:same])
 
 
 @router.post("/v1/sessions/{session_id}/chat/completions", responses=STREAMED)

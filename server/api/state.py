@@ -11,6 +11,7 @@ from typing import Callable
 from server.async_engine import AsyncEngine, EngineStats
 from server.engine.config import DEFAULT_SESSION_TTL_S
 from server.metrics import Metrics
+from server.sampling_defaults import OPENAI_DEFAULTS, SamplingDefaults
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full and 503 draining answers
@@ -39,6 +40,8 @@ class ServerSettings:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a request body must arrive whole within it
     cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none: no CORS headers
+    sampling_defaults: SamplingDefaults = OPENAI_DEFAULTS  # what absent sampling fields become
+    web_ui: bool = True  # GET / serves the chat page (server/web/); --no-ui turns it off
     replica_id: str = ""  # names this replica in the ids of sessions it creates ("sess_<id>.<random>"); "": none
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from model.sampling import SamplingParams
 from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
 from server.engine.grammar import GrammarCompiler, GrammarState
 from server.engine.limits import RequestLimits
+from server.engine.memory_view import memory_view
 from server.engine.memory import BlockPool, root_hash
 from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
@@ -301,6 +302,11 @@ class LLMEngine:
             session_restores_disk=sessions.num_disk_restores, session_restores_memory=sessions.num_memory_restores,
             session_offloads=sessions.num_offloads,
         )
+
+    def memory_view(self, owner: str | None = None) -> dict:
+        """Who holds which KV blocks now, for `owner` (engine thread; server/engine/memory_view.py)."""
+        sched = self.scheduler
+        return memory_view(self.pool, self.sessions, len(sched.running), len(sched.waiting), owner)
 
     def kv_usage(self) -> dict[str, int]:
         pool = self.pool

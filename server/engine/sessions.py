@@ -29,7 +29,7 @@ from server.engine.memory import BlockPool
 from server.engine.session_disk import SWEEP_INTERVAL_S, MemoryOnly, SessionDisk, StaleCopy
 from server.engine.session_record import BrokenSession, Session, SessionError
 
-__all__ = ["BrokenSession", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
+__all__ = ["BrokenSession", "ForkPoint", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
 
 if TYPE_CHECKING:
     from server.engine.offload import KVSwap, OffloadedKV
@@ -42,6 +42,14 @@ class SessionTurn:
 
     session: Session
     new_messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ForkPoint:
+    """Where a fork cuts its source: the messages kept and the transcript tokens they are."""
+
+    num_messages: int
+    token_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -267,20 +275,49 @@ class SessionTable:
             self.disk.unlock(session.session_id)
         self.enforce_budget()
 
-    def fork(self, source_id: str, new_id: str, ttl: float, owner: str | None = None) -> Session:
+    def fork(self, source_id: str, new_id: str, ttl: float, owner: str | None = None,
+             at: "ForkPoint | None" = None) -> Session:
         """A new session sharing every pinned block of `source_id` (refcounts); it belongs
-        to `owner` (who must be able to see the source)."""
+        to `owner` (who must be able to see the source). With `at`, the child keeps only the
+        source's first `at.num_messages` messages and `at.token_ids` as its transcript (a
+        prefix of the source's, else session_busy: the source changed since) and shares the
+        blocks under that prefix; its partial last block is copied at its first write."""
         source = self.get(source_id, owner)
-        child = Session(new_id, ttl, token_ids=list(source.token_ids), messages=list(source.messages),
-                        metadata=dict(source.metadata), num_turns=source.num_turns, owner=owner)
+        tokens, messages, kv = list(source.token_ids), list(source.messages), source.num_kv_tokens
+        if at is not None:
+            if source.token_ids[: len(at.token_ids)] != at.token_ids:
+                raise SessionError(f"session {source_id!r} changed while forking; retry", "session_busy")
+            tokens, messages = list(at.token_ids), messages[: at.num_messages]
+            kv = min(kv, len(tokens))
+        bs = self.pool.block_size
+        child = Session(new_id, ttl, token_ids=tokens, messages=messages, metadata=dict(source.metadata),
+                        num_turns=sum(m.get("role") == "assistant" for m in messages), owner=owner)
         self._touch(source)  # most recently used: the room `create` may make is never the source's KV
         self.create(child)  # saved there (a file holds no block table)
-        self._pin(source.block_table)
-        child.block_table = list(source.block_table)
-        child.block_hashes = list(source.block_hashes)
-        child.num_kv_tokens = source.num_kv_tokens
+        blocks = source.block_table[: -(-kv // bs)] if kv else []
+        self._pin(blocks)
+        child.block_table = list(blocks)
+        child.block_hashes = list(source.block_hashes[: kv // bs])
+        child.num_kv_tokens = kv
         self.enforce_budget()
         return child
+
+    def set_metadata(self, session_id: str, metadata: dict[str, Any], owner: str | None = None) -> None:
+        """Replace an idle session's metadata (saved under its lock); session_busy mid-turn."""
+        self._sync(session_id)
+        session = self._get(session_id, owner)
+        if session.busy:
+            raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
+        try:
+            self.disk.lock_turn(session_id)
+        except StaleCopy:
+            self._sync(session_id)
+            raise
+        try:
+            session.metadata = dict(metadata)
+            self._save(session)
+        finally:
+            self.disk.unlock(session_id)
 
     def info(self, session_id: str, owner: str | None = None) -> dict[str, Any]:
         """What the API shows of a session (see `get` for `owner`)."""
