@@ -130,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
         replica_id=args.replica_id, sampling_defaults=defaults, web_ui=not args.no_ui,
+        max_stored_responses=args.max_stored_responses,
     )
 
     def load() -> AsyncEngine:
@@ -217,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="workmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from server.api.state import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S
+    from server.api.state import (
+        DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S,
+    )
     from server.engine.config import DEFAULT_SESSION_TTL_S
     from server.sampling_defaults import add_sampling_default_args
 
@@ -251,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
+    serve.add_argument("--max-stored-responses", type=int, default=DEFAULT_MAX_STORED_RESPONSES,
+                       help="stored /v1/responses kept (each is a session; beyond it the soonest to expire is "
+                            f"deleted; default {DEFAULT_MAX_STORED_RESPONSES})")
     serve.add_argument("--replica-id", default="",
                        help="name this replica in the ids of the sessions it creates (sess_<ID>.<random>), "
                             "so a proxy routes their turns back to it; see README 'Scaling out' (default: none)")

@@ -18,6 +18,7 @@ DEFAULT_QUEUE_RETRY_AFTER_S = 1  # Retry-After sent with 429 queue-full and 503 
 DEFAULT_MAX_TOKENS = 2048  # chat/session turns that give no max_tokens (capped by the context)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM lets in-flight streams finish
 DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_MAX_STORED_RESPONSES = 512  # responses kept (they are sessions: below --max-sessions' default)
 log = logging.getLogger("workmem.server")
 REPLICA_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")  # what a proxy's rule can find in a session id
 
@@ -42,9 +43,12 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none: no CORS headers
     sampling_defaults: SamplingDefaults = OPENAI_DEFAULTS  # what absent sampling fields become
     web_ui: bool = True  # GET / serves the chat page (server/web/); --no-ui turns it off
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # store: true beyond it drops the soonest to expire
     replica_id: str = ""  # names this replica in the ids of sessions it creates ("sess_<id>.<random>"); "": none
 
     def __post_init__(self) -> None:
+        if self.max_stored_responses < 1:
+            raise ValueError(f"max_stored_responses must be at least 1, got {self.max_stored_responses}")
         if self.replica_id and not REPLICA_ID.fullmatch(self.replica_id):
             raise ValueError(f"replica id {self.replica_id!r}: use 1-40 of a-z, 0-9 and '-', starting with "
                              "a letter or digit")
@@ -60,6 +64,7 @@ class AppState:
     draining: bool = False  # set at SIGTERM: new requests get 503, in-flight ones finish
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
+    responses: dict = field(default_factory=dict)  # response id -> responses.Running, while it generates
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine.stats if self.engine else EngineStats())

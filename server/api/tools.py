@@ -43,6 +43,12 @@ def request_tools(body: Any, tok: Tokenizer) -> ToolPlan:
     """The ToolPlan of a chat body; 400 naming `tools` / `tool_choice` when it cannot be."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    return tool_plan(tools, choice, tok)
+
+
+def tool_plan(tools: list[dict] | None, choice: Any, tok: Tokenizer) -> ToolPlan:
+    """The ToolPlan of chat-shaped `tools` and `tool_choice`; 400 naming the field when it
+    cannot be (every protocol's tools come here in chat's shape)."""
     try:
         plan = plan_tools(tools, choice, tok.chat_template)
         if plan.grammar is not None:

@@ -144,6 +144,16 @@ class SessionDisk:
                 found.append(held[sid] if current else stored.session)
         return found
 
+    def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:
+        """When each session whose id starts with `prefix` expires, held here or only in the
+        directory (read from its file's first bytes; 0 when unknown)."""
+        found = {sid: s.last_used + s.ttl for sid, s in held.items() if sid.startswith(prefix)}
+        for sid in self.store.ids():
+            if sid.startswith(prefix) and sid not in found:
+                head = self.store.head(sid)
+                found[sid] = head.expires_at if head is not None and head.expires_at is not None else 0.0
+        return found
+
 
 class MemoryOnly:
     """SessionDisk's interface without a store: sessions live in memory only."""
@@ -179,3 +189,6 @@ class MemoryOnly:
 
     def every(self, held: Mapping[str, Session]) -> list[Session]:
         return list(held.values())
+
+    def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:
+        return {sid: s.last_used + s.ttl for sid, s in held.items() if sid.startswith(prefix)}

@@ -339,6 +339,36 @@ class SessionTable:
             if self.swapper is not None:
                 self.swapper.discard(session_id)
 
+    def update(self, session_id: str, metadata: dict[str, Any], messages: list[dict[str, Any]] | None = None) -> None:
+        """Replace what the API keeps beside a session's transcript (its metadata, and its
+        messages if given) and save it; the transcript and its KV stay as they are."""
+        session = self.get(session_id)
+        if session.busy:
+            raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
+        session.metadata = dict(metadata)
+        if messages is not None:
+            session.messages = list(messages)
+        self._save(session)
+
+    def trim(self, prefix: str, keep: int) -> list[str]:
+        """Delete idle sessions whose ids start with `prefix`, the soonest to expire first,
+        until at most `keep` are left here and in the store; returns their ids."""
+        ranked = sorted(self.disk.expiries(prefix, self.sessions).items(), key=lambda kv: kv[1])
+        excess, gone = len(ranked) - keep, []
+        for session_id, _ in ranked:
+            if excess <= 0:
+                break
+            held = self.sessions.get(session_id)
+            if held is not None and held.busy:
+                continue
+            try:
+                self.delete(session_id)
+            except SessionError:  # a turn runs on another replica
+                continue
+            gone.append(session_id)
+            excess -= 1
+        return gone
+
     def save_all(self) -> int:
         """At graceful shutdown: write every resident session's KV to disk so the next
         run restores it instead of recomputing. Returns how many were saved."""
