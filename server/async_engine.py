@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, TypeVar
 
+from model.parallel import RankLostError
 from model.sampling import SamplingParams
 from server.engine import LLMEngine, StepOutput
 from server.engine.limits import RequestLimits
@@ -89,11 +90,18 @@ class _FailAll:
 
 
 @dataclass(frozen=True)
+class _RankLost:
+    """A tensor-parallel rank is gone (posted by the monitor thread): the engine stops."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class _Wake:
     """Only wakes the thread (shutdown)."""
 
 
-_Message = _Add | _Call | _Abort | _FailAll | _Wake
+_Message = _Add | _Call | _Abort | _FailAll | _RankLost | _Wake
 
 
 class AsyncEngine:
@@ -113,6 +121,7 @@ class AsyncEngine:
         self.step_listeners: list = []  # callables(list[StepOutput]) run on the engine thread
         self._step_seconds = 0.0  # engine thread only; published in `stats`
         self._idle_seconds = 0.0
+        engine.on_rank_lost(lambda reason: self._inbox.put(_RankLost(reason)))  # state changes on our thread
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -148,16 +157,21 @@ class AsyncEngine:
         return self.engine.rank_lost
 
     def on_rank_lost(self, callback: Callable[[str], None]) -> None:
-        """See LLMEngine.on_rank_lost (the callback runs on the thread that notices)."""
+        """See LLMEngine.on_rank_lost. The callback runs on the thread that notices (the
+        monitor's): it may signal, never touch the engine. The engine thread itself learns of
+        the loss through its inbox: it fails every request and stops (`is_alive` False)."""
         self.engine.on_rank_lost(callback)
 
     def close(self) -> None:
-        """After shutdown(): stop the tensor-parallel followers, if any."""
-        self.engine.close()
+        """After shutdown(): stop the tensor-parallel followers, if any. If the engine thread
+        outlived shutdown's join (a step still running), no STOP is sent beside that step's
+        collectives: the followers are killed instead."""
+        self.engine.close(between_steps=self._thread is None or not self._thread.is_alive())
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        return (self._thread is not None and self._thread.is_alive() and self.error is None
+                and not self.engine.rank_lost)
 
     # -- the asyncio side -------------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
@@ -220,18 +234,26 @@ class AsyncEngine:
                     self.engine.expire_sessions()
                     next_expiry = time.monotonic() + SESSION_EXPIRY_INTERVAL_S
                 self._publish_stats()
+        except RankLostError as exc:  # the group is broken for good: stop serving
+            log.error("engine stopped: tensor parallel rank lost: %s", exc)
+            self._die(exc)
         except BaseException as exc:  # the engine is broken: fail everyone, report unhealthy
             log.exception("engine thread died")
-            self.error = exc
-            for req in self._requests.values():
-                _send(req, EngineDeadError(f"engine failed: {exc}"))
-            self._requests.clear()
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        self.error = exc
+        for req in self._requests.values():
+            _send(req, EngineDeadError(f"engine failed: {exc}"))
+        self._requests.clear()
 
     def _step(self) -> None:
         start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # a step failed: fail what was in flight, keep serving
+            if isinstance(exc, RankLostError) or self.engine.rank_lost:
+                raise  # not this step's fault: the engine is broken for good (see _run)
             log.exception("engine step failed; aborting %d in-flight requests", len(self._requests))
             for request_id, req in list(self._requests.items()):
                 self.engine.abort(request_id)
@@ -285,6 +307,8 @@ class AsyncEngine:
         elif isinstance(message, _Abort):
             self._deliver(self.engine.abort(message.request_id))
             self._requests.pop(message.request_id, None)
+        elif isinstance(message, _RankLost):
+            raise RankLostError(message.reason)
         elif isinstance(message, _FailAll):
             for request_id, req in list(self._requests.items()):
                 self.engine.abort(request_id)

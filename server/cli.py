@@ -162,9 +162,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def exit_on_rank_loss(engine) -> None:
     """Under tensor parallelism a lost rank breaks the engine for good: /health turns 503 at
-    once and the server drains (SIGTERM to itself) and exits with EXIT_RANK_LOST."""
-    def lost(reason: str) -> None:
-        engine.error = RuntimeError(f"tensor parallel rank lost: {reason}")
+    once (the engine thread learns it through its inbox and stops) and the server drains
+    (SIGTERM to itself) and exits with EXIT_RANK_LOST."""
+    def lost(reason: str) -> None:  # on the monitor thread: signal only
         os.kill(os.getpid(), signal.SIGTERM)
 
     engine.on_rank_lost(lost)

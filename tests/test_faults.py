@@ -104,3 +104,27 @@ async def test_a_request_that_fails_inside_add_request_fails_alone(tiny_checkpoi
         assert sum(len(o.new_token_ids) for o in good) == 3
     finally:
         engine.shutdown()
+
+
+async def test_a_lost_rank_inside_a_step_stops_the_engine(tiny_checkpoint):
+    """RankLostError out of a step is not one step's failure (the 'fail what was in flight,
+    keep serving' path): the engine thread stops, its requests get EngineDeadError, /health
+    would say 503."""
+    from model.parallel import RankLostError
+    from model.sampling import SamplingParams
+    from server.async_engine import EngineDeadError
+
+    engine = start_engine(tiny_checkpoint("llama"), max_model_len=128, num_kv_blocks=64, block_size=8)
+
+    def lost_step():
+        raise RankLostError("injected: rank 1 gone")
+
+    engine.engine.step = lost_step
+    try:
+        with pytest.raises(EngineDeadError, match="rank 1 gone"):
+            async for _ in engine.generate("a", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)):
+                pass
+        await asyncio.to_thread(engine._thread.join, 30)
+        assert not engine.is_alive and isinstance(engine.error, RankLostError)
+    finally:
+        engine.shutdown()

@@ -174,3 +174,110 @@ def test_killed_follower_fails_health_and_exits_nonzero(tiny_checkpoint, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- failure paths: nothing left behind -----------------------------------------------------
+def _tp_engine(model_dir: Path):
+    from server.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(EngineConfig(model=str(model_dir), tensor_parallel_size=2, **ENGINE))
+
+
+@pytest.mark.parametrize("where", ["load", "plan", "after the build"])
+def test_startup_failure_on_rank_0_stops_a_tp_worker(tiny_checkpoint, tmp_path, monkeypatch, where):
+    """Rank 0 (in this process) fails at each step of its start-up after the group formed; the
+    `workmem tp-worker` follower, wherever it is in its own start-up (loading, in the KV plan's
+    all-reduce, waiting for its first step), sees why within a heartbeat and exits 1, well
+    before the collectives' --tp-timeout (60 s) would end its wait (or, waiting for a first
+    step, never)."""
+    model = tiny_checkpoint("llama")
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "server", "tp-worker"], cwd=REPO, stdout=log,
+                                  stderr=subprocess.STDOUT, env=_env(RANK="1", **rendezvous))
+    for key, value in {**rendezvous, "RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    target = {"load": "server.engine.build.load_model", "plan": "server.engine.build.plan_shard",
+              "after the build": "server.engine.engine.SessionTable"}[where]
+
+    def fail(*_args, **_kwargs):
+        raise RuntimeError(f"injected fault at {where}")
+
+    monkeypatch.setattr(target, fail)
+    try:
+        with pytest.raises(RuntimeError, match="injected fault"):
+            _tp_engine(model)
+        assert worker.wait(EXIT_TIMEOUT_S) == 1, log_path.read_text()
+        assert f"rank 0 failed to start: RuntimeError: injected fault at {where}" in log_path.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+async def test_rank_loss_reaches_the_engine_thread_and_stops_it(tiny_checkpoint):
+    """A follower killed while the engine idles: the monitor posts the loss to the engine
+    thread's inbox; that thread stops (no engine state set from the monitor thread), and new
+    requests get EngineDeadError."""
+    import asyncio
+
+    from model.parallel import RankLostError
+    from server.async_engine import AsyncEngine, EngineDeadError
+
+    engine = AsyncEngine(_tp_engine(tiny_checkpoint("llama")))
+    engine.start()
+    try:
+        out = [o async for o in engine.generate("a", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))]
+        assert sum(len(o.new_token_ids) for o in out) == 3
+        (proc,) = engine.engine.tp.procs.values()
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(engine._thread.join, EXIT_TIMEOUT_S)
+        assert not engine._thread.is_alive() and not engine.is_alive
+        assert isinstance(engine.error, RankLostError) and "rank 1" in str(engine.error)
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate("b", [5, 6, 7], SamplingParams(max_tokens=3)):
+                pass
+    finally:
+        engine.shutdown()
+        engine.close()
+
+
+async def test_close_after_a_timed_out_join_sends_no_stop(tiny_checkpoint, monkeypatch):
+    """shutdown()'s join times out while a step runs; close() then must not broadcast STOP
+    beside that step's collectives: the follower is killed, and the step, once it goes on,
+    fails with RankLostError instead of deadlocking or mismatching the collectives."""
+    import asyncio
+    import threading
+
+    from model.parallel import RankLostError
+    from server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(_tp_engine(tiny_checkpoint("llama")))
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def slow_step():
+        entered.set()
+        release.wait(EXIT_TIMEOUT_S)
+        return real_step()
+
+    engine.engine.step = slow_step
+    stops = []
+    monkeypatch.setattr("server.engine.tp_launch.send_stop", lambda *args: stops.append(args))
+    engine.start()
+    stream = engine.generate("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
+    first = asyncio.ensure_future(anext(stream))
+    try:
+        assert await asyncio.to_thread(entered.wait, EXIT_TIMEOUT_S)
+        engine.shutdown(timeout=0.1)
+        assert engine._thread.is_alive()  # the step outlived the join
+        engine.close()
+        assert stops == []
+        assert not any(p.is_alive() for p in engine.engine.tp.procs.values())
+        release.set()
+        await asyncio.to_thread(engine._thread.join, EXIT_TIMEOUT_S)
+        assert not engine._thread.is_alive() and isinstance(engine.error, RankLostError)
+    finally:
+        release.set()
+        first.cancel()
+        engine.close()

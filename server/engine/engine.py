@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from model.loader import LoadedModel, load_model
-from model.native import install_kernels, resolve_kernels
+from model.loader import LoadedModel
 from model.sampling import SamplingParams
-from server.engine.config import EngineConfig, plan_kv_cache, resolve_device, resolve_dtype
+from server.engine.build import build_rank
+from server.engine.config import EngineConfig, resolve_device, resolve_dtype
 from server.engine.grammar import GrammarCompiler, GrammarState
 from server.engine.limits import RequestLimits
 from server.engine.memory_view import memory_view
@@ -52,19 +52,31 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        native = resolve_kernels(config.kernel_backend, self.device)
+        if loaded is not None and config.tensor_parallel_size > 1:
+            raise ValueError("a preloaded model cannot be sharded: let the engine load it under tensor parallelism")
         self.tp = TensorParallel(config, self.device) if config.tensor_parallel_size > 1 else None  # rank 0 of N
+        try:
+            self._build(config, loaded)
+        except BaseException as exc:  # the followers must not wait for a rank 0 that never serves
+            if self.tp is not None:
+                self.tp.abandon(f"rank 0 failed to start: {type(exc).__name__}: {exc}")
+            raise
         if self.tp is not None:
-            self.tp.check_loaded(loaded)
-        if loaded is None:
-            loaded = load_model(config.model, self.dtype, self.device, config.quant, native,
-                                shard=None if self.tp is None else self.tp.shard)
-        self.model, self.model_config, self.tokenizer = loaded
-        if native is not None:
-            install_kernels(self.model, native)
-        self.kernel_backend = "torch" if native is None else "native"
-        plan = plan_kv_cache if self.tp is None else self.tp.plan  # per rank under tensor parallelism
-        self.plan = plan(config, self.model_config, self.dtype, self.device)
+            self.tp.started()
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
+            "kernels %s, quantization %s",
+            config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
+            self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
+            self.kernel_backend, config.quantization,
+        )
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
+        parts = build_rank(config, self.device, self.dtype, loaded=loaded,
+                           group=None if self.tp is None else self.tp.group,
+                           runner_cls=Runner if self.tp is None else self.tp.runner)
+        self.model, self.model_config, self.tokenizer = parts.model, parts.model_config, parts.tokenizer
+        self.plan, self.runner, self.kernel_backend = parts.plan, parts.runner, parts.kernel_backend
         self.max_model_len = self.plan.max_model_len
         self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.tokenizer.vocab_size,
                                     self.tokenizer.max_token_chars)
@@ -73,10 +85,6 @@ class LLMEngine:
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_namespace = kv_namespace(config.model, self.dtype, config.quant.mode)
-        self.runner = (Runner if self.tp is None else self.tp.runner)(
-            self.model, self.model_config, self.plan.num_blocks, config.block_size,
-            self.device, self.dtype, seed=config.seed,
-        )
         self.sessions = SessionTable(
             self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks),
             store=SessionStore(config.session_dir) if config.session_dir else None,
@@ -90,13 +98,6 @@ class LLMEngine:
                                         config.grammar_cache_size)
         self.streams: dict[Sequence, TextStream] = {}
         self.fault_hook = None  # tests only: callable(seq) run as each sequence gets its token
-        log.info(
-            "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
-            "kernels %s, quantization %s",
-            config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
-            self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
-            self.kernel_backend, config.quantization,
-        )
 
     def _offload_tier(self) -> KVSwap | None:
         """Where idle sessions' KV goes when it leaves the pool: --session-dir, else host
@@ -110,10 +111,13 @@ class LLMEngine:
             return HostKVSwapper(self.runner.kv_cache)
         return None
 
-    def close(self) -> None:
-        """Stop the tensor-parallel followers (nothing to do otherwise); call between steps."""
+    def close(self, between_steps: bool = True) -> None:
+        """Stop the tensor-parallel followers (nothing to do otherwise). Between steps they are
+        told to stop; otherwise (a step may still be running on another thread, whose
+        collectives a STOP would interleave with) the spawned ones are killed and the group is
+        marked broken."""
         if self.tp is not None:
-            self.tp.stop()
+            self.tp.stop(between_steps)
 
     @property
     def rank_lost(self) -> bool:

@@ -25,8 +25,7 @@ import torch.distributed as dist
 
 from model.attention import SeqAttention
 from model.config import ModelConfig
-from model.loader import LoadedModel, load_model
-from model.parallel import TPGroup, local_config, shard_model
+from model.parallel import TPGroup, local_config
 from server.engine.config import EngineConfig, KVCachePlan, plan_kv_cache
 from server.engine.runner import StepInputs
 
@@ -38,6 +37,9 @@ HEARTBEAT_INTERVAL_S = 0.5  # followers bump their counter in the store this oft
 FOLLOWER_IDLE_TIMEOUT = datetime.timedelta(days=365)  # a follower waits this long for the next step
 CONFIG_KEY = "workmem/config"
 DEVICE_KEY = "workmem/device"
+START_KEY = "workmem/start"  # rank 0's start-up outcome: START_OK, or why it failed
+START_OK = "ok"
+START_SEEN_KEY = "workmem/start-seen"  # followers that read a failed start (and are exiting)
 
 
 def set_rank_threads(config: EngineConfig, device: torch.device) -> None:
@@ -90,14 +92,23 @@ def local_device(device_type: str, rank: int) -> torch.device:
 
 def start_heartbeat(rdv: Rendezvous, timeout: datetime.timedelta) -> threading.Thread:
     """A daemon thread bumping this follower's counter; it ends the process when the store
-    (hosted by rank 0) is gone, so a follower never outlives rank 0."""
+    (hosted by rank 0) is gone, so a follower never outlives rank 0, and when rank 0
+    publishes a failed start (the follower may be anywhere in its own start-up then)."""
     store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, False, timeout)
     stop = threading.Event()
 
     def beat() -> None:
+        started = False
         try:
             while not stop.wait(HEARTBEAT_INTERVAL_S):
                 store.add(heartbeat_key(rdv.rank), 1)
+                if not started and store.check([START_KEY]):
+                    outcome = store.get(START_KEY).decode()
+                    if outcome != START_OK:
+                        log.error("rank %d: %s; exiting", rdv.rank, outcome)
+                        store.add(START_SEEN_KEY, 1)
+                        os._exit(1)
+                    started = True
         except Exception as exc:  # noqa: BLE001 - rank 0 is gone: nothing left to serve
             log.error("rank %d: lost rank 0's store (%s); exiting", rdv.rank, exc)
             os._exit(1)
@@ -112,15 +123,13 @@ def publish_config(store: dist.Store, config: EngineConfig, device: torch.device
     store.set(DEVICE_KEY, device.type)
 
 
+def publish_start(store: dist.Store, outcome: str) -> None:
+    store.set(START_KEY, outcome)
+
+
 def read_config(store: dist.Store) -> tuple[EngineConfig, str]:
     """What rank 0 published (waits for it): the engine config and the device type."""
     return pickle.loads(store.get(CONFIG_KEY)), store.get(DEVICE_KEY).decode()
-
-
-def load_shard(config: EngineConfig, group: TPGroup, device: torch.device, dtype: torch.dtype,
-               native) -> LoadedModel:
-    return load_model(config.model, dtype, device, config.quant, native,
-                      shard=lambda model: shard_model(model, group))
 
 
 def plan_shard(config: EngineConfig, model: ModelConfig, group: TPGroup, dtype: torch.dtype,

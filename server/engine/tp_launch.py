@@ -1,5 +1,6 @@
 """Rank 0 of a tensor-parallel engine: start or meet the followers, hand the engine its
-shard, KV plan and runner, and watch the followers.
+group and runner class (server/engine/build.py builds the shard, KV plan and runner, as on
+every rank), and watch the followers.
 
 One machine: rank 0 hosts the store on 127.0.0.1 (a free port) and spawns ranks 1..N-1
 (`torch.multiprocessing`, spawn). Several machines: with RANK=0 / WORLD_SIZE=N /
@@ -9,8 +10,13 @@ MASTER_ADDR / MASTER_PORT in the environment it hosts the store there and waits 
 A follower is lost when its process exits (spawned ones), when it stops bumping its heartbeat
 for `tp_heartbeat_timeout_s`, or when a collective fails (a closed connection, or no answer
 within `tp_timeout_s`). Then the group is marked broken (every later collective raises
-RankLostError at once), the spawned followers are killed, and `on_lost` callbacks run:
-`workmem serve` turns /health to 503 and exits non-zero.
+RankLostError at once), the spawned followers are killed, and `on_lost` callbacks run on
+the monitor thread: they only signal (AsyncEngine posts the loss to its engine thread's
+inbox, which stops serving; `workmem serve` drains and exits with status 3).
+
+Start-up that fails on rank 0 after the group formed (`abandon`) publishes the reason in
+the store, where every follower's heartbeat looks until rank 0 publishes START_OK: they exit
+whatever step of their own start-up they are in, spawned or `workmem tp-worker`.
 """
 from __future__ import annotations
 
@@ -27,19 +33,19 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from model.config import ModelConfig
-from model.loader import LoadedModel
-from model.parallel import TPGroup, check_shardable, local_config, make_group, shard_model
-from server.engine.config import EngineConfig, KVCachePlan
+from model.parallel import TPGroup, check_shardable, make_group
+from server.engine.config import EngineConfig
 from server.engine.runner import Runner, StepInputs
 from server.engine.tp_comm import (
-    Rendezvous, backend_for, heartbeat_key, local_device, plan_shard, publish_config, rendezvous_from_env, send_step,
-    send_stop, set_rank_threads,
+    HEARTBEAT_INTERVAL_S, START_OK, START_SEEN_KEY, Rendezvous, backend_for, heartbeat_key, local_device, publish_config, publish_start,
+    rendezvous_from_env, send_step, send_stop, set_rank_threads,
 )
 from server.engine.tp_worker import spawned_follower
 
 log = logging.getLogger("workmem.tp")
 MONITOR_INTERVAL_S = 0.25  # how often rank 0 looks at its followers
 STOP_JOIN_S = 10.0  # a stopped follower gets this long to exit before it is killed
+ABANDON_WAIT_S = 4 * HEARTBEAT_INTERVAL_S  # after a failed start, how long followers get to read why
 
 
 class TPRunner(Runner):
@@ -75,12 +81,17 @@ class TensorParallel:
         rdv = self._rendezvous()
         self.store = dist.TCPStore(rdv.addr, rdv.port, self.world, True, self.timeout, wait_for_workers=False)
         publish_config(self.store, config, device)
-        if rdv.port == 0:  # one machine: the followers are ours
-            if device.type == "cuda" and torch.cuda.device_count() < self.world:
-                raise ValueError(f"tensor_parallel_size {self.world} needs {self.world} GPUs on this machine "
-                                 f"(NCCL runs one rank per GPU); {torch.cuda.device_count()} visible")
-            self._spawn(self.store.port)
-        self.group = self._join()
+        try:
+            if rdv.port == 0:  # one machine: the followers are ours
+                if device.type == "cuda" and torch.cuda.device_count() < self.world:
+                    raise ValueError(f"tensor_parallel_size {self.world} needs {self.world} GPUs on this machine "
+                                     f"(NCCL runs one rank per GPU); {torch.cuda.device_count()} visible")
+                self._spawn(self.store.port)
+            self.group = self._join()
+        except BaseException as exc:  # followers that came to the store leave it
+            self._tell_failed_start(f"rank 0 failed to start: {type(exc).__name__}: {exc}")
+            self._kill_followers()
+            raise
         self._monitor = threading.Thread(target=self._watch, name="workmem-tp-monitor", daemon=True)
         self._monitor.start()
         log.info("tensor parallel: %d ranks over %s", self.world, backend_for(device))
@@ -122,46 +133,57 @@ class TensorParallel:
         return make_group(self.store, 0, self.world, backend_for(self.device), self.timeout)
 
     # -- what the engine asks for -----------------------------------------------------
-    def shard(self, model: nn.Module) -> None:
-        try:
-            shard_model(model, self.group)
-        except BaseException:
-            self._kill_followers()  # they fail the same way; do not leave them waiting
-            raise
-
-    def plan(self, config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device) -> KVCachePlan:
-        try:
-            return plan_shard(config, model, self.group, dtype, device)
-        except BaseException:
-            self._kill_followers()
-            raise
-
-    def runner(self, model: nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
+    def runner(self, model: nn.Module, local: ModelConfig, num_blocks: int, block_size: int,
                device: torch.device, dtype: torch.dtype, seed: int | None = None) -> TPRunner:
-        return TPRunner(model, local_config(model_config, self.world), num_blocks, block_size, device, dtype,
-                        seed=seed, group=self.group)
+        """build_rank's runner class for rank 0 (`local`: this rank's share of the heads)."""
+        return TPRunner(model, local, num_blocks, block_size, device, dtype, seed=seed, group=self.group)
 
-    def check_loaded(self, loaded: LoadedModel | None) -> None:
-        if loaded is not None:
-            raise ValueError("a preloaded model cannot be sharded: let the engine load it under tensor parallelism")
+    def started(self) -> None:
+        """Rank 0 is serving: the followers' heartbeats stop watching for a failed start."""
+        publish_start(self.store, START_OK)
+
+    def abandon(self, reason: str) -> None:
+        """Rank 0 failed to start after the group did: whatever the followers are doing (loading,
+        waiting in the KV plan's all-reduce or for their first step), they see `reason` in the
+        store within a heartbeat and exit; the spawned ones are also killed here."""
+        self._stopping.set()  # the monitor must not report the followers' exits as a lost rank
+        self.group.lost = self.group.lost or reason
+        self._tell_failed_start(reason)
+        self._kill_followers()
+
+    def _tell_failed_start(self, reason: str) -> None:
+        """Publish a failed start and give the followers up to ABANDON_WAIT_S to read it (so
+        each logs why it exits) before this store, which they heartbeat on, may go away."""
+        try:
+            publish_start(self.store, reason)
+            deadline = time.monotonic() + ABANDON_WAIT_S
+            while self.store.add(START_SEEN_KEY, 0) < self.world - 1 and time.monotonic() < deadline:
+                time.sleep(MONITOR_INTERVAL_S)
+        except RuntimeError as exc:  # the store is ours: only a torn-down process gets here
+            log.warning("tensor parallel: could not tell the followers to stop: %s", exc)
 
     # -- life and death ---------------------------------------------------------------
     @property
     def lost(self) -> str | None:
         return self.group.lost
 
-    def stop(self) -> None:
-        """Tell the followers to exit (between steps) and reap the spawned ones."""
+    def stop(self, between_steps: bool = True) -> None:
+        """Tell the followers to exit and reap the spawned ones. `between_steps` False: a step
+        may still be running (its thread outlived a join), so no STOP is broadcast beside its
+        collectives; the group is marked broken and the spawned followers are killed (a step
+        still waiting on them fails with RankLostError)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if not between_steps:
+            self.group.lost = self.group.lost or "stopped while a step was running"
         if self.group.lost is None:
             try:
                 send_stop(self.group, self.device)
             except RuntimeError as exc:
                 log.warning("tensor parallel stop: %s", exc)
-        for proc in self.procs.values():
-            proc.join(STOP_JOIN_S)
+            for proc in self.procs.values():
+                proc.join(STOP_JOIN_S)
         self._kill_followers()
 
     def _dead_follower(self) -> str | None:

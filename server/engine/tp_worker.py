@@ -1,5 +1,6 @@
 """A tensor-parallel follower (ranks 1..N-1): join rank 0's store, read its engine config,
-load this rank's model shard and KV pool, then run each step rank 0 broadcasts until STOP.
+build this rank's model shard, KV pool and runner (server/engine/build.py, as rank 0 does),
+then run each step rank 0 broadcasts until STOP.
 No scheduler, sampler or HTTP here: the follower's logits go to rank 0, which samples.
 
 Started by rank 0 itself on one machine (`run_follower` in a spawned process), or, across
@@ -12,14 +13,12 @@ import datetime
 import logging
 import sys
 
-
-from model.native import install_kernels, resolve_kernels
-from model.parallel import local_config, make_group
+from model.parallel import make_group
+from server.engine.build import build_rank
 from server.engine.config import resolve_dtype
-from server.engine.runner import Runner
 from server.engine.tp_comm import (
-    FOLLOWER_IDLE_TIMEOUT, Rendezvous, backend_for, load_shard, local_device, plan_shard, read_config, recv_step,
-    rendezvous_from_env, set_rank_threads, start_heartbeat,
+    FOLLOWER_IDLE_TIMEOUT, Rendezvous, backend_for, local_device, read_config, recv_step, rendezvous_from_env,
+    set_rank_threads, start_heartbeat,
 )
 
 log = logging.getLogger("workmem.tp")
@@ -39,14 +38,9 @@ def run_follower(rdv: Rendezvous) -> None:
     device = local_device(device_type, rdv.rank)
     set_rank_threads(config, device)
     group = make_group(store, rdv.rank, rdv.world, backend_for(device), timeout, FOLLOWER_IDLE_TIMEOUT)
-    dtype = resolve_dtype(config.dtype, device)
-    native = resolve_kernels(config.kernel_backend, device)
-    model, model_config, _ = load_shard(config, group, device, dtype, native)
-    if native is not None:
-        install_kernels(model, native)
-    plan = plan_shard(config, model_config, group, dtype, device)
-    runner = Runner(model, local_config(model_config, rdv.world), plan.num_blocks, config.block_size, device, dtype)
-    log.info("rank %d/%d ready: %d KV blocks on %s", rdv.rank, rdv.world, plan.num_blocks, device)
+    parts = build_rank(config, device, resolve_dtype(config.dtype, device), group=group)
+    runner = parts.runner
+    log.info("rank %d/%d ready: %d KV blocks on %s", rdv.rank, rdv.world, parts.plan.num_blocks, device)
     while (step := recv_step(group, device)) is not None:
         logits = runner.forward(step)
         if logits is not None:

@@ -1,0 +1,59 @@
+"""One rank's model, KV plan and runner: the start-up sequence every rank runs, built once.
+
+    load (or take a preloaded model) -> shard it (tensor parallelism) -> install the native
+    kernels -> plan the KV pool (all ranks agree on one block count) -> the runner
+
+`LLMEngine` (rank 0, or the only rank) and the tensor-parallel followers (tp_worker.py) both
+call `build_rank`; they differ only in the runner class (rank 0's broadcasts each step and
+gathers the logits) and in what they do with the parts.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.loader import LoadedModel, load_model
+from model.native import install_kernels, resolve_kernels
+from model.parallel import TPGroup, local_config, shard_model
+from model.tokenizer import Tokenizer
+from server.engine.config import EngineConfig, KVCachePlan, plan_kv_cache
+from server.engine.runner import Runner
+from server.engine.tp_comm import plan_shard
+
+
+class RankParts(NamedTuple):
+    """What `build_rank` returns. `model_config` is the whole model's (the runner was given
+    one rank's share of its heads under tensor parallelism)."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    plan: KVCachePlan
+    runner: Runner
+    kernel_backend: str  # "native" or "torch"
+
+
+def build_rank(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, group: TPGroup | None = None,
+    loaded: LoadedModel | None = None, runner_cls: Callable[..., Runner] = Runner,
+) -> RankParts:
+    """Build this rank's parts. With `group` the model is cut to this rank's shard, the KV
+    plan is per rank (the smallest block count of all ranks) and the runner gets the shard's
+    head counts; a preloaded model cannot be sharded (ValueError, checked before the group
+    starts by the caller)."""
+    native = resolve_kernels(config.kernel_backend, device)
+    if loaded is None:
+        shard = None if group is None else (lambda model: shard_model(model, group))
+        loaded = load_model(config.model, dtype, device, config.quant, native, shard=shard)
+    model, model_config, tokenizer = loaded
+    if native is not None:
+        install_kernels(model, native)
+    if group is None:
+        plan, local = plan_kv_cache(config, model_config, dtype, device), model_config
+    else:
+        plan, local = plan_shard(config, model_config, group, dtype, device), local_config(model_config, group.world)
+    runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed)
+    return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native")
