@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api import misc_routes, openai_routes, responses, session_routes
+from server.api import messages, misc_routes, openai_routes, responses, session_routes
 from server.api.errors import error_body, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.state import AppState, ServerSettings
@@ -50,6 +50,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(session_routes.router)
     app.include_router(responses.router)
+    app.include_router(messages.router)
     app.include_router(misc_routes.router)
     if settings.web_ui:
         install_web_ui(app)
@@ -72,35 +73,38 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]  # the error shape follows the route's protocol (errors.error_body)
         page = self.settings.web_ui and is_page_path(scope["path"])
         if scope["path"] not in self.open_paths and not page:
             if self.state.draining:
                 return await _reject(send, 503, "the server is shutting down", "server_shutting_down",
-                                     retry_after=self.settings.retry_after_s)
+                                     retry_after=self.settings.retry_after_s, path=path)
             if self.settings.api_keys:
                 owner = key_owner(_bearer(headers), self.settings.api_keys)
                 if owner is None:
-                    return await _reject(send, 401, "invalid or missing API key", "invalid_api_key")
+                    return await _reject(send, 401, "invalid or missing API key", "invalid_api_key", path=path)
                 scope.setdefault("state", {})["owner"] = owner
         limit = self.settings.max_request_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _reject(send, 413, f"request body is larger than {limit} bytes", "request_too_large")
+            return await _reject(send, 413, f"request body is larger than {limit} bytes", "request_too_large",
+                                 path=path)
         body, more = [], True
         deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
         while more:  # buffer the body (bounded in size and time), then replay it to the app
             message = await self._next_body_message(receive, deadline)
             if message is None:
                 if self.state.draining:
-                    return await _reject(send, 503, "the server is shutting down", "server_shutting_down")
+                    return await _reject(send, 503, "the server is shutting down", "server_shutting_down", path=path)
                 return await _reject(send, 408, f"the request body did not arrive within "
-                                                f"{self.settings.body_timeout_s:g} s", "request_timeout")
+                                                f"{self.settings.body_timeout_s:g} s", "request_timeout", path=path)
             if message["type"] != "http.request":
                 return
             body.append(message.get("body", b""))
             more = message.get("more_body", False)
             if sum(map(len, body)) > limit:
-                return await _reject(send, 413, f"request body is larger than {limit} bytes", "request_too_large")
+                return await _reject(send, 413, f"request body is larger than {limit} bytes", "request_too_large",
+                                     path=path)
         replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
         async def replay_receive():
@@ -138,8 +142,9 @@ def key_owner(token: str, keys: tuple[str, ...]) -> str | None:
     return None if found is None else "key_" + hashlib.sha256(found.encode()).hexdigest()[:16]
 
 
-async def _reject(send: Send, status: int, message: str, code: str, retry_after: int | None = None) -> None:
-    body = json.dumps(error_body(status, message, code=code)).encode()
+async def _reject(send: Send, status: int, message: str, code: str, retry_after: int | None = None,
+                  path: str = "") -> None:
+    body = json.dumps(error_body(status, message, code=code, path=path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

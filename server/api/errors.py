@@ -1,4 +1,5 @@
-"""Every failure is OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}."""
+"""Every failure is OpenAI-shaped JSON, {"error": {"message", "type", "param", "code"}}, but
+on the Anthropic Messages routes, which answer in Anthropic's shape."""
 from __future__ import annotations
 
 import logging
@@ -38,13 +39,27 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+ANTHROPIC_PATHS = ("/v1/messages",)  # routes that answer in Anthropic's error shape
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               path: str = "") -> dict:
+    """OpenAI's {"error": {"message", "type", "param", "code"}}; on ANTHROPIC_PATHS,
+    Anthropic's {"type": "error", "error": {"type", "message"}}."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error"),
+                                           "message": message}}
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.param, err.code), err.status, headers=err.headers)
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message, err.param, err.code, path), err.status,
+                        headers=err.headers)
 
 
 def bad_request(exc: ValueError) -> APIError:
@@ -62,15 +77,15 @@ def request_error(exc: RequestError) -> APIError:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError):
-        return error_response(request_error(exc))
+    async def _request_error(request: Request, exc: RequestError):
+        return error_response(request_error(exc), request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -80,13 +95,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{param}: {message}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
-        return error_response(APIError(400, message, param=param, code="invalid_value"))
+        return error_response(APIError(400, message, param=param, code="invalid_value"), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)),
+                              request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"), request.url.path)

@@ -8,6 +8,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from server.api.errors import ANTHROPIC_PATHS
+
 # status -> when a route answers it (every route may answer 401 with keys set, 503 when not ready)
 COMMON_ERRORS = {400: "invalid request", 401: "missing or invalid API key", 413: "request body too large",
                  503: "the model is loading, the engine is down or the server is shutting down"}
@@ -24,6 +26,18 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """The Messages routes' error shape (errors.ANTHROPIC_PATHS)."""
+
+    type: str
+    error: AnthropicErrorDetail
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -44,8 +58,13 @@ def _describe_errors(schema: dict[str, Any]) -> None:
     components["ErrorDetail"] = ErrorDetail.model_json_schema()
     components["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     components["ErrorResponse"].pop("$defs", None)
-    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    components["AnthropicErrorDetail"] = AnthropicErrorDetail.model_json_schema()
+    components["AnthropicErrorResponse"] = AnthropicErrorResponse.model_json_schema(
+        ref_template="#/components/schemas/{model}")
+    components["AnthropicErrorResponse"].pop("$defs", None)
     for path, ops in schema.get("paths", {}).items():
+        shape = "AnthropicErrorResponse" if path.startswith(ANTHROPIC_PATHS) else "ErrorResponse"
+        ref = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}}
         for op in ops.values():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)

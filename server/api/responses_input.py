@@ -153,12 +153,13 @@ def chat_tool_choice(choice: str | dict | None) -> str | dict | None:
                      '{"type": "function", "name": ...}')
 
 
-def text_grammar(text: dict | None) -> GrammarSpec | None:
-    """`text.format` as a grammar (None: free text); `text.verbosity` only as "medium"."""
+def text_grammar(text: dict | None, field: str = "text") -> GrammarSpec | None:
+    """`text.format` as a grammar (None: free text); `text.verbosity` only as "medium".
+    (Anthropic's `output_config.format` has the same shape: `field` names it in errors.)"""
     if not text:
         return None
     if text.get("verbosity") not in (None, "medium"):
-        raise ValueError("text.verbosity is not supported (the model's output length is its own)")
+        raise ValueError(f"{field}.verbosity is not supported (the model's output length is its own)")
     fmt = text.get("format") or {"type": "text"}
     kind = fmt.get("type")
     if kind == "text":
@@ -168,6 +169,6 @@ def text_grammar(text: dict | None) -> GrammarSpec | None:
     if kind == "json_schema":
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
-            raise ValueError('text.format of type "json_schema" needs a schema object')
-        return checked(GrammarSpec("json_schema", json.dumps(schema)), "text.format")
-    raise ValueError(f"text.format.type {kind!r} is not supported (text, json_object, json_schema are)")
+            raise ValueError(f'{field}.format of type "json_schema" needs a schema object')
+        return checked(GrammarSpec("json_schema", json.dumps(schema)), f"{field}.format")
+    raise ValueError(f"{field}.format.type {kind!r} is not supported (text, json_object, json_schema are)")
