@@ -68,7 +68,7 @@ class SamplingParams:
     `logit_bias` become ints. Vocabulary bounds are checked later by `check_vocab`."""
 
     n: int = 1
-    max_tokens: int | None = 16        # None: until the model's max length (engine decides)
+    max_tokens: int | None = 16        # None: until the model's max length (engine decides); 0: score only
     temperature: float = 1.0           # 0: greedy
     top_p: float = 1.0
     top_k: int = 0                     # 0 or -1: disabled
@@ -83,15 +83,17 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None        # None: none; 0: sampled token's; k: top-k + sampled
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's, with its top-k (engine)
     skip_special_tokens: bool = True
     structured: GrammarSpec | None = None  # output constrained to a grammar (the engine masks)
 
     def __post_init__(self) -> None:
         self._check_int("n", 1)
-        self._check_int("max_tokens", 1, optional=True)
+        self._check_int("max_tokens", 0, optional=True)
         self._check_int("top_k", -1)
         self._check_int("min_tokens", 0, self.max_tokens)
         self._check_int("logprobs", 0, MAX_LOGPROBS, optional=True)
+        self._check_int("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
         self._check_int("seed", *SEED_RANGE, optional=True)
         self._check_real("temperature", 0.0, None)
         self._check_real("top_p", 0.0, 1.0, lo_open=True)

@@ -27,8 +27,8 @@ EXIT_LOAD_FAILED = 4  # `workmem serve` exit status when the model cannot load (
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     from server.engine.config import (
-        DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_SESSIONS,
-        DEFAULT_SESSION_MEMORY_FRACTION, DEFAULT_TP_HEARTBEAT_TIMEOUT_S, DEFAULT_TP_TIMEOUT_S,
+        DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
+        DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_MEMORY_FRACTION, DEFAULT_TP_HEARTBEAT_TIMEOUT_S, DEFAULT_TP_TIMEOUT_S,
     )
     from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
     from model.quant import DEFAULT_DENSE_ABOVE, TORCH_DENSE_ABOVE, VNNI_DENSE_ABOVE
@@ -41,6 +41,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    parser.add_argument("--max-prompt-logprob-tokens", type=int, default=DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
+                        help="prompt tokens scored per step for requests asking for prompt logprobs (echo "
+                             "with logprobs, prompt_logprobs); bounds their logits to this many rows "
+                             f"(default {DEFAULT_MAX_PROMPT_LOGPROB_TOKENS})")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=None, help="seed of the shared sampling generator")
@@ -85,6 +89,7 @@ def engine_config_from_args(args: argparse.Namespace):
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_prompt_logprob_tokens=args.max_prompt_logprob_tokens,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
         max_sessions=args.max_sessions, session_memory_fraction=args.session_memory_fraction,
         session_dir=args.session_dir, quantization=args.quantization,
@@ -103,6 +108,7 @@ def llm_from_args(args: argparse.Namespace):
         c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
         num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
         max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_prompt_logprob_tokens=c.max_prompt_logprob_tokens,
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
         quantization=c.quantization, quant_dense_above=c.quant_dense_above,
         kernel_backend=c.kernel_backend, num_threads=c.num_threads,

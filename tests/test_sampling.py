@@ -110,7 +110,7 @@ def kept_of(masked: torch.Tensor) -> set[int]:
 
 @pytest.mark.parametrize("field,value", [
     ("n", 0), ("n", 1.5), ("n", True),
-    ("max_tokens", 0), ("max_tokens", -3),
+    ("max_tokens", -1), ("max_tokens", 1.5),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")),
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", float("nan")), ("top_p", -0.5),
     ("top_k", -2), ("top_k", 2.5),
@@ -119,7 +119,7 @@ def kept_of(masked: torch.Tensor) -> set[int]:
     ("presence_penalty", 2.5), ("presence_penalty", float("nan")), ("frequency_penalty", -2.01),
     ("frequency_penalty", float("-inf")),
     ("min_tokens", -1), ("min_tokens", 17),  # default max_tokens is 16
-    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1),
+    ("logprobs", -1), ("logprobs", MAX_LOGPROBS + 1), ("prompt_logprobs", -1), ("prompt_logprobs", MAX_LOGPROBS + 1),
     ("logit_bias", {5: 101.0}), ("logit_bias", {5: float("nan")}), ("logit_bias", {-1: 1.0}),
     ("logit_bias", {"abc": 1.0}), ("logit_bias", [1, 2]),
     ("stop", [""]), ("stop", [3]), ("stop", 7),

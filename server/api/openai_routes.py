@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError, error_body
+from server.api.logprob_format import echo_entries, legacy_logprobs, vllm_prompt_logprobs
 from server.api.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, ChatCompletionRequest, CompletionRequest,
 )
@@ -34,25 +35,34 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = serving_engine(state, body.model)
     tok = engine.tokenizer
+    if body.max_tokens == 0 and not body.echo and body.prompt_logprobs is None:
+        raise APIError(400, "max_tokens=0 scores the prompt only: it needs echo=true or prompt_logprobs",
+                       param="max_tokens")
     texts = [body.prompt] if isinstance(body.prompt, str) else [p for p in body.prompt if isinstance(p, str)]
     check_text_fits(engine, texts, "prompt")
     prompts = await off_loop(_completion_prompts, body.prompt, tok, engine.limits)
     cap = state.settings.max_tokens_limit
     max_tokens = [fit_max_tokens(engine, len(p), body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, cap, "prompt")
                   for p in prompts]
+    per_prompt_token = _prompt_values(body)
     # off the event loop: a grammar (response_format, guided_*) is validated against the vocabulary
     defaults = state.settings.sampling_defaults
-    params = await off_loop(lambda: [make_params(body, m, body.logprobs, defaults) for m in max_tokens])
+    params = await off_loop(lambda: [make_params(body, m, body.logprobs, defaults, len(p), per_prompt_token)
+                                     for m, p in zip(max_tokens, prompts)])
     gen = Generation(state, "cmpl-" + secrets.token_hex(12), prompts, params, cache_salt=body.cache_salt)
     echo = [tok.decode(p, skip_special_tokens=False) if body.echo else "" for p in prompts]
     fmt = ResponseFormat(gen.request_id, "text_completion", state.settings.served_model_name, tok)
+    fmt.completion = CompletionView(body, prompts, echo)
     if body.stream:
-        return await stream_response(request, gen, fmt, body.include_usage, chat=False, echo=echo)
+        return await stream_response(request, gen, fmt, body.include_usage, chat=False)
     choices = await until_disconnect(request, gen.run_to_end())
-    return fmt.response([{
-        "index": c.index, "text": echo[c.index // gen.n] + c.text, "finish_reason": c.finish_reason,
-        "logprobs": fmt.completion_logprobs(c.token_ids, c.logprobs) if body.logprobs is not None else None,
-    } for c in choices], gen.usage.as_dict())
+    return fmt.response([fmt.completion_choice(c, gen) for c in choices], gen.usage.as_dict())
+
+
+def _prompt_values(body: CompletionRequest) -> int:
+    """Logprob values each choice lists per prompt token (echo's and prompt_logprobs')."""
+    echoed = body.logprobs + 1 if body.echo and body.logprobs is not None else 0
+    return echoed + (body.prompt_logprobs + 1 if body.prompt_logprobs is not None else 0)
 
 
 @router.post("/v1/chat/completions", responses=STREAMED)
@@ -115,10 +125,14 @@ def _completion_prompts(prompt, tok: Tokenizer, limits: RequestLimits) -> list[l
 
 
 async def stream_response(request: Request, gen: Generation, fmt: "ResponseFormat", include_usage: bool,
-                  chat: bool, echo: list[str] | None = None) -> EventStream:
-    """Start the engine requests (errors become JSON 4xx here), then stream chunks."""
+                          chat: bool) -> EventStream:
+    """Start the engine requests (errors become JSON 4xx here), then stream chunks. A
+    completion with echo or prompt_logprobs opens each choice with the prompt (and its
+    logprobs), just before that choice's first output."""
     events = gen.events()
     first = await until_disconnect(request, anext(events))
+    view = fmt.completion
+    opens = view is not None and (view.body.echo or view.body.prompt_logprobs is not None)
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -126,13 +140,13 @@ async def stream_response(request: Request, gen: Generation, fmt: "ResponseForma
                 for c in gen.choices:
                     yield sse(fmt.chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]))
-            elif echo and any(echo):
-                for c in gen.choices:
-                    yield sse(fmt.chunk([{"index": c.index, "text": echo[c.index // gen.n],
-                                          "logprobs": None, "finish_reason": None}]))
+            echoed: set[int] = set()
             item = first
             while item is not None:
                 choice, out = item
+                if opens and choice.index not in echoed:
+                    echoed.add(choice.index)
+                    yield sse(fmt.chunk([fmt.echo_chunk(choice, gen)]))
                 if out.new_token_ids or out.text or out.finished:
                     yield sse(fmt.chunk([fmt.delta(choice, out, chat)]))
                 item = await anext(events, None)
@@ -147,6 +161,14 @@ async def stream_response(request: Request, gen: Generation, fmt: "ResponseForma
     return EventStream(body())
 
 
+class CompletionView:
+    """What a completions response shows besides the generated text: the echoed prompts
+    and which logprobs (see server/api/logprob_format.py)."""
+
+    def __init__(self, body: CompletionRequest, prompts: list[list[int]], echo: list[str]) -> None:
+        self.body, self.prompts, self.echo = body, prompts, echo
+
+
 class ResponseFormat:
     """OpenAI JSON shapes for one response."""
 
@@ -154,6 +176,8 @@ class ResponseFormat:
         self.id, self.obj, self.model, self.tok = request_id, obj, model, tok
         self.top_logprobs = top_logprobs  # chat: alternatives listed per token
         self.tool_deltas: ToolCallDeltas | None = None  # chat with tools: content -> tool_calls deltas
+        self.completion: CompletionView | None = None  # completions: echo and logprob options
+        self.text_offsets: dict[int, int] = {}  # streamed completions: text offset each choice reached
         self.created = int(time.time())
 
     def response(self, choices: list[dict], usage: dict) -> JSONResponse:
@@ -174,25 +198,48 @@ class ResponseFormat:
                      "logprobs": self.chat_logprobs(out.new_token_ids, lps, self.top_logprobs) if lps is not None else None,
                      "finish_reason": out.finish_reason if out.finished else None}
             return delta if self.tool_deltas is None else self.tool_deltas(delta)
-        return {"index": choice.index, "text": out.text,
-                "logprobs": self.completion_logprobs(out.new_token_ids, lps) if lps is not None else None,
+        logprobs = None
+        if lps is not None:
+            start = self.text_offsets.get(choice.index, 0)
+            logprobs, end = legacy_logprobs(self.token_text, out.new_token_ids, lps, start)
+            self.text_offsets[choice.index] = end
+        return {"index": choice.index, "text": out.text, "logprobs": logprobs,
                 "finish_reason": out.finish_reason if out.finished else None}
 
     def token_text(self, token_id: int) -> str:
         return self.tok.decode([token_id], skip_special_tokens=False)
 
-    def completion_logprobs(self, tokens: list[int], logprobs: list[dict[int, float]]) -> dict:
-        texts = [self.token_text(t) for t in tokens]
-        offsets, pos = [], 0
-        for t in texts:
-            offsets.append(pos)
-            pos += len(t)
-        return {
-            "tokens": texts,
-            "token_logprobs": [lp[t] for t, lp in zip(tokens, logprobs)],
-            "top_logprobs": [{self.token_text(k): v for k, v in lp.items()} for lp in logprobs],
-            "text_offset": offsets,
-        }
+    def completion_choice(self, c: Choice, gen: Generation) -> dict:
+        """A whole completions choice: echo + text, logprobs over both, prompt_logprobs."""
+        view, p = self.completion, c.index // gen.n
+        scores = gen.prompt_logprobs[p]
+        choice = {"index": c.index, "text": view.echo[p] + c.text, "finish_reason": c.finish_reason,
+                  "logprobs": None}
+        if view.body.logprobs is not None:
+            tokens, entries = c.token_ids, list(c.logprobs)
+            if view.body.echo and scores is not None:
+                tokens = view.prompts[p] + tokens
+                entries = echo_entries(view.prompts[p], scores, view.body.logprobs) + entries
+            choice["logprobs"] = legacy_logprobs(self.token_text, tokens, entries)[0]
+        return self._with_prompt_logprobs(choice, scores, p)
+
+    def echo_chunk(self, c: Choice, gen: Generation) -> dict:
+        """A streamed choice's first chunk: its prompt, with the prompt's logprobs when asked."""
+        view, p = self.completion, c.index // gen.n
+        scores = gen.prompt_logprobs[p]
+        chunk = {"index": c.index, "text": view.echo[p], "logprobs": None, "finish_reason": None}
+        if view.body.logprobs is not None and scores is not None:
+            entries = echo_entries(view.prompts[p], scores, view.body.logprobs)
+            chunk["logprobs"], end = legacy_logprobs(self.token_text, view.prompts[p], entries)
+            self.text_offsets[c.index] = end
+        return self._with_prompt_logprobs(chunk, scores, p)
+
+    def _with_prompt_logprobs(self, choice: dict, scores: list | None, p: int) -> dict:
+        view = self.completion
+        if view.body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = None if scores is None else vllm_prompt_logprobs(
+                self.token_text, view.prompts[p], scores, view.body.prompt_logprobs)
+        return choice
 
     def chat_logprobs(self, tokens: list[int], logprobs: list[dict[int, float]], k: int | None) -> dict:
         content = []

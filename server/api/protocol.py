@@ -114,7 +114,8 @@ class SamplingFields(_Body):
     guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
+                        defaults: SamplingDefaults = OPENAI_DEFAULTS,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams for this body, `defaults` filling the sampling fields it leaves
         out; ValueError (naming the field) when invalid."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,7 +128,8 @@ class SamplingFields(_Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias) if self.logit_bias else None, seed=self.seed,
             stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
             structured=grammar_spec(self),
         )
 
@@ -138,8 +140,17 @@ class SamplingFields(_Body):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo or prompt_logprobs)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM extra: top-k per prompt token
+
+    @property
+    def prompt_scores(self) -> int | None:
+        """Alternatives the engine must score per prompt token (None: no prompt scoring):
+        echo with logprobs lists the prompt's, `prompt_logprobs` asks for them directly."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
 
 class TextPart(_Body):

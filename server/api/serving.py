@@ -109,19 +109,25 @@ def session_error(exc: SessionError) -> APIError:
 
 
 MERGE_BUFFER = 64  # outputs of a request's prompts waiting for its writer
-MAX_LOGPROB_VALUES = 200_000  # n x max_tokens x (top_logprobs + 1) per prompt: bounds the response size
+MAX_LOGPROB_VALUES = 200_000  # logprob values in one prompt's choices (n x tokens x (k + 1)): bounds the response
 
 
-def make_params(body, max_tokens: int, logprobs: int | None,
-                defaults: SamplingDefaults = OPENAI_DEFAULTS) -> SamplingParams:
-    """The body's SamplingParams; `defaults` (the server's) fill its absent sampling fields."""
+def make_params(body, max_tokens: int, logprobs: int | None, defaults: SamplingDefaults = OPENAI_DEFAULTS,
+                prompt_len: int = 0, prompt_values: int = 0) -> SamplingParams:
+    """The body's SamplingParams (400 naming the field when invalid); `defaults` (the
+    server's) fill its absent sampling fields. `prompt_values` are the logprob values each
+    choice lists per prompt token (echo, prompt_logprobs), scored for `body.prompt_scores`
+    alternatives."""
+    prompt_logprobs = getattr(body, "prompt_scores", None)
     try:
-        params = body.sampling_params(max_tokens, logprobs, defaults)
+        params = body.sampling_params(max_tokens, logprobs, defaults, prompt_logprobs)
     except ValueError as exc:
         raise bad_request(exc) from None
-    if logprobs is not None and params.n * max_tokens * (logprobs + 1) > MAX_LOGPROB_VALUES:
-        raise APIError(400, f"n={params.n} x max_tokens={max_tokens} x {logprobs + 1} logprobs per token is "
-                       f"over this server's {MAX_LOGPROB_VALUES} per prompt; ask for fewer", param="logprobs")
+    per_choice = max_tokens * (logprobs + 1 if logprobs is not None else 0) + prompt_len * prompt_values
+    if params.n * per_choice > MAX_LOGPROB_VALUES:
+        raise APIError(400, f"n={params.n} x ({max_tokens} generated + {prompt_len} prompt tokens) of logprobs "
+                       f"is {params.n * per_choice} values, over this server's {MAX_LOGPROB_VALUES} per prompt; "
+                       f"ask for fewer tokens or alternatives", param="logprobs")
     return params
 
 
@@ -136,6 +142,7 @@ class Generation:
         self.request_id, self.prompts, self.params = request_id, prompts, params
         self.n = params[0].n
         self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, once computed
         self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
         self.start = time.monotonic()
 
@@ -215,15 +222,15 @@ class Generation:
 
     def _record(self, choice: Choice, out: StepOutput) -> None:
         metrics, now = self.state.metrics, time.monotonic()
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs[choice.index // self.n] = out.prompt_logprobs
+        if choice.last_token_time is None and not out.new_token_ids and out.finish_reason == "length":
+            self._count_prompt(choice, out)  # max_tokens=0: the prompt alone was computed
         if out.new_token_ids:
             if choice.last_token_time is None:
                 metrics.ttft.observe(now - self.start)
                 metrics.queue_time.observe(out.queue_time)
-                if choice.index % self.n == 0:  # once per prompt
-                    self.usage.cached_tokens += out.num_cached_tokens
-                    metrics.prefix_queries.inc(out.num_prompt_tokens)
-                    metrics.prefix_hits.inc(out.num_cached_tokens)
-                    metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                self._count_prompt(choice, out)
             else:
                 metrics.itl.observe(now - choice.last_token_time)
             choice.last_token_time = now
@@ -241,6 +248,15 @@ class Generation:
                 log.info("request_id=%s event=finished prompt_tokens=%d completion_tokens=%d "
                          "cached_tokens=%d seconds=%.3f", self.request_id, self.usage.prompt_tokens,
                          self.usage.completion_tokens, self.usage.cached_tokens, now - self.start)
+
+    def _count_prompt(self, choice: Choice, out: StepOutput) -> None:
+        """A prompt's usage and prefix-cache counters, once (on its first choice's first output)."""
+        if choice.index % self.n == 0:
+            metrics = self.state.metrics
+            self.usage.cached_tokens += out.num_cached_tokens
+            metrics.prefix_queries.inc(out.num_prompt_tokens)
+            metrics.prefix_hits.inc(out.num_cached_tokens)
+            metrics.prompt_tokens.inc(out.num_prompt_tokens)
 
     async def run_to_end(self) -> list[Choice]:
         async for _ in self.events():

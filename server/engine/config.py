@@ -14,6 +14,7 @@ from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+DEFAULT_MAX_PROMPT_LOGPROB_TOKENS = 512  # prompt tokens scored per step: logits [512, vocab] float32 at most
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 << 30  # bytes of KV pool on CPU when neither size is given
 DEFAULT_CUDA_MEMORY_FRACTION = 0.85  # of free device memory after loading, for the KV pool
 
@@ -43,6 +44,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS  # of those, prompt tokens scored
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int | None = None
@@ -65,8 +67,8 @@ class EngineConfig:
         return QuantConfig(mode, self.quant_dense_above)
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "grammar_cache_size",
-                     "tensor_parallel_size"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_prompt_logprob_tokens",
+                     "grammar_cache_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.session_memory_fraction <= 1.0:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable
 from pathlib import Path
@@ -91,7 +92,8 @@ class LLMEngine:
             swapper=self._offload_tier(),
         )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                            config.max_prompt_logprob_tokens),
             self.pool, reclaim=self.sessions.reclaim,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
@@ -161,6 +163,8 @@ class LLMEngine:
                 seq.grammar = GrammarState(self.grammars.matcher(params.structured))
         session = None
         if session_id is not None:
+            if params.max_tokens == 0:
+                raise ValueError("max_tokens must be >= 1 in a session turn")
             if params.n != 1:
                 raise ValueError("n must be 1 in a session turn")
             if not self.config.enable_prefix_caching:
@@ -202,15 +206,20 @@ class LLMEngine:
         if out.is_empty:
             return []
         sampled = self.runner.execute(out)
+        for seq, scores in sampled.prompt_logprobs.items():
+            seq.prompt_logprobs.extend(scores)
         self.scheduler.update(out, sampled.token_ids)
         outputs, failed = [], set()
-        for (_, seq), token, lp in zip(out.samples, sampled.token_ids, sampled.logprobs):
+        work = zip((dst for _, dst in out.samples), sampled.token_ids, sampled.logprobs)
+        if out.scored_only:
+            work = itertools.chain(work, ((seq, None, None) for seq in out.scored_only))
+        for seq, token, lp in work:
             if seq.request_id in failed:
                 continue
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                outputs.append(self._advance(seq, token, lp))
+                outputs += [self._advance(seq, token, lp)] if token is not None else self._scored(seq)
             except Exception as exc:  # noqa: BLE001 - isolated to this request, logged
                 log.exception("request %s failed; the others go on", seq.request_id)
                 failed.add(seq.request_id)
@@ -250,6 +259,13 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
         return self._final(seq, [token], logprob, text)
 
+    def _scored(self, seq: Sequence) -> list[StepOutput]:
+        """A `max_tokens=0` request whose prompt is computed: it ends ("length") with its
+        prompt scores, and its n > 1 siblings, never forked, with it."""
+        seqs = [seq, *seq.fork_children]
+        self.scheduler.finish(seq, "length")
+        return [self._final(s, []) for s in seqs]
+
     def _grammar_done(self, seq: Sequence) -> bool:
         """Whether the sequence's grammar is complete (nothing but EOS may follow): it stops."""
         seq.grammar.sync(seq.token_ids, seq.prompt_len)
@@ -275,6 +291,7 @@ class LLMEngine:
             index=seq.index,
             new_token_ids=tokens,
             new_logprobs=None if seq.params.logprobs is None else ([logprob] if tokens else []),
+            prompt_logprobs=self._take_prompt_logprobs(seq),
             text=text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
@@ -282,6 +299,15 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens or 0,
             queue_time=seq.queue_time,
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list | None:
+        """The prompt's scores once they are all there (handed out once; None otherwise)."""
+        scores = seq.prompt_logprobs
+        if scores is None or len(scores) < seq.prompt_len:
+            return None
+        seq.prompt_logprobs = None
+        return scores
 
     def expire_sessions(self, now: float | None = None) -> list[str]:
         return self.sessions.expire(now)

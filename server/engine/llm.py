@@ -7,7 +7,8 @@ import itertools
 from model.quant import DEFAULT_DENSE_ABOVE
 from model.sampling import SamplingParams
 from server.engine.config import (
-    DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, EngineConfig,
+    DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
+    EngineConfig,
 )
 from server.engine.engine import LLMEngine
 from server.engine.output import CompletionOutput, RequestOutput
@@ -19,7 +20,9 @@ class LLM:
     dtype/device: "auto" picks CUDA + bfloat16 when available, else CPU with bfloat16
     where the CPU has native bf16 matmul. The KV pool is `num_kv_blocks` blocks of
     `block_size` tokens, or as many as fit in `kv_cache_memory` bytes. At most
-    `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step.
+    `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step, of which at
+    most `max_prompt_logprob_tokens` prompt tokens are scored (`SamplingParams.prompt_logprobs`;
+    `max_tokens=0` scores the prompt only: `RequestOutput.prompt_logprobs`).
     quantization: "auto" runs a GGUF's 4-bit blocks on int4 and Q8_0 on int8 kernels (CPU),
     safetensors dense; "int4"/"int8" quantize every linear; "none" keeps all dense.
     Batches wider than `quant_dense_above` rows use a dense copy (0: keep none; None: the
@@ -40,6 +43,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int | None = None,
@@ -54,6 +58,7 @@ class LLM:
                 model=str(model_path), dtype=dtype, device=device, block_size=block_size,
                 num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                max_prompt_logprob_tokens=max_prompt_logprob_tokens,
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
                 quantization=quantization, quant_dense_above=quant_dense_above,
                 kernel_backend=kernel_backend, num_threads=num_threads,
@@ -102,6 +107,8 @@ class LLM:
                 completion.text += step.text
                 if step.new_logprobs:
                     completion.logprobs.extend(step.new_logprobs)
+                if step.prompt_logprobs is not None:
+                    result.prompt_logprobs = step.prompt_logprobs
                 result.num_cached_tokens = step.num_cached_tokens
                 if step.finished:
                     completion.finish_reason = step.finish_reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDetokenizer, StopStringChecker, Tokenizer
+from server.engine.prompt_logprobs import PromptLogprob
 from server.engine.sequence import Sequence
 
 
@@ -24,6 +25,9 @@ class StepOutput:
     num_cached_tokens: int
     queue_time: float  # seconds from arrival to first admission
     error: str | None = None  # set when the engine failed this request alone (finish_reason "abort")
+    # once per prompt, on the first output after it is computed, when params.prompt_logprobs is set:
+    # one entry per prompt token (the first None)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass
@@ -44,6 +48,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # with params.prompt_logprobs
 
     @property
     def token_ids(self) -> list[int]:

@@ -2,7 +2,9 @@
 
 Owns the KV cache tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`
 and the sampler. The flat token batch concatenates each scheduled sequence's chunk
-(`token_ids[num_computed : num_computed + n]`) in schedule order.
+(`token_ids[num_computed : num_computed + n]`) in schedule order. Logits are computed for
+the last row of each sampled sequence and, for sequences asking for prompt logprobs, for
+the prompt rows they score (server/engine/prompt_logprobs.py), after those.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from model.attention import SeqAttention, build_attention_metadata
 from model.config import ModelConfig
 from model.sampling import Sampler, SamplerOutput, SamplingRow, TokenMask
 from server.engine.grammar import BitmaskFiller
+from server.engine.prompt_logprobs import PromptLogprob, ScoreSpan, score, score_spans, span_rows
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 
@@ -48,7 +51,16 @@ class StepInputs(NamedTuple):
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     seq_attn: list[SeqAttention]
-    rows: torch.Tensor  # [S] int64: flat-batch rows whose logits are sampled
+    rows: torch.Tensor  # [S + R] int64: flat-batch rows whose logits are sampled, then scored
+
+
+class StepResult(NamedTuple):
+    """What one step computed: the sampler's output per sample (token ids, logprobs) and
+    the prompt scores of the sequences that asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    prompt_logprobs: dict[Sequence, list[PromptLogprob]]
 
 
 class Runner:
@@ -71,11 +83,20 @@ class Runner:
         self.fill_bitmasks = BitmaskFiller()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+    def execute(self, out: SchedulerOutput) -> StepResult:
         sources = list(dict.fromkeys(src for src, _ in out.samples))
-        logits = self.forward(self.prepare(out, sources))  # [S, vocab] float32, or None
-        if logits is None:
-            return SamplerOutput([], [])
+        spans = score_spans(out.scheduled)
+        logits = self.forward(self.prepare(out, sources, spans))  # [S + R, vocab] float32, or None
+        scored = {}
+        if spans:
+            scored = score(logits[len(sources):], spans)
+            logits = logits[: len(sources)]
+        if not sources:
+            return StepResult([], [], scored)
+        sampled = self._sample(out, sources, logits)
+        return StepResult(sampled.token_ids, sampled.logprobs, scored)
+
+    def _sample(self, out: SchedulerOutput, sources: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         source_index = {s: i for i, s in enumerate(sources)}
         expand = [source_index[src] for src, _ in out.samples]
         if expand != list(range(len(sources))):
@@ -84,14 +105,17 @@ class Runner:
         mask = self._token_mask(dsts, logits.shape[1])
         return self.sampler(logits, [_sampling_row(dst) for dst in dsts], mask)
 
-    def prepare(self, out: SchedulerOutput, sources: list[Sequence]) -> StepInputs:
-        """The step's model inputs (on the CPU); `sources` are the sequences sampled from."""
+    def prepare(self, out: SchedulerOutput, sources: list[Sequence], spans: Seq[ScoreSpan] = ()) -> StepInputs:
+        """The step's model inputs (on the CPU); `sources` are the sequences sampled from,
+        `spans` the prompt positions scored."""
         input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
         last_row, end = {}, 0  # row of each sampled sequence's last token in the flat batch
         for seq, num in out.scheduled.items():
             end += num
             last_row[seq] = end - 1
         rows = torch.tensor([last_row[s] for s in sources], dtype=torch.int64)
+        if spans:
+            rows = torch.cat([rows, span_rows(spans)])
         return StepInputs(list(out.copies), input_ids, positions, slot_mapping, seq_attn, rows)
 
     @torch.inference_mode()

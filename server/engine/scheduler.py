@@ -9,6 +9,10 @@ A running sequence that cannot get a block preempts the most recently admitted
 unscheduled sequence (its blocks are freed, it goes back to the front of the queue with
 its generated tokens, and is recomputed later, mostly from the prefix cache).
 Writing into a block shared with another sequence (n > 1 forks) copies it first.
+Sequences that score their prompt (prompt logprobs) share a second budget per step,
+`max_prompt_logprob_tokens`, and take cached KV only where they have scored already
+(server/engine/prompt_logprobs.py); one with `max_tokens=0` samples nothing and is
+listed in `scored_only` when its prompt is done.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from server.engine.config import DEFAULT_MAX_PROMPT_LOGPROB_TOKENS
 from server.engine.memory import BlockPool, block_hash
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -26,6 +31,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS  # scored prompt tokens per step
 
 
 @dataclass
@@ -37,6 +43,7 @@ class SchedulerOutput:
     scheduled: dict[Sequence, int] = field(default_factory=dict)  # seq -> tokens this step
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) block copies
     samples: list[tuple[Sequence, Sequence]] = field(default_factory=list)
+    scored_only: list[Sequence] = field(default_factory=list)  # max_tokens=0: prompt done, nothing to sample
     num_preempted: int = 0
 
     @property
@@ -99,6 +106,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        scored = self.config.max_prompt_logprob_tokens  # what scoring sequences may still take
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         prefills = [s for s in self.running if s.num_uncomputed > 1]
         for seq in decodes + prefills:
@@ -106,14 +114,18 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num = min(seq.num_uncomputed, budget)
-            if self._reserve(seq, num, out):
+            num = min(seq.num_uncomputed, budget, scored if seq.scores_prompt else budget)
+            if num and self._reserve(seq, num, out):
                 out.scheduled[seq] = num
                 budget -= num
+                scored -= num if seq.scores_prompt else 0
         if out.num_preempted == 0:
-            budget = self._admit(budget, out)
+            self._admit(budget, scored, out)
         for seq, num in out.scheduled.items():
             if seq.num_computed_tokens + num == seq.num_tokens:
+                if seq.params.max_tokens == 0:
+                    out.scored_only.append(seq)
+                    continue
                 out.samples.append((seq, seq))
                 out.samples.extend((seq, child) for child in seq.fork_children)
         return out
@@ -152,12 +164,16 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], int]:
         """(blocks, tokens) of KV the sequence can start from: blocks it was handed (a
         session's resident memory) or the longest prefix-cache hit, always leaving at least
-        one token to compute so there are logits to sample from."""
+        one token to compute so there are logits to sample from, and for a sequence scoring
+        its prompt, none past the positions it has scored (cached KV has no logits)."""
+        limit = seq.num_scored_positions if seq.scores_prompt else seq.num_tokens - 1
         if seq.resume is not None:
-            return seq.resume
+            blocks, num = seq.resume
+            keep = limit // self.block_size
+            return seq.resume if num <= limit else (blocks[:keep], keep * self.block_size)
         if not self.pool.enable_prefix_caching:
             return [], 0
-        max_hits = (seq.num_tokens - 1) // self.block_size
+        max_hits = limit // self.block_size
         self._extend_hashes(seq, max_hits)
         hits = self.pool.lookup(seq.block_hashes[:max_hits])
         return hits, len(hits) * self.block_size
@@ -179,7 +195,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit(self, budget: int, scored: int, out: SchedulerOutput) -> None:
+        """Admit waiting sequences in FIFO order within the token budgets (`scored`: tokens
+        left for sequences scoring their prompt)."""
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             slots = 1 + len(seq.fork_children)
@@ -188,7 +206,9 @@ class Scheduler:
                 break
             # Reuse cached full blocks, but always leave one token to compute (for logits).
             hits, num_cached = self._cached_prefix(seq)
-            num = min(seq.num_tokens - num_cached, budget)
+            num = min(seq.num_tokens - num_cached, budget, scored if seq.scores_prompt else budget)
+            if num == 0:
+                break
             new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
             cow = num_cached % self.block_size != 0  # resuming into a shared partial block
             if not self.pool.make_room(lambda: new_blocks + cow + self.pool.num_acquirable_free(hits), self.reclaim):
@@ -207,7 +227,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled[seq] = num
             budget -= num
-        return budget
+            scored -= num if seq.scores_prompt else 0
 
     # -- after the forward ------------------------------------------------------------
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:

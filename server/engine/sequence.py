@@ -18,6 +18,7 @@ import torch
 from model.sampling import SamplingParams, make_generator
 
 if TYPE_CHECKING:
+    from server.engine.prompt_logprobs import PromptLogprob
     from server.engine.sessions import SessionTurn
 
 _seq_ids = itertools.count()
@@ -53,6 +54,9 @@ class Sequence:
     session_turn: SessionTurn | None = None  # set when this sequence is a session's turn
     resume: tuple[list[int], int] | None = None  # (blocks, n): KV of the first n tokens, held already
     grammar: Any = None  # GrammarState when the output is constrained (server/engine/grammar.py)
+    # prompt_logprobs requests (the prompt-computing sequence only): entry i scores prompt token i
+    # (entry 0 is None: nothing predicts it); filled chunk by chunk, handed out once complete
+    prompt_logprobs: list[PromptLogprob | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
 
@@ -67,6 +71,7 @@ class Sequence:
         return cls(
             request_id=request_id, prompt_len=len(prompt), token_ids=list(prompt), params=params,
             eos_token_ids=eos_token_ids, index=index, generator=generator,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
         )
 
     @property
@@ -80,6 +85,18 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt positions are still to be scored: their logits are needed, so
+        neither the prefix cache nor a session's KV may skip them."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    @property
+    def num_scored_positions(self) -> int:
+        """Positions whose logits already scored the next prompt token (KV before them
+        may come from the cache; only meaningful while `scores_prompt`)."""
+        return len(self.prompt_logprobs) - 1
 
     @property
     def output_token_ids(self) -> list[int]:
