@@ -5,7 +5,9 @@
   tp-worker  a tensor-parallel follower rank on another machine (environment rendezvous)
   bench      benchmarks (`workmem bench serve` = `python -m loadtest`, the HTTP load tester
              for any OpenAI-compatible server; `workmem bench offline` =
-             `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`)
+             `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`;
+             `workmem bench perplexity` = `python -m loadtest.perplexity`, a text file's perplexity
+             through any server's completions with echo + logprobs)
 """
 from __future__ import annotations
 
@@ -301,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tp-worker", help="a tensor-parallel follower rank on another machine (RANK, WORLD_SIZE, "
                                      "MASTER_ADDR, MASTER_PORT from the environment, as torchrun sets them)")
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step [ARGS]` (see --help there)")
-    bench.add_argument("which", choices=["serve", "offline", "step"])
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity [ARGS]` "
+                                         "(see --help there)")
+    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity"])
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tp-worker"]:
@@ -321,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.step_profile import main as step_main
 
         return step_main(argv[2:])
+    if argv[:2] == ["bench", "perplexity"]:
+        from loadtest.perplexity import main as perplexity_main
+
+        return perplexity_main(argv[2:])
     for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)
