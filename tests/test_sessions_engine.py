@@ -307,3 +307,38 @@ def test_a_turn_that_fails_inside_add_request_gives_the_session_back(tiny_checkp
     new = ids(5, 62)
     expected = reference(tiny_checkpoint, session.token_ids + new)
     assert conversation(engine, "s", [new]) == [expected]
+
+
+def test_ownership_without_exceptions(tiny_checkpoint, tmp_path):
+    """A corrupt file still says whose it is (the owner sits ahead of the payload): other keys
+    get 'not found' for it and cannot delete it. A session made without keys belongs to no
+    key once keys are set (only a server without keys, caller None, sees it). A file too
+    damaged to name its owner is deletable only without keys."""
+    engine = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    engine.sessions.create(Session("mine", ttl=600, owner="key_a"))
+    engine.sessions.create(Session("anon", ttl=600))
+    conversation(engine, "mine", [ids(5, 70)])
+    mine = tmp_path / "mine.session.json"
+    mine.write_text(mine.read_text().replace('"num_turns', '"num_turnz'))  # payload damaged: checksum fails
+    (tmp_path / "junk.session.json").write_text("{not json")
+    reloaded = make_engine(tiny_checkpoint, session_dir=str(tmp_path))
+    tables = reloaded.sessions
+    for op in (tables.get, tables.delete):
+        with pytest.raises(SessionError) as err:
+            op("mine", "key_b")
+        assert err.value.code == "session_not_found"
+    assert mine.exists()
+    with pytest.raises(SessionError) as err:
+        tables.get("mine", "key_a")
+    assert err.value.code == "session_corrupt"
+    tables.delete("mine", "key_a")
+    assert not mine.exists()
+    with pytest.raises(SessionError, match="does not exist"):
+        tables.get("anon", "key_a")
+    assert tables.get("anon").session_id == "anon"
+    assert [s["id"] for s in tables.listing("key_a", 10)[0]] == []
+    assert sorted(s["id"] for s in tables.listing(None, 10)[0]) == ["anon"]
+    with pytest.raises(SessionError, match="does not exist"):
+        tables.delete("junk", "key_a")
+    tables.delete("junk")
+    assert not (tmp_path / "junk.session.json").exists()

@@ -31,7 +31,7 @@ def memory_view(pool: BlockPool, sessions: SessionTable, num_running: int, num_w
     listed, other_count, other_blocks = [], 0, 0
     for session in reversed(sessions.sessions.values()):  # most recently used first
         own = sum(1 for b in session.block_table if pins.get(b) == 1)
-        if owner is not None and session.owner not in (None, owner):
+        if not session.visible_to(owner):
             other_count += 1
             other_blocks += own
             continue

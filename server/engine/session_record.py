@@ -35,7 +35,11 @@ class Session:
     num_turns: int = 0
     busy: bool = False
     offloaded: "OffloadedKV | None" = None  # where its KV went when it left the pool
-    owner: str | None = None  # fingerprint of the API key that created it; None: anyone's
+    owner: str | None = None  # fingerprint of the API key that created it; None: made while no keys were set
+
+    def visible_to(self, caller: str | None) -> bool:
+        """Ownership, without exceptions: see `visible`."""
+        return visible(self.owner, caller)
 
     @property
     def tier(self) -> str:
@@ -53,9 +57,23 @@ class Session:
         }
 
 
+UNKNOWN_OWNER = "?unknown"  # a file too damaged to say whose it is (no key's fingerprint looks like this)
+
+
+def visible(owner: str | None, caller: str | None) -> bool:
+    """Whether the session of `owner` exists for `caller` (the fingerprint of the caller's
+    API key; None when the server has no keys). Without keys every session is every caller's.
+    With keys a session is only its creator's: one made while no keys were set (owner None)
+    or whose owner cannot be read (UNKNOWN_OWNER) belongs to no key; it expires by its TTL."""
+    return caller is None or owner == caller
+
+
 @dataclass
 class BrokenSession:
-    """A session file that could not be read back; the session answers this error."""
+    """A session file that could not be read back; the session answers this error to the
+    callers it is visible to. `owner` comes from the file's first bytes, which hold it ahead
+    of the payload (UNKNOWN_OWNER when even they are unreadable)."""
 
     session_id: str
     error: str
+    owner: str | None = UNKNOWN_OWNER

@@ -20,24 +20,29 @@ from pathlib import Path
 from typing import NamedTuple
 
 from server.engine.session_lock import SessionLocks
-from server.engine.session_record import BrokenSession, Session
+from server.engine.session_record import UNKNOWN_OWNER, BrokenSession, Session
 
 FORMAT_VERSION = 1
 SUFFIX = ".session.json"
 SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # ids that name a file in the directory
 UNREADABLE = "unreadable"  # digest of a file that is not a session record
-# `save` writes {"format_version", "sha256", "expires_at", "payload"} in that order, so the
-# digest and the expiry sit in the file's first bytes: `head` reads only those. (Files saved
-# before "expires_at" existed lack it; readers ignore keys they do not know.)
-_HEAD = re.compile(rb'\{"format_version": \d+, "sha256": "([0-9a-f]{64})", (?:"expires_at": ([0-9.e+-]+), )?"payload": ')
-HEAD_BYTES = 192
+# `save` writes {"format_version", "sha256", "expires_at", "owner", "payload"} in that order,
+# so the digest, the expiry and the owner sit in the file's first bytes: `head` reads only
+# those, and a file whose payload is damaged still says whose it is. (Files saved before
+# "expires_at" or "owner" existed lack them; readers ignore keys they do not know.)
+_HEAD = re.compile(rb'\{"format_version": \d+, "sha256": "([0-9a-f]{64})", (?:"expires_at": ([0-9.e+-]+), )?'
+                   rb'(?:"owner": (null|"[A-Za-z0-9_?-]{1,64}"), )?"payload": ')
+HEAD_BYTES = 256
+OWNER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what an owner may be (key fingerprints: key_<16 hex>)
 
 
 class Head(NamedTuple):
-    """A session file's first bytes: its digest and when it expires (None: not recorded)."""
+    """A session file's first bytes: its digest, when it expires (None: not recorded) and its
+    owner (None: made without keys; UNKNOWN_OWNER: not recorded)."""
 
     digest: str
     expires_at: float | None
+    owner: str | None = UNKNOWN_OWNER
 
 
 class Stored(NamedTuple):
@@ -67,8 +72,10 @@ class SessionStore:
             "owner": session.owner,
         }
         body = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+        if session.owner is not None and not OWNER_ID.fullmatch(session.owner):
+            raise ValueError(f"owner {session.owner!r} is not an owner id")
         record = {"format_version": FORMAT_VERSION, "sha256": _digest(body),
-                  "expires_at": session.last_used + session.ttl, "payload": body}
+                  "expires_at": session.last_used + session.ttl, "owner": session.owner, "payload": body}
         final = self.path(session.session_id)
         tmp = final.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -104,7 +111,9 @@ class SessionStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            return BrokenSession(session_id, f"session file {file.name} is unreadable: {exc}")
+            head = self.head(session_id)
+            return BrokenSession(session_id, f"session file {file.name} is unreadable: {exc}",
+                                 UNKNOWN_OWNER if head is None else head.owner)
 
     def digest(self, session_id: str) -> str | None:
         """The digest the session's file carries now (not verified: `load` does that);
@@ -126,7 +135,9 @@ class SessionStore:
         match = _HEAD.match(first)
         if match is None:
             return Head(UNREADABLE, None)
-        return Head(match.group(1).decode(), float(match.group(2)) if match.group(2) else None)
+        digest, expires, owner = match.groups()
+        who = UNKNOWN_OWNER if owner is None else None if owner == b"null" else owner[1:-1].decode()
+        return Head(digest.decode(), float(expires) if expires else None, who)
 
 
 def _parse(text: str, session_id: str) -> Stored:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
 from server.engine.session_disk import SWEEP_INTERVAL_S, MemoryOnly, SessionDisk, StaleCopy
-from server.engine.session_record import BrokenSession, Session, SessionError
+from server.engine.session_record import BrokenSession, Session, SessionError, visible
 
 __all__ = ["BrokenSession", "ForkPoint", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
 
@@ -74,7 +74,7 @@ class SessionTable:
         self.pool = pool
         self.disk: SessionDisk | MemoryOnly = SessionDisk(store) if store is not None else MemoryOnly()
         self.swapper = swapper  # offload tier; without it evicted sessions are dropped
-        self.broken: dict[str, str] = {}  # session id -> why its file could not be loaded
+        self.broken: dict[str, BrokenSession] = {}  # session id -> its file that could not be loaded
         self.max_sessions = max_sessions
         self.max_pinned_blocks = max_pinned_blocks
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -94,7 +94,7 @@ class SessionTable:
         """Hold a session read from the store; a KV file left for it is used at its next turn
         (every KV write happens under the lock and for the file's current version)."""
         if isinstance(found, BrokenSession):
-            self.broken[found.session_id] = found.error
+            self.broken[found.session_id] = found
             return
         self._room()
         session = found.session
@@ -154,16 +154,17 @@ class SessionTable:
         self.disk.forget(idle.session_id)
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
-        """The session as the store has it now; with `owner`, one that another key created
-        does not exist either."""
+        """The session as the store has it now; with `owner`, one that is not visible to it
+        (session_record.visible: another key's, or made without keys) does not exist either."""
         self._sync(session_id)
         return self._get(session_id, owner)
 
     def _get(self, session_id: str, owner: str | None = None) -> Session:
-        if session_id in self.broken:
-            raise SessionError(self.broken[session_id], "session_corrupt")
+        broken = self.broken.get(session_id)
+        if broken is not None and visible(broken.owner, owner):
+            raise SessionError(broken.error, "session_corrupt")
         session = self.sessions.get(session_id)
-        if session is None or not _visible(session, owner):
+        if session is None or not session.visible_to(owner):
             raise SessionError(f"session {session_id!r} does not exist", "session_not_found")
         return session
 
@@ -177,7 +178,7 @@ class SessionTable:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
         the session id `after`; and whether more follow."""
         every = self.disk.every(self.sessions)  # with a store: its directory, every replica's sessions
-        mine = sorted((s for s in every if _visible(s, owner)), key=lambda s: (s.created, s.session_id))
+        mine = sorted((s for s in every if s.visible_to(owner)), key=lambda s: (s.created, s.session_id))
         if after is not None:
             ids = [s.session_id for s in mine]
             if after not in ids:
@@ -325,10 +326,13 @@ class SessionTable:
 
     def delete(self, session_id: str, owner: str | None = None) -> None:
         """Forget a session and free its blocks; session_busy while a turn runs (here or, by
-        its lock, on another replica). A session whose file is unreadable can be deleted by
-        anyone (its owner is unknown)."""
+        its lock, on another replica). A session whose file is unreadable is deleted by the
+        callers it is visible to (its owner is read from the file's first bytes; when those
+        are damaged too, only a server without keys can, or an operator removes the file)."""
         self._sync(session_id)
-        session = None if session_id in self.broken else self._get(session_id, owner)
+        session = self._get(session_id, owner) if session_id not in self.broken else None
+        if session is None and not visible(self.broken[session_id].owner, owner):
+            raise SessionError(f"session {session_id!r} does not exist", "session_not_found")
         if session is not None and session.busy:
             raise SessionError(f"session {session_id!r} has a turn running", "session_busy")
         with self.disk.removing(session_id):  # session_busy while a turn runs on another replica
@@ -465,6 +469,3 @@ class SessionTable:
 def _recency(found: "Stored | BrokenSession") -> float:
     return found.session.last_used if not isinstance(found, BrokenSession) else 0.0
 
-
-def _visible(session: Session, owner: str | None) -> bool:
-    return owner is None or session.owner is None or session.owner == owner
