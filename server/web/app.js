@@ -8,6 +8,7 @@
 const $ = (sel) => document.querySelector(sel);
 const SAMPLING = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "repetition_penalty"];
 const MEMORY_POLL_MS = 1000;
+const RENDER_MS = 50;    // a streaming answer is re-rendered at most this often
 const GRID_CELLS = 256;  // the pool picture has at most this many cells; each stands for >= 1 block
 const NAME_CHARS = 40;   // a new chat is named after the first characters of its first message
 const store = window.localStorage;
@@ -18,6 +19,8 @@ const state = {
   messages: [],          // the shown session's messages
   streaming: null,       // AbortController of the turn in flight
   defaults: {},          // the server's sampling defaults
+  renaming: false,       // a session name is being edited: the sidebar is not redrawn
+  stats: {},             // session id -> turn -> the numbers this page measured for that answer
 };
 
 // ---------------------------------------------------------------- HTTP
@@ -70,6 +73,7 @@ async function loadSessions() {
 }
 
 function drawSessions() {
+  if (state.renaming) return;  // redrawn when the rename ends
   const list = $("#session-list");
   list.replaceChildren();
   for (const s of [...state.sessions].reverse()) {
@@ -83,7 +87,7 @@ function drawSessions() {
     open.onclick = () => openSession(s.id);
     const meta = document.createElement("span");
     meta.className = "small muted";
-    meta.textContent = `${s.num_turns} turns · ${s.tier}`;
+    meta.textContent = `${s.num_turns} turn${s.num_turns === 1 ? "" : "s"} · ${s.num_tokens} tokens · ${s.tier}`;
     const rename = button("✎", "rename", () => startRename(li, s));
     const del = button("✕", "delete", () => deleteSession(s.id));
     li.append(open, meta, rename, del);
@@ -109,10 +113,12 @@ function startRename(li, s) {
   li.replaceChildren(input);
   input.focus();
   input.select();
+  state.renaming = true;
   let done = false;
   const finish = async (save) => {
     if (done) return;
     done = true;
+    state.renaming = false;
     if (save && input.value.trim()) {
       try { await api("POST", `/v1/sessions/${s.id}`, { metadata: { name: input.value.trim() } }); }
       catch (e) { showError(e.message); }
@@ -139,6 +145,7 @@ async function openSession(id) {
     drawMessages();
     drawSessions();
     showError("");
+    pollMemory();
     document.body.classList.remove("show-sessions");
   } catch (e) { showError(e.message); }
 }
@@ -179,7 +186,10 @@ function drawMessages() {
   let turn = 0;
   for (const m of state.messages) {
     if (m.role === "assistant") turn++;
-    box.append(messageNode(m.role, m.content || "", m.role === "assistant" ? turn : null));
+    const node = messageNode(m.role, m.content || "", m.role === "assistant" ? turn : null);
+    const stats = m.stats || (state.stats[state.current] || {})[turn];  // measured in this page
+    if (m.role === "assistant" && stats) node.querySelector(".stats").textContent = stats;
+    box.append(node);
   }
   box.scrollTop = box.scrollHeight;
 }
@@ -214,6 +224,13 @@ function samplingFields() {
     const v = $("#" + name).value.trim();
     if (v !== "") out[name] = Number(v);
   }
+  const extra = $("#extra").value.trim();
+  if (extra) {
+    let more;
+    try { more = JSON.parse(extra); } catch (e) { throw new ServerError("More request fields: not JSON: " + e.message); }
+    if (typeof more !== "object" || more === null || Array.isArray(more)) throw new ServerError("More request fields: give a JSON object");
+    Object.assign(out, more);
+  }
   return out;
 }
 
@@ -244,7 +261,16 @@ async function send(text) {
   const controller = new AbortController();
   setStreaming(controller);
   const started = performance.now();
-  let text_ = "", firstAt = null, usage = null, finish = null;
+  let text_ = "", firstAt = null, usage = null, finish = null, painting = null;
+  const paint = (now) => {  // at most one markdown render per RENDER_MS: reading the stream never waits on it
+    if (painting && !now) return;
+    clearTimeout(painting);
+    painting = setTimeout(() => {
+      painting = null;
+      setContent(body, "assistant", text_);
+      $("#messages").scrollTop = $("#messages").scrollHeight;
+    }, now ? 0 : RENDER_MS);
+  };
   try {
     const res = await fetch(`/v1/sessions/${id}/chat/completions`, {
       method: "POST", headers: headers(), signal: controller.signal,
@@ -265,23 +291,26 @@ async function send(text) {
         if (delta) {
           if (firstAt === null) firstAt = performance.now();
           text_ += delta;
-          setContent(body, "assistant", text_);
-          $("#messages").scrollTop = $("#messages").scrollHeight;
+          paint();
         }
         if (c.finish_reason) finish = c.finish_reason;
       }
     }
-    state.messages.push({ role: "assistant", content: text_ });
+    paint(true);
     stats.textContent = statsLine(usage, started, firstAt, performance.now(), finish);
+    state.messages.push({ role: "assistant", content: text_, stats: stats.textContent });
+    (state.stats[id] = state.stats[id] || {})[turn] = stats.textContent;
   } catch (e) {
     if (e.name === "AbortError") {
+      paint(true);
       stats.textContent = "stopped: the server aborted the turn (the session is as before it)";
       state.messages.pop();  // the turn did not happen
       node.classList.add("stopped");
     } else {
       showError(e.message);
-      node.remove();
-      state.messages.pop();
+      state.messages.pop();  // the user's message goes back to the box
+      drawMessages();
+      if (!$("#prompt").value) $("#prompt").value = text;
     }
   } finally {
     node.classList.remove("streaming");
@@ -423,7 +452,7 @@ function bindSettings() {
   const sys = $("#system-prompt");
   sys.value = store.getItem("workmem.system") || "";
   sys.onchange = () => store.setItem("workmem.system", sys.value);
-  for (const name of SAMPLING) {
+  for (const name of [...SAMPLING, "extra"]) {
     const input = $("#" + name);
     input.value = store.getItem("workmem." + name) || "";
     input.onchange = () => store.setItem("workmem." + name, input.value.trim());
