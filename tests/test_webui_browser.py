@@ -259,3 +259,21 @@ def test_narrow_screen_folds_the_panels(browser, server):
         wait(browser, lambda d: d.find_element(By.ID, "memory-grid").is_displayed(), "the memory panel")
     finally:
         browser.set_window_size(1280, 800)
+
+
+def test_markdown_renders_code_blocks_with_copy_and_escapes_html(browser, server):
+    open_page(browser, server)
+    html = browser.execute_script("return renderMarkdown(arguments[0])",
+                                  "# Title\n**bold** and `x<y`\n\n```python\nif a < b:\n    print('<b>')\n```\n"
+                                  "- one\n- two\n<img src=x onerror=alert(1)> [ok](https://example.org) [no](javascript:x)")
+    assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    assert '<span class="lang">python</span><button type="button" class="copy">Copy</button>' in html
+    assert "if a &lt; b:\n    print(&#39;&lt;b&gt;&#39;)" in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert '<a href="https://example.org"' in html and 'href="javascript' not in html
+    # the copy button puts the block's text on the clipboard (or the selection fallback)
+    browser.execute_script("""
+        const m = document.createElement('div'); m.className = 'msg assistant';
+        m.innerHTML = renderMarkdown('```\\nprint(1)\\n```'); document.getElementById('messages').append(m);""")
+    click(browser, "#messages .code .copy")
+    wait(browser, lambda d: text(d, "#messages .code .copy") == "Copied", "the copy button to confirm")
