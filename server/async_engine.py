@@ -70,6 +70,7 @@ class _Add:
     session_id: str | None
     new_messages: list[dict] | None
     cache_salt: str | None
+    grammar: object | None  # params.structured compiled (llguidance.LLMatcher), or None
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,12 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if self.max_queue_len is not None and self.stats.num_waiting + self._inbox.qsize() >= self.max_queue_len:
             raise QueueFullError(f"{self.max_queue_len} requests are already waiting")
+        grammar = None
+        if params.structured is not None:  # compiled in a worker: the request joins when it is ready
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, params.structured)
         req = _Request(asyncio.get_running_loop(), _BoundedQueue(self.max_pending), params.n)
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, req, session_id, new_messages, cache_salt))
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, req, session_id, new_messages, cache_salt,
+                             grammar))
         done = False
         try:
             while True:
@@ -212,6 +217,13 @@ class AsyncEngine:
         finally:
             if not done:
                 self.abort(request_id)
+
+    async def list_sessions(self, owner: str | None, limit: int, after: str | None = None):
+        """SessionTable.listing, with the store's files read and parsed in a worker thread
+        first (a directory of transcripts on the engine thread would stall every stream);
+        the engine thread only merges them with the copies it holds."""
+        files = await asyncio.to_thread(self.engine.read_session_files)
+        return await self.call(lambda e: e.sessions.listing(owner, limit, after, files))
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -286,7 +298,7 @@ class AsyncEngine:
         if isinstance(message, _Add):
             try:
                 self.engine.add_request(message.request_id, message.prompt, message.params, message.session_id,
-                                        message.new_messages, message.cache_salt)
+                                        message.new_messages, message.cache_salt, message.grammar)
             except ValueError as exc:
                 _send(message.request, exc)
                 return

@@ -142,7 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load() -> AsyncEngine:
-        engine = AsyncEngine(LLMEngine(config), max_queue_len=args.max_queue_len)
+        llm = LLMEngine(config)
+        llm.prepare_structured_output()  # before serving: it holds the GIL for ~1 s
+        engine = AsyncEngine(llm, max_queue_len=args.max_queue_len)
         exit_on_rank_loss(engine)
         engine.start()
         logging.getLogger("workmem").info("serving %s as %r on http://%s:%d", config.model, name, args.host, args.port)

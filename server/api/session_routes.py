@@ -81,7 +81,10 @@ async def list_sessions(request: Request, limit: int = Query(DEFAULT_LIST_LIMIT,
     """The caller's sessions, oldest first, a page at a time (`after`: the last id seen)."""
     owner = _owner(request)
 
-    infos, has_more = await _call(request, lambda e: e.sessions.listing(owner, limit, after))
+    try:
+        infos, has_more = await ready_engine(request.app.state.workmem).list_sessions(owner, limit, after)
+    except SessionError as exc:
+        raise session_error(exc) from None
     return {"object": "list", "data": [_describe(request, i) for i in infos], "has_more": has_more,
             "first_id": infos[0]["id"] if infos else None, "last_id": infos[-1]["id"] if infos else None}
 

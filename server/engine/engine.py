@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from pathlib import Path
 
 import torch
 
 from model.loader import LoadedModel
-from model.sampling import SamplingParams
+from model.sampling import GrammarSpec, SamplingParams
 from server.engine.build import build_rank
 from server.engine.config import EngineConfig, resolve_device, resolve_dtype
 from server.engine.grammar import GrammarCompiler, GrammarState
@@ -31,6 +31,9 @@ from server.engine.tp_launch import TensorParallel
 from server.engine.session_store import SessionStore
 from server.engine.stats import EngineStats
 from server.engine.sessions import SessionTable, SessionTurn, TurnResult
+
+if TYPE_CHECKING:
+    import llguidance
 
 log = logging.getLogger("workmem.engine")
 
@@ -135,8 +138,10 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
         session_id: str | None = None, new_messages: list[dict] | None = None, cache_salt: str | None = None,
+        grammar: "llguidance.LLMatcher | None" = None,
     ) -> None:
-        """Queue a request. RequestError (a ValueError; see `limits`) for an empty or too
+        """Queue a request. `grammar`: `params.structured` already compiled (`compile_grammar`,
+        off this thread); without it the grammar is compiled here. RequestError (a ValueError; see `limits`) for an empty or too
         long prompt or ids outside the model's vocabulary; ValueError for a duplicate id or
         a `params.structured` grammar that does not compile (each of the n sequences
         follows its own copy of the grammar; one that completes it stops). With
@@ -159,8 +164,9 @@ class LLMEngine:
         for seq in seqs:  # prefix-cache hits only among requests of this model with the same salt
             seq.cache_root = root_hash(self.kv_namespace, cache_salt)
         if params.structured is not None:
+            proto = grammar if grammar is not None else self.grammars.compile(params.structured)
             for seq in seqs:
-                seq.grammar = GrammarState(self.grammars.matcher(params.structured))
+                seq.grammar = GrammarState(proto.deep_copy())
         session = None
         if session_id is not None:
             if params.max_tokens == 0:
@@ -185,6 +191,16 @@ class LLMEngine:
             if session is not None:
                 self.sessions.abort_turn(session)
             raise
+
+    def compile_grammar(self, spec: GrammarSpec) -> "llguidance.LLMatcher":
+        """`spec` compiled against the vocabulary, for add_request's `grammar` (any thread;
+        ValueError for a bad grammar)."""
+        return self.grammars.compile(spec)
+
+    def prepare_structured_output(self) -> None:
+        """Build the grammar engine's view of the vocabulary now (~1 s for 49k tokens, holding
+        the GIL), not inside the first structured request (any thread, before serving)."""
+        self.grammars.prepare()
 
     def abort(self, request_id: str) -> list[StepOutput]:
         """Stop a request wherever it is; returns its final outputs (reason "abort")."""
@@ -311,6 +327,10 @@ class LLMEngine:
 
     def expire_sessions(self, now: float | None = None) -> list[str]:
         return self.sessions.expire(now)
+
+    def read_session_files(self) -> list:
+        """The session store's readable files (SessionTable.read_files; any thread)."""
+        return self.sessions.read_files()
 
     def save_sessions(self) -> int:
         """At graceful shutdown: write resident sessions' KV to disk (see SessionTable.save_all)."""

@@ -1,6 +1,7 @@
 """Grammar-constrained decoding with llguidance: GrammarSpec -> per-sequence matcher -> token mask.
 
-    GrammarCompiler.compile(spec)     once per distinct spec (LRU): llguidance grammar + matcher
+    GrammarCompiler.compile(spec)     once per distinct spec (LRU): llguidance grammar + matcher;
+                                      any thread (AsyncEngine compiles in a worker before admission)
     seq.grammar = GrammarState(...)   a fresh copy of that matcher for each sequence (n > 1 too)
     BitmaskFiller(states)             each step, the masks of all constrained rows together
     state.sync(seq)                   after a token is appended: consume what it has not seen
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
@@ -71,6 +73,7 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.RLock()  # the cache and the tokenizer: compiled from worker threads too
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -84,26 +87,51 @@ class GrammarCompiler:
                 self.tokenizer.backend.to_str(), n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
         return self._ll_tokenizer
 
-    def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        """A matcher in its start state; ValueError naming the problem for a bad grammar."""
-        proto = self._cache.get(spec)
-        if proto is None:
-            proto = llguidance.LLMatcher(self.ll_tokenizer, grammar_text(spec), log_level=LLGUIDANCE_LOG_LEVEL)
-            if proto.is_error():
-                raise ValueError(f"structured: invalid {spec.kind.replace('_', ' ')}: {proto.get_error().strip()}")
+    def prepare(self) -> None:
+        """Build the llguidance tokenizer now (any thread). Converting a 49k vocabulary takes
+        ~0.9 s and holds the GIL throughout, so `workmem serve` does it at start-up rather
+        than inside the first structured request (where every stream would stall for it)."""
+        with self._lock:
+            try:
+                self.ll_tokenizer  # noqa: B018 - built and kept
+            except ValueError:  # no structured output for this vocabulary: each request is told why
+                pass
+
+    def compile(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        """The compiled grammar in its start state, shared (copy it before use: `matcher`);
+        ValueError naming the problem for a bad grammar. Any thread: AsyncEngine compiles
+        each request's grammar in a worker before the request reaches the engine thread."""
+        with self._lock:
+            proto = self._cache.get(spec)
+            if proto is not None:
+                self._cache.move_to_end(spec)
+                return proto
+            tokenizer = self.ll_tokenizer
+        proto = _compile(tokenizer, spec)  # outside the lock: two threads may compile one spec, harmlessly
+        with self._lock:
             self._cache[spec] = proto
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(spec)
-        return proto.deep_copy()
+        return proto
+
+    def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        """A fresh matcher in its start state (see `compile`)."""
+        return self.compile(spec).deep_copy()
 
     def __len__(self) -> int:
         return len(self._cache)
 
     def cached_specs(self) -> list[GrammarSpec]:
         """The specs whose compiled grammars are cached, least recently used first."""
-        return list(self._cache)
+        with self._lock:
+            return list(self._cache)
+
+
+def _compile(tokenizer: llguidance.LLTokenizer, spec: GrammarSpec) -> llguidance.LLMatcher:
+    proto = llguidance.LLMatcher(tokenizer, grammar_text(spec), log_level=LLGUIDANCE_LOG_LEVEL)
+    if proto.is_error():
+        raise ValueError(f"structured: invalid {spec.kind.replace('_', ' ')}: {proto.get_error().strip()}")
+    return proto
 
 
 class GrammarState:

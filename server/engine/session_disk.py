@@ -133,15 +133,20 @@ class SessionDisk:
         found = self.store.load(session_id) if head is not None else None  # an older file: read it whole
         return isinstance(found, Stored) and now > found.session.last_used + found.session.ttl
 
-    def every(self, held: Mapping[str, Session]) -> list[Session]:
-        """Every readable session in the directory, the copies held here standing for their
-        files where current (they know their resident KV)."""
+    def read_files(self) -> list[Stored]:
+        """Every readable session file in the directory. Any thread: it reads files only
+        (written by rename, so never half), and no state of the table."""
+        return [f for f in self.store.load_all() if isinstance(f, Stored)]
+
+    def every(self, held: Mapping[str, Session], files: list[Stored] | None = None) -> list[Session]:
+        """Every readable session in the directory (`files`: `read_files()`, read beforehand
+        off the engine thread; else read now), the copies held here standing for their files
+        where current (they know their resident KV)."""
         found = []
-        for stored in self.store.load_all():
-            if isinstance(stored, Stored):
-                sid = stored.session.session_id
-                current = sid in held and self.digests.get(sid) == stored.digest
-                found.append(held[sid] if current else stored.session)
+        for stored in self.read_files() if files is None else files:
+            sid = stored.session.session_id
+            current = sid in held and self.digests.get(sid) == stored.digest
+            found.append(held[sid] if current else stored.session)
         return found
 
     def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:
@@ -187,7 +192,10 @@ class MemoryOnly:
     def sweep(self, now: float, held: Container[str]) -> list[str]:
         return []
 
-    def every(self, held: Mapping[str, Session]) -> list[Session]:
+    def read_files(self) -> list[Stored]:
+        return []
+
+    def every(self, held: Mapping[str, Session], files: list[Stored] | None = None) -> list[Session]:
         return list(held.values())
 
     def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:

@@ -174,10 +174,16 @@ class SessionTable:
         self._touch(session)
         return session
 
-    def listing(self, owner: str | None, limit: int, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def read_files(self) -> "list[Stored]":
+        """The store's readable session files, for `listing` (any thread: files only)."""
+        return self.disk.read_files()
+
+    def listing(self, owner: str | None, limit: int, after: str | None = None,
+                files: "list[Stored] | None" = None) -> tuple[list[dict[str, Any]], bool]:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
-        the session id `after`; and whether more follow."""
-        every = self.disk.every(self.sessions)  # with a store: its directory, every replica's sessions
+        the session id `after`; and whether more follow. `files`: `read_files()` read off
+        the engine thread (without it the directory is read here)."""
+        every = self.disk.every(self.sessions, files)  # with a store: its directory, every replica's sessions
         mine = sorted((s for s in every if s.visible_to(owner)), key=lambda s: (s.created, s.session_id))
         if after is not None:
             ids = [s.session_id for s in mine]

@@ -1,0 +1,82 @@
+"""Nothing a request causes that can wait runs on the engine thread while other streams
+decode: listing sessions reads and parses the store's files in a worker, and a new grammar
+is compiled in a worker before its request is admitted. Each test records which thread ran
+the operation (not how long anything took) while a stream decodes."""
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from server.engine import grammar
+from server.engine.session_store import SessionStore
+from server.engine.sessions import Session
+from tests.server_fixtures import make_app, start_engine
+
+pytestmark = pytest.mark.asyncio
+ENGINE_THREAD = "workmem-engine"
+LONG = {"prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True, "stream": True}
+
+
+@pytest.fixture
+def engine(tiny_checkpoint, tmp_path):
+    engine = start_engine(tiny_checkpoint("llama"), max_model_len=256, num_kv_blocks=128, block_size=8,
+                          session_dir=str(tmp_path))
+    yield engine
+    engine.shutdown()
+
+
+def _record_threads(monkeypatch, owner: object, name: str) -> list[str]:
+    """Wrap `owner.name` so each call notes the thread it ran on."""
+    threads: list[str] = []
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return threads
+
+
+async def _while_decoding(client: httpx.AsyncClient, operation):
+    """Run `operation()` once a long stream has produced tokens; the stream must still be
+    running when the operation returns (so the operation overlapped decoding)."""
+    async with client.stream("POST", "/v1/completions", json=LONG) as stream:
+        lines = stream.aiter_lines()
+        async for line in lines:
+            if line.startswith("data: {"):
+                break
+        result = await operation()
+        async for line in lines:
+            if line.startswith("data: {"):
+                break  # still decoding after the operation
+        else:
+            pytest.fail("the stream ended before the operation returned")
+    return result
+
+
+async def test_listing_reads_the_store_off_the_engine_thread(engine, monkeypatch):
+    sessions = engine.engine.sessions
+    for i in range(5):
+        sessions.create(Session(f"s{i}", ttl=600))  # before the engine thread has work: test setup only
+    threads = _record_threads(monkeypatch, SessionStore, "load_all")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(engine)), base_url="http://t",
+                                 timeout=60) as client:
+        r = await _while_decoding(client, lambda: client.get("/v1/sessions", params={"limit": 10}))
+    assert r.status_code == 200 and [s["id"] for s in r.json()["data"]] == [f"s{i}" for i in range(5)]
+    assert threads and ENGINE_THREAD not in threads
+
+
+async def test_a_new_grammar_compiles_off_the_engine_thread(engine, monkeypatch):
+    threads = _record_threads(monkeypatch, grammar, "_compile")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = {"prompt": [9, 10, 11], "max_tokens": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(engine)), base_url="http://t",
+                                 timeout=60) as client:
+        r = await _while_decoding(client, lambda: client.post("/v1/completions", json=body))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"].startswith('{"n": ')  # the grammar was applied
+    assert threads and ENGINE_THREAD not in threads
