@@ -66,19 +66,23 @@ def span_rows(spans: list[ScoreSpan]) -> torch.Tensor:
 
 
 def score(logits: torch.Tensor, spans: list[ScoreSpan]) -> dict[Sequence, list[PromptLogprob]]:
-    """logits: [R, vocab] float32 of `span_rows(spans)` (consumed: normalised in place).
-    Returns each sequence's new scores in position order, after one host transfer."""
+    """logits: [R, vocab] float32 of `span_rows(spans)` (consumed: overwritten in place).
+    Returns each sequence's new scores in position order, after one host transfer. Ranks and
+    top-k are read off the raw logits, then one in-place pass gives the log-normaliser
+    (torch's logsumexp / log_softmax took 1.5-4x longer on [511, 49152] here)."""
     vocab = logits.shape[1]
     targets = [t for s in spans for t in s.seq.token_ids[s.first_pos + 1 : s.first_pos + 1 + s.count]]
     target = torch.tensor(targets, dtype=torch.int64, device=logits.device)
-    lp = logits.sub_(logits.logsumexp(dim=-1, keepdim=True))              # [R, V] log_softmax
-    chosen = lp.gather(1, target[:, None])                                 # [R, 1]
-    rank = (lp > chosen).sum(dim=-1) + 1                                   # [R]
+    raw = logits.gather(1, target[:, None])                                # [R, 1]
+    rank = (logits > raw).sum(dim=-1, dtype=torch.int32) + 1               # [R]
     k = min(max(s.seq.params.prompt_logprobs for s in spans), vocab)
-    parts = [chosen.squeeze(1), rank]
     if k > 0:
-        top_lp, top_ids = lp.topk(k, dim=-1)                               # [R, k]
-        parts += [top_ids.flatten(), top_lp.flatten()]
+        top_raw, top_ids = logits.topk(k, dim=-1)                          # [R, k]
+    peak = logits.amax(dim=-1, keepdim=True)                               # [R, 1]
+    norm = peak + logits.sub_(peak).exp_().sum(dim=-1, keepdim=True).log_()  # [R, 1] log-sum-exp
+    parts = [(raw - norm).squeeze(1), rank]
+    if k > 0:
+        parts += [top_ids.flatten(), (top_raw - norm).flatten()]
     flat = torch.cat([p.to(_PACK_DTYPE) for p in parts]).tolist()         # the one sync
     num = len(targets)
     chosen_lp, ranks, top_ids_l, top_lp_l = flat[:num], flat[num:2 * num], flat[2 * num:2 * num + num * k], \
