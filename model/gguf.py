@@ -18,21 +18,16 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from model.config import ModelConfig, RopeScaling
-from model.gguf_quant import gguf_group_quant
+from model.gguf_quant import block_types, gguf_group_quant
 from model.gguf_tokenizer import GGUFMeta, add_bos_token, build_tokenizer_backend
 from model.quant import GroupQuant
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
-# Tensor types dequantized at load (everything else is refused by name).
-SUPPORTED_TYPES = frozenset(
-    {
-        QType.F32, QType.F16, QType.BF16,
-        QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
-        QType.Q4_K, QType.Q5_K, QType.Q6_K,
-    }
-)
+# Tensor types that load (everything else is refused at load, naming the tensor and its type):
+# floats, and the block types model/gguf_quant.py maps onto the quantized kernels' group layouts.
+SUPPORTED_TYPES = frozenset({QType.F32, QType.F16, QType.BF16}) | block_types()
 
 # general.architecture -> ModelConfig.model_type
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -268,8 +263,8 @@ def read_gguf_tensors(
     reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor | GroupQuant]:
     """Every tensor under its HF name and in HF layout: dequantized to float32, or with
-    `keep_quantized` a `GroupQuant` where the block type maps onto one exactly (Q4_0, Q4_1,
-    Q4_K, Q8_0; not GPT-2's transposed Conv1D weights)."""
+    `keep_quantized` a `GroupQuant` for every block type (model/gguf_quant.py; not GPT-2's
+    transposed Conv1D weights). An unsupported type is refused here, before anything runs."""
     family = config.family
     tensors: dict[str, torch.Tensor | GroupQuant] = {}
     for tensor in reader.tensors:
@@ -279,6 +274,7 @@ def read_gguf_tensors(
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         conv1d = family == "gpt2" and block_key in _GPT2_CONV1D and hf_name.endswith(".weight")
+        _check_type(tensor)
         weight = _group_quant(tensor) if keep_quantized and not conv1d else None
         if weight is None:
             weight = _dequantize(tensor)  # [*reversed(ggml shape)]
@@ -317,7 +313,7 @@ def _group_quant(tensor: Any) -> GroupQuant | None:
     return gguf_group_quant(tensor.data, tensor.tensor_type, rows, cols)
 
 
-def _dequantize(tensor: Any) -> torch.Tensor:
+def _check_type(tensor: Any) -> None:
     qtype = tensor.tensor_type
     if qtype not in SUPPORTED_TYPES:
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
@@ -325,6 +321,10 @@ def _dequantize(tensor: Any) -> torch.Tensor:
             f"GGUF tensor {tensor.name!r} has type {qtype.name}, which is not supported "
             f"(supported: {supported})"
         )
+
+
+def _dequantize(tensor: Any) -> torch.Tensor:
+    qtype = tensor.tensor_type
     values = gguf.quants.dequantize(tensor.data, qtype)
     shape = tuple(int(d) for d in reversed(tensor.shape))  # GGML lists the fastest dim first
     values = np.asarray(values, dtype=np.float32).reshape(shape)

@@ -17,7 +17,8 @@ from torch import nn
 from model.config import ModelConfig
 from model.gpt2 import CONV1D
 from model.prepack import prepack_available, prepack_linears, weight_packing
-from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear
+from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear, torch_fits, vnni_fits
+from model.split_linear import SplitLinear
 from model.tokenizer import Tokenizer
 
 # Buffers some checkpoints carry that are recomputed here.
@@ -116,35 +117,71 @@ def load_weights(
         dest = param.data if shard is None else _shard(param.data, model, name, shard)
         if dest.shape != tuple(tensor.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
-        if target in linears and quant.bits_for(tensor) is not None:
-            to_pack.setdefault(target, {})[shard or 0] = tensor
-        else:
+        layout = _layout(tensor, quant, native) if target in linears or target == tied else None
+        if layout is None or target not in linears:  # dense, or the tied embedding's lookup table
             dest.copy_(tensor.dequantize() if isinstance(tensor, GroupQuant) else tensor)
-        if target == tied and quant.bits_for(tensor) is not None:
+        if target in linears and (layout is not None or shard is not None):
+            to_pack.setdefault(target, {})[shard or 0] = tensor
+        if target == tied and layout is not None:
             model.tied_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
         filled[target] = filled.get(target, 0) + 1
     missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:8])}")
     for target, shards in to_pack.items():
-        _pack_linear(model, target, [shards[i] for i in sorted(shards)], quant, native)
+        parts = [shards[i] for i in sorted(shards)]
+        if any(_layout(p, quant, native) is not None for p in parts):  # else the dense param holds them
+            _pack_linear(model, target, parts, quant, native)
 
 
 def linear_weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _layout(value: "torch.Tensor | GroupQuant", quant: QuantConfig, native) -> tuple | None:
+    """How a linear's checkpoint weight runs: None (dense), or a key that parts of a fused
+    linear must share to be packed as one. A GGUF block weight runs at its own precision only
+    where a kernel holds it exactly (the native VNNI matmul, else torch's int4/int8 groups of
+    32..256); otherwise it is dequantized, never rounded again."""
+    bits = quant.bits_for(value)
+    if bits is None:
+        return None
+    if not isinstance(value, GroupQuant) or bits != value.bits:
+        return ("requantized", bits)  # quantization int4/int8 asked for every weight
+    if native is not None and native.vnni and vnni_fits(value):
+        return ("vnni", bits, value.group)
+    return ("torch", bits, value.group) if torch_fits(value) else None
+
+
 def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantConfig, native) -> None:
-    """Replace the nn.Linear owning `weight_name` by a QuantLinear of its (fused) shards."""
-    bits = {quant.bits_for(s) for s in shards}
-    if len(bits) != 1:  # mixed block types inside one fused weight: pack them alike
-        bits = {max(bits)}
-    weight = fuse_shards(shards)
+    """Replace the nn.Linear owning `weight_name` by a QuantLinear of its (fused) shards, or by
+    a SplitLinear where the shards' layouts differ (each run of alike shards one part)."""
     path = weight_name.removesuffix(".weight")
     parent_name, _, attr = path.rpartition(".")
     linear = model.get_submodule(path)
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, make_quant_linear(weight, bits.pop(), linear.bias, quant.dense_above, native))
+    runs: list[tuple[tuple | None, list]] = []
+    for shard in shards:
+        layout = _layout(shard, quant, native)
+        if runs and runs[-1][0] == layout:
+            runs[-1][1].append(shard)
+        else:
+            runs.append((layout, [shard]))
+    if len(runs) == 1:
+        setattr(parent, attr, make_quant_linear(fuse_shards(shards), quant.bits_for(shards[0]), linear.bias,
+                                                quant.dense_above, native))
+        return
+    parts, sizes = [], []
+    for layout, run in runs:
+        weight = fuse_shards(run)
+        sizes.append(weight.shape[0])
+        if layout is None:
+            dense = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            dense.weight.data.copy_(weight.dequantize() if isinstance(weight, GroupQuant) else weight)
+            parts.append(dense)
+        else:
+            parts.append(make_quant_linear(weight, layout[1], None, quant.dense_above, native))
+    setattr(parent, attr, SplitLinear(parts, sizes, linear.in_features, linear.bias))
 
 
 def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:

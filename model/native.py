@@ -53,7 +53,7 @@ _SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
     "write_kv": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, k/v stride, kc, vc, slots, n, row)
-    "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64],  # (x, M, K, packed, bits, out, N)
+    "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64],  # (x, M, K, packed, bits, group, out, N, ldo)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -96,10 +96,13 @@ class NativeOps:
         self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
         return out
 
-    def vnni_matmul(self, x: torch.Tensor, packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.vnni_pack (needs `self.vnni`)."""
+    def vnni_matmul(self, x: torch.Tensor, packed: torch.Tensor, bits: int, group: int, out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.vnni_pack (needs `self.vnni`);
+        x contiguous, out's rows contiguous with any row stride (a column slice of a wider output)."""
         m, k = x.shape
-        self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), bits, out.data_ptr(), out.shape[1])
+        assert out.stride(1) == 1 and out.dtype == x.dtype
+        self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), bits, group, out.data_ptr(),
+                                         out.shape[1], out.stride(0))
 
     def lanes_gemm(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
         """out [M, N] = x [M, K] @ W^T in bf16, W packed by model.prepack.lanes_pack (needs `self.lanes`)."""

@@ -49,7 +49,8 @@ DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
 INT4_ROW_MULTIPLE = 16  # the int4 packer wants N divisible by this
 VNNI_CODE_OFFSET = 128  # model/csrc/vnni_gemv.c takes 8-bit codes unsigned: code + 128
-VNNI_GROUP = 32  # model/csrc/vnni_gemv.c: one float16 scale and minimum per 32 columns
+VNNI_GROUP = 32  # model/csrc/vnni_gemv.c: activations quantized per 32 columns, one record per 32
+VNNI_GROUPS = (16, 32)  # ... holding one float16 scale and minimum per group of 32 or 16 columns
 VNNI_ROWS = 16  # ... rows packed in blocks of 16 (one per 32-bit lane)
 
 
@@ -173,17 +174,25 @@ def int8_as_int4_planes(w: GroupQuant) -> GroupQuant:
 
 
 def vnni_fits(w: "torch.Tensor | GroupQuant") -> bool:
-    """Whether vnni_gemv.c takes this weight: 4- or 8-bit codes in groups of 32."""
-    return isinstance(w, GroupQuant) and w.bits in (4, 8) and w.group == VNNI_GROUP and w.shape[1] % VNNI_GROUP == 0
+    """Whether vnni_gemv.c takes this weight: 4- or 8-bit codes in groups of 32 or 16."""
+    return (isinstance(w, GroupQuant) and w.bits in (4, 8) and w.group in VNNI_GROUPS
+            and w.shape[1] % VNNI_GROUP == 0)
+
+
+def torch_fits(w: "torch.Tensor | GroupQuant") -> bool:
+    """Whether torch's int4/int8 kernels hold this group weight exactly (see QuantLinear)."""
+    return isinstance(w, GroupQuant) and (w.group in INT4_GROUP_SIZES or (
+        w.bits == 8 and w.group == w.shape[1] and not w.minimum.any()))
 
 
 def vnni_pack(w: GroupQuant) -> torch.Tensor:
     """The layout of model/csrc/vnni_gemv.c: uint8 [ceil(N / 16), K / 32, record] where a
     record holds 16 rows x 32 columns of unsigned codes (4-bit: two per byte, 8-bit: code +
-    128) interleaved so that a 32-bit lane is one row, then the 16 rows' scale and minimum
-    as float16 (an 8-bit weight's minimum absorbs the -128 * scale of its unsigned codes)."""
+    128) interleaved so that a 32-bit lane is one row, then for each of the 32 / group scale
+    sets the 16 rows' scale and minimum as float16 (an 8-bit weight's minimum absorbs the
+    -128 * scale of its unsigned codes)."""
     n, k = w.shape
-    nb, g, pad = -(-n // VNNI_ROWS), k // VNNI_GROUP, -n % VNNI_ROWS
+    nb, g, pad, sets = -(-n // VNNI_ROWS), k // VNNI_GROUP, -n % VNNI_ROWS, VNNI_GROUP // w.group
     codes, scale, minimum = w.codes.to(torch.int32), w.scale.float(), w.minimum.float()
     if w.bits == 8:
         codes, minimum = codes + VNNI_CODE_OFFSET, minimum - VNNI_CODE_OFFSET * scale
@@ -194,9 +203,9 @@ def vnni_pack(w: GroupQuant) -> torch.Tensor:
     else:  # chunk c of 4 columns: byte j of a lane = code[4c + j]
         v = codes.reshape(nb, VNNI_ROWS, g, 8, 4)
     v = v.permute(0, 2, 3, 1, 4).reshape(nb, g, -1)  # [block, group, chunk * lane * byte]
-    halves = [F.pad(t, (0, 0, 0, pad)).reshape(nb, VNNI_ROWS, g).permute(0, 2, 1).to(torch.float16)
-              for t in (scale, minimum)]
-    return torch.cat([v, *(h.contiguous().view(torch.uint8) for h in halves)], -1).contiguous()
+    dm = torch.stack([F.pad(t, (0, 0, 0, pad)).reshape(nb, VNNI_ROWS, g, sets) for t in (scale, minimum)], -1)
+    dm = dm.permute(0, 2, 3, 4, 1).to(torch.float16).contiguous()  # [block, group, set, (d, m), lane]
+    return torch.cat([v, dm.view(torch.uint8).reshape(nb, g, -1)], -1).contiguous()
 
 
 class QuantLinear(nn.Module):
@@ -217,7 +226,7 @@ class QuantLinear(nn.Module):
         self.vnni = None  # model.native.NativeOps when the weight is packed for vnni_gemv.c
         if native is not None and native.vnni and bits == weight.bits and vnni_fits(weight):
             self.register_buffer("vnni_packed", vnni_pack(weight), persistent=False)
-            self.vnni = native
+            self.vnni, self.group = native, weight.group
         elif bits == 4:
             self._init_int4(weight)
         elif bits == 8:
@@ -266,17 +275,29 @@ class QuantLinear(nn.Module):
         self.dense = self.dense_packing.pack(self.dense)
         return 1
 
-    def _vnni_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _vnni_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # a view for the usual [M, K] bf16 decode input
         if x2.dtype not in self.vnni.dtypes or not x2.is_contiguous():
             x2 = x2.to(x2.dtype if x2.dtype in self.vnni.dtypes else torch.float32).contiguous()
-        y = x2.new_empty(x2.shape[0], self.out_features)
+        y = x2.new_empty(x2.shape[0], self.out_features) if out is None or out.dtype != x2.dtype else out
         if x2.shape[0]:
-            self.vnni.vnni_matmul(x2, self.vnni_packed, self.bits, y)
+            self.vnni.vnni_matmul(x2, self.vnni_packed, self.bits, self.group, y)
+        if out is not None and y is not out:
+            out.copy_(y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [M, N] (rows contiguous, any row stride: a column slice of a fused output) = self(x [M, K])."""
+        if self.vnni is not None and self.bias is None and not self._dense_for(x):
+            self._vnni_forward(x, out)
+        else:
+            out.copy_(self.forward(x))
+
+    def _dense_for(self, x: torch.Tensor) -> bool:
+        return self.dense is not None and x.shape[0] > self.dense_above
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.dense_above:
+        if self._dense_for(x):
             if self.dense_packing is not None:
                 return self.dense_packing.linear(x, self.dense, self.bias, self.out_features)
             return F.linear(x, self.dense, self.bias)

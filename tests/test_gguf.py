@@ -329,15 +329,15 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path: Path) -> None:
 
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path: Path) -> None:
     model = tiny_model("llama")
-    raw = np.zeros((128, 64 // 32 * 18), dtype=np.uint8)  # IQ4_NL: 18 bytes per 32 values
+    raw = np.zeros((128, 66), dtype=np.uint8)  # TQ2_0 (ternary): 66 bytes per 256 values
     extra = {"blk.0.ffn_extra.weight": np.zeros((2, 64), dtype=np.float32)}
     path = write_gguf(tmp_path / "m.gguf", model, "llama", extra=extra)
     w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
     add_hparams(w, "llama", model.config)
     add_tokenizer(w, tiny_vocab())
-    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=QType.IQ4_NL)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=QType.TQ2_0)
     finish(w)
-    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_up\.weight'.*IQ4_NL"):
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_up\.weight'.*TQ2_0"):
         load_gguf(tmp_path / "iq.gguf")
     with pytest.raises(ValueError, match=r"blk\.0\.ffn_extra\.weight"):  # unknown tensor name
         load_gguf(path)

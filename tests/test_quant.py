@@ -47,10 +47,10 @@ def test_gguf_blocks_decode_exactly(qtype: QType) -> None:
     assert np.array_equal(gq.dequantize().numpy(), want)
 
 
-def test_unmapped_block_types_stay_dense() -> None:
+def test_float_and_unmapped_types_stay_dense() -> None:
     raw = np.zeros((2, 8), np.uint8)
-    assert gguf_group_quant(raw, QType.Q6_K, 2, 256) is None
     assert gguf_group_quant(raw, QType.F16, 2, 4) is None
+    assert gguf_group_quant(np.zeros((2, 66), np.uint8), QType.TQ2_0, 2, 256) is None
 
 
 def _linear_case(bits_source: str, n: int = 96, k: int = 256) -> GroupQuant:

@@ -37,10 +37,19 @@ def _weights(source: str, n: int, k: int) -> tuple[GroupQuant, int]:
         return gguf_group_quant(gguf.quants.quantize(w.numpy(), QType.Q4_1), QType.Q4_1, n, k), 4
     if source == "q8_0":
         return gguf_group_quant(gguf.quants.quantize(w.numpy(), QType.Q8_0), QType.Q8_0, n, k), 8
+    if source in ("g16_4bit", "g16_8bit"):  # Q2_K/Q3_K and Q6_K's layouts: a scale and minimum per 16
+        bits = 4 if source == "g16_4bit" else 8
+        gq = quantize_int4(w, 16) if bits == 4 else quantize_int8_rows(w)
+        if bits == 8:
+            g = w.reshape(n, k // 16, 16)
+            scale = (g.abs().amax(-1) / 127).clamp_min(1e-8)
+            codes = (g / scale[..., None]).round().clamp(-128, 127).to(torch.int8).reshape(n, k)
+            gq = GroupQuant(codes, scale, torch.randn(n, k // 16) * 0.01, 8, 16)
+        return gq, bits
     return quantize_int8_rows(w), 8
 
 
-@pytest.mark.parametrize("source", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("source", ["q4_1", "q8_0", "g16_4bit", "g16_8bit"])
 @pytest.mark.parametrize("k", [32, 576, 1536])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 11])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -48,15 +57,18 @@ def test_kernel_equals_dequantized_reference(source: str, k: int, m: int, dtype:
     n = 77  # odd, not a multiple of the 16-row blocks
     gq, bits = _weights(source, n, k)
     packed = vnni_pack(gq)
-    assert packed.shape == (5, k // 32, 320 if bits == 4 else 576)
+    sets = 32 // gq.group
+    assert packed.shape == (5, k // 32, (256 if bits == 4 else 512) + 64 * sets)
     x = torch.randn(m, k).to(dtype)
-    out = torch.full((m, n), float("nan"), dtype=dtype)
-    ops.vnni_matmul(x, packed, bits, out)
+    wide = torch.full((m, n + 9), float("nan"), dtype=dtype)
+    out = wide[:, 4 : 4 + n]  # a column slice: rows written with the wider row stride
+    ops.vnni_matmul(x, packed, bits, gq.group, out)
     want = F.linear(x.float(), gq.dequantize())
     assert _rel_err(out, want) < VNNI_REL_TOL
+    assert wide[:, :4].isnan().all() and wide[:, 4 + n :].isnan().all()  # nothing outside the slice
     # each row alone gives the same numbers: rows are quantized independently
     alone = torch.empty(1, n, dtype=dtype)
-    ops.vnni_matmul(x[-1:].contiguous(), packed, bits, alone)
+    ops.vnni_matmul(x[-1:].contiguous(), packed, bits, gq.group, alone)
     assert torch.equal(alone[0], out[-1])
 
 
@@ -67,7 +79,7 @@ def test_kernel_zero_rows_and_groups() -> None:
     x[:, 32:64] = 0
     x[1] = 0
     out = torch.empty(2, 40)
-    ops.vnni_matmul(x, vnni_pack(gq), bits, out)
+    ops.vnni_matmul(x, vnni_pack(gq), bits, gq.group, out)
     assert torch.isfinite(out).all() and not out[1].any()
     assert _rel_err(out[:1], F.linear(x[:1], gq.dequantize())) < VNNI_REL_TOL
 
