@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout_s=args.shutdown_timeout,
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
         replica_id=args.replica_id, sampling_defaults=defaults, web_ui=not args.no_ui,
-        max_stored_responses=args.max_stored_responses,
+        max_stored_responses=args.max_stored_responses, tool_call_parser=args.tool_call_parser,
     )
 
     def load() -> AsyncEngine:
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.api.state import (
         DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S,
     )
+    from server.api.tools import TOOL_CALL_PARSERS
     from server.engine.config import DEFAULT_SESSION_TTL_S
     from server.sampling_defaults import add_sampling_default_args
 
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
+    serve.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
+                       help="tool-call format: hermes (<tool_call> blocks), generic (a JSON envelope any model "
+                            "answers in), auto: the chat template's own, else generic (default auto)")
     serve.add_argument("--max-stored-responses", type=int, default=DEFAULT_MAX_STORED_RESPONSES,
                        help="stored /v1/responses kept (each is a session; beyond it the soonest to expire is "
                             f"deleted; default {DEFAULT_MAX_STORED_RESPONSES})")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.server_fixtures import MODEL_NAME, live_server, make_app, running_engine
@@ -225,3 +227,29 @@ def test_the_store_is_bounded_in_memory_and_on_disk(tool_model, tmp_path):
             assert client.responses.retrieve(ids[-1]).id == ids[-1]
             with pytest.raises(openai.NotFoundError):
                 client.responses.retrieve(ids[0])
+
+
+def test_openai_agents_runner_with_a_function_tool(server):
+    agents = pytest.importorskip("agents")
+    agents.set_tracing_disabled(True)  # no trace export (it would go to OpenAI)
+    seen: list[dict] = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Oslo", "Rome"], unit: Literal["c", "f"]) -> str:
+        """Weather in a city (enums: a random model's arguments end within the token budget)."""
+        seen.append({"city": city, "unit": unit})
+        return "3 degrees"
+
+    model = agents.OpenAIResponsesModel(
+        model=MODEL_NAME, openai_client=openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEYS[0], max_retries=0))
+    class Verdict(pydantic.BaseModel):  # a structured final answer: the random model's text ends in budget
+        feels: Literal["cold", "warm"]
+
+    agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model,
+                         output_type=Verdict,
+                         model_settings=agents.ModelSettings(tool_choice="required", temperature=0))
+    result = agents.Runner.run_sync(agent, "Weather in Oslo?", max_turns=3)
+    assert len(seen) == 1 and set(seen[0]) == {"city", "unit"}  # the Runner called the tool once
+    kinds = [item.type for item in result.new_items]
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
+    assert result.final_output.feels in ("cold", "warm")

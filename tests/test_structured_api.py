@@ -17,7 +17,7 @@ import pytest
 from client import Client
 from client.structured import function_tool, json_schema_format, parse_json, tool_calls
 from server.api.protocol import ChatCompletionRequest
-from server.api.tools import NO_FORMAT, ToolCallStream, parse_tool_calls
+from server.api.tools import ToolCallStream, parse_tool_calls
 from tests.server_fixtures import MODEL_NAME, live_server, make_app, running_engine
 
 ENGINE = dict(max_model_len=256, num_kv_blocks=128, block_size=8)
@@ -157,12 +157,10 @@ def test_tool_call_parsing_on_canned_outputs():
         assert [x["index"] for x in calls + k] == [0]
 
 
-async def test_tools_need_a_template_with_a_tool_call_format(client):
-    r = await client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER]})
-    assert r.status_code == 400 and NO_FORMAT in r.json()["error"]["message"] and r.json()["error"]["param"] == "tools"
+async def test_tool_choice_none_renders_and_parses_nothing(client):
     r = await client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "tool_choice": "none",
                                                         "max_tokens": 2})
-    assert r.status_code == 200  # nothing rendered, nothing parsed
+    assert r.status_code == 200 and "tool_calls" not in r.json()["choices"][0]["message"]
 
 
 async def test_tool_roundtrip_rendering_and_choice_errors(tool_client, tool_engine):
@@ -216,7 +214,9 @@ async def test_session_turns_take_tools_too(tool_client, client):
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
     plain = (await client.post("/v1/sessions", json={})).json()["id"]  # a template without a tool-call format
     r = await client.post(f"/v1/sessions/{plain}/chat/completions", json={"messages": USER, "tools": [WEATHER]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"  # refused, not silently ignored
+    # the generic envelope renders the tools into the prompt (tests/test_generic_tools.py), which
+    # overflows this 256-token model: they are not silently ignored
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 class Answer(pydantic.BaseModel):

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Union
 from model.sampling import SamplingParams
 from server.api.serving import Generation, Usage
 from server.api.state import AppState
-from server.api.tools import NO_TOOLS, ToolCallStream, ToolPlan
+from server.api.tools import NO_TOOLS, ToolPlan
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Turn:
         self.gen.engine.abort(f"{self.spec.request_id}-0")
 
     async def events(self) -> AsyncIterator[CoreEvent]:
-        splitter = ToolCallStream() if self.spec.tools.parse else None
+        splitter = self.spec.tools.splitter() if self.spec.tools.parse else None
         num_calls = 0
         try:
             item = self._first

@@ -11,6 +11,7 @@ usage) and message_stop; a failure mid-stream is an `error` event.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from typing import Any, AsyncIterator
@@ -50,9 +51,11 @@ async def _prompt(request: Request, body: MessagesBase) -> tuple[Any, list[int],
     except ValueError as exc:
         raise _named(exc) from None
     check_text_fits(engine, [m["content"] for m in messages], "messages")
-    plan = await off_loop(tool_plan, tools, choice, engine.tokenizer)
+    parser = request.app.state.workmem.settings.tool_call_parser
+    single = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
+    plan = await off_loop(tool_plan, tools, choice, engine.tokenizer, parser, not single)
     try:
-        prompt = await off_loop(lambda: engine.tokenizer.encode_chat(messages, tools=plan.tools))
+        prompt = await off_loop(lambda: engine.tokenizer.encode_chat(plan.messages(messages), tools=plan.tools))
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     return engine, prompt, plan
@@ -77,6 +80,8 @@ async def create_message(body: MessagesRequest, request: Request):
                                 repetition_penalty=d.repetition_penalty, stop=body.stops(), structured=grammar)
     except ValueError as exc:
         raise _named(exc) from None
+    if plan.forced:  # a forced call is this turn's output: output_config.format applies to text
+        params = dataclasses.replace(params, structured=None)
     params = forced_tool_params(params, plan)
     single = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     turn = Turn(state, TurnSpec("msg_" + secrets.token_hex(12), prompt, params, plan, single_call=single))

@@ -70,10 +70,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = serving_engine(_state(request), body.model)
     messages = body.template_messages()
     check_text_fits(engine, [m["content"] for m in messages], "messages")
-    tools = await off_loop(request_tools, body, engine.tokenizer)  # validates a forced tool's schema
+    tools = await off_loop(request_tools, body, engine.tokenizer, _state(request).settings.tool_call_parser)
     encode = functools.partial(engine.tokenizer.encode_chat, tools=tools.tools)
     try:
-        prompt = await off_loop(encode, messages, body.add_generation_prompt)
+        prompt = await off_loop(encode, tools.messages(messages), body.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     return await chat_response(request, body, prompt, tools=tools)
@@ -97,12 +97,12 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
                      body.cache_salt)
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
                          engine.tokenizer, top_logprobs=logprobs)
-    fmt.tool_deltas = ToolCallDeltas() if tools.parse else None
+    fmt.tool_deltas = ToolCallDeltas(tools) if tools.parse else None
     if body.stream:
         return await stream_response(request, gen, fmt, body.include_usage, chat=True)
     answers = []
     for c in await until_disconnect(request, gen.run_to_end()):
-        message, finish_reason = tool_message(c.text, c.finish_reason, tools.parse)
+        message, finish_reason = tool_message(c.text, c.finish_reason, tools)
         answers.append({"index": c.index, "message": message, "finish_reason": finish_reason,
                         "logprobs": fmt.chat_logprobs(c.token_ids, c.logprobs, logprobs) if logprobs is not None else None})
     return fmt.response(answers, gen.usage.as_dict())

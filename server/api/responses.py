@@ -13,6 +13,7 @@ previous response's resident KV and prefills only the new input.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -91,7 +92,8 @@ class ResponseRun:
             grammar = await off_loop(text_grammar, body.text)
         except ValueError as exc:
             raise _named(exc) from None
-        plan = await off_loop(tool_plan, tools, choice, engine.tokenizer)
+        plan = await off_loop(tool_plan, tools, choice, engine.tokenizer, self.state.settings.tool_call_parser,
+                              body.parallel_tool_calls is not False)
         settings = self.state.settings
         previous = await _call(self.request, lambda e: store.open_response(
             e, self.id, body.previous_response_id, self.owner, settings.session_ttl_s,
@@ -109,10 +111,11 @@ class ResponseRun:
             history = history[1:]  # a response's instructions are its own, never carried over
         if body.instructions:
             history = [_system(body.instructions)] + history
-        snapshot = {"token_ids": previous.token_ids if previous else [], "messages": history,
+        rendered_history, rendered_new = plan.turn_messages(history, self.parsed.messages)
+        snapshot = {"token_ids": previous.token_ids if previous else [], "messages": rendered_history,
                     "overflow": "truncate" if body.truncation == "auto" else "error"}
         try:
-            prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, self.parsed.messages, engine.limits,
+            prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, rendered_new, engine.limits,
                                     plan.tools)
         except APIError as err:
             if err.code == "context_length_exceeded":
@@ -133,6 +136,8 @@ class ResponseRun:
                                     repetition_penalty=d.repetition_penalty, structured=grammar)
         except ValueError as exc:
             raise bad_request(exc) from None
+        if plan.forced:  # a forced call is this turn's output: text.format applies to text only
+            params = dataclasses.replace(params, structured=None)
         params = forced_tool_params(params, plan)
         spec = TurnSpec(self.id, prompt, params, plan, self.id if body.store else None, self.parsed.messages,
                         single_call=body.parallel_tool_calls is False)

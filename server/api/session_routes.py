@@ -167,8 +167,10 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     snapshot = await _call(request, lambda e: _snapshot(e, session_id, owner))
     new = body.template_messages()
     check_text_fits(engine, [m["content"] for m in new], "messages")
-    tools = await off_loop(request_tools, body, engine.tokenizer)  # validates a forced tool's schema
-    prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, new, engine.limits, tools.tools)
+    tools = await off_loop(request_tools, body, engine.tokenizer, state.settings.tool_call_parser)
+    history, rendered = tools.turn_messages(snapshot["messages"], new)  # the generic tool format's view
+    prompt = await off_loop(turn_prompt, engine.tokenizer, {**snapshot, "messages": history}, rendered,
+                            engine.limits, tools.tools)
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new, tools=tools)
 
 

@@ -1,18 +1,20 @@
-"""Tool calls on chat: `tools` go to the chat template (its `tools` variable), the model's
-tool-call text comes back as OpenAI `tool_calls` (whole or streamed).
+"""Tool calls (every protocol's tools arrive here in chat's shape): `tools` go to the chat
+template (its `tools` variable), the model's tool-call text comes back as OpenAI `tool_calls`
+(whole or streamed).
 
-One template family defines a format today, Hermes / Qwen2.5 (a template that mentions
-`<tool_call>`): the model writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
-`tool_choice`: "none" (tools not rendered, nothing parsed), "auto" (parsed if the model calls),
-"required" or {"type": "function", "function": {"name": ...}} (a grammar forces one call of
-any / that tool, its arguments following the tool's JSON schema).
+Formats (`--tool-call-parser`, TOOL_CALL_PARSERS): "hermes", the Hermes / Qwen2.5 family's
+own (a template that mentions `<tool_call>`: the model writes `<tool_call>\\n{"name": ...,
+"arguments": {...}}\\n</tool_call>`), and "generic", the JSON envelope any model can answer
+in (tool_generic.py); "auto" (the default) takes the template's own and falls back to the
+generic one. `tool_choice`: "none" (tools not rendered, nothing parsed), "auto" (parsed if
+the model calls), "required" or {"type": "function", "function": {"name": ...}} (a grammar
+forces one call of any / that tool, its arguments following the tool's JSON schema).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,37 +22,69 @@ from model.sampling import GrammarSpec, SamplingParams
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError
 from server.api.structured import checked
+from server.api.tool_generic import EnvelopeStream, envelope_grammar, new_call_id, parse_envelope, render_messages
 from server.engine.grammar import JSON_OPTIONS
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-NO_FORMAT = "this model's chat template defines no tool-call format (supported: Hermes/Qwen2.5 <tool_call>)"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+
+
+TOOL_CALL_PARSERS = ("auto", "hermes", "generic")  # --tool-call-parser; auto: hermes if the template has one
 
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """What a chat request's tools mean for this model: what to render, force and parse."""
+    """What a request's tools mean for this model: what to render, force and parse. With
+    `generic`, the tools travel in the generic JSON envelope (tool_generic.py), not in the
+    template's `tools` variable, and the grammar always holds the output to the envelope."""
 
     tools: list[dict] | None  # for the template's `tools` variable
-    grammar: GrammarSpec | None  # forces a call (required / named)
-    parse: bool  # turn the model's <tool_call> text into tool_calls
+    grammar: GrammarSpec | None  # forces a call (required / named), or the generic envelope
+    parse: bool  # turn the model's tool-call text into tool_calls
+    generic: list[dict] | None = None  # the tools, when the generic envelope carries them
+    forced: bool = False  # the output is a call (required / named): it is no text
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """The chat messages as the template should read them."""
+        if self.generic is None:
+            return messages
+        return render_messages(messages, self.generic)
+
+    def turn_messages(self, history: list[dict], new: list[dict]) -> tuple[list[dict], list[dict]]:
+        """`messages` for a turn kept apart as (history, new) (sessions, Responses)."""
+        rendered = self.messages(history + new)
+        cut = len(rendered) - len(new)
+        return rendered[:cut], rendered[cut:]
+
+    def splitter(self) -> "ToolCallStream | EnvelopeStream":
+        """A fresh streamed-text -> (content, calls) splitter for this format."""
+        return EnvelopeStream() if self.generic is not None else ToolCallStream()
+
+    def parse_text(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content, OpenAI tool_calls) of a whole output."""
+        if self.generic is None:
+            return parse_tool_calls(text)
+        content, calls = parse_envelope(text)
+        return content, [openai_call(c["name"], c["arguments"]) for c in calls]
 
 
 NO_TOOLS = ToolPlan(None, None, False)
 
 
-def request_tools(body: Any, tok: Tokenizer) -> ToolPlan:
+def request_tools(body: Any, tok: Tokenizer, parser: str = "auto") -> ToolPlan:
     """The ToolPlan of a chat body; 400 naming `tools` / `tool_choice` when it cannot be."""
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
-    return tool_plan(tools, choice, tok)
+    return tool_plan(tools, choice, tok, parser, parallel=body.parallel_tool_calls is not False)
 
 
-def tool_plan(tools: list[dict] | None, choice: Any, tok: Tokenizer) -> ToolPlan:
+def tool_plan(tools: list[dict] | None, choice: Any, tok: Tokenizer, parser: str = "auto",
+              parallel: bool = True) -> ToolPlan:
     """The ToolPlan of chat-shaped `tools` and `tool_choice`; 400 naming the field when it
-    cannot be (every protocol's tools come here in chat's shape)."""
+    cannot be (every protocol's tools come here in chat's shape). `parallel`: more than one
+    call per answer allowed."""
     try:
-        plan = plan_tools(tools, choice, tok.chat_template)
+        plan = plan_tools(tools, choice, tok.chat_template, parser, parallel)
         if plan.grammar is not None:
             checked(plan.grammar, "tools")
     except ValueError as exc:
@@ -68,22 +102,40 @@ def forced_tool_params(params: SamplingParams, plan: ToolPlan) -> SamplingParams
     return dataclasses.replace(params, structured=plan.grammar)
 
 
-def plan_tools(tools: list[dict] | None, tool_choice: Any, chat_template: str | None) -> ToolPlan:
-    """ValueError (starting with the field's name) for a choice the request cannot have."""
+def plan_tools(tools: list[dict] | None, tool_choice: Any, chat_template: str | None,
+               parser: str = "auto", parallel: bool = True) -> ToolPlan:
+    """ValueError (starting with the field's name) for a choice the request cannot have.
+    `parser` (TOOL_CALL_PARSERS): the tool-call format; "auto" takes the template's own
+    (Hermes `<tool_call>`) and falls back to the generic JSON envelope."""
     if not tools or tool_choice == "none":
         if isinstance(tool_choice, dict) or tool_choice == "required":
             raise ValueError("tool_choice needs tools")
         return ToolPlan(None, None, False)
-    if OPEN not in (chat_template or ""):
-        raise ValueError(f"tools: {NO_FORMAT}")
+    if parser == "hermes" or (parser == "auto" and OPEN in (chat_template or "")):
+        return _hermes_plan(tools, tool_choice)
+    chosen = _chosen(tools, tool_choice)
+    forced = chosen is not None or tool_choice == "required"
+    grammar = envelope_grammar(chosen or tools, may_answer=not forced, parallel=parallel)
+    return ToolPlan(None, grammar, True, generic=tools, forced=forced)
+
+
+def _chosen(tools: list[dict], tool_choice: Any) -> list[dict] | None:
+    """The one tool a named tool_choice picks (None for auto / required)."""
+    if not isinstance(tool_choice, dict):
+        return None
     names = [t["function"]["name"] for t in tools]
-    if isinstance(tool_choice, dict):
-        name = tool_choice["function"]["name"]
-        if name not in names:
-            raise ValueError(f"tool_choice names {name!r}, which is not among the tools {names}")
-        return ToolPlan(tools, call_grammar([t for t in tools if t["function"]["name"] == name]), True)
+    name = tool_choice["function"]["name"]
+    if name not in names:
+        raise ValueError(f"tool_choice names {name!r}, which is not among the tools {names}")
+    return [t for t in tools if t["function"]["name"] == name]
+
+
+def _hermes_plan(tools: list[dict], tool_choice: Any) -> ToolPlan:
+    chosen = _chosen(tools, tool_choice)
+    if chosen is not None:
+        return ToolPlan(tools, call_grammar(chosen), True, forced=True)
     if tool_choice == "required":
-        return ToolPlan(tools, call_grammar(tools), True)
+        return ToolPlan(tools, call_grammar(tools), True, forced=True)
     return ToolPlan(tools, None, True)  # auto (the default when tools are given)
 
 
@@ -101,8 +153,8 @@ def call_grammar(tools: list[dict]) -> GrammarSpec:
     return GrammarSpec("grammar", lark)
 
 
-def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+def openai_call(name: str, arguments: str) -> dict:
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _tool_call(body: str) -> dict | None:
@@ -206,13 +258,15 @@ def template_tool_calls(calls: list[dict]) -> list[dict]:
     return out
 
 
-def tool_message(text: str, finish_reason: str | None, parse: bool) -> tuple[dict, str | None]:
+def tool_message(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[dict, str | None]:
     """A whole choice's assistant message and finish_reason ("tool_calls" when it called)."""
-    if parse:
-        content, calls = parse_tool_calls(text)
+    if plan.parse:
+        content, calls = plan.parse_text(text)
         if calls:
             return ({"role": "assistant", "content": content, "tool_calls": calls},
                     "tool_calls" if finish_reason == "stop" else finish_reason)
+        if plan.generic is not None:  # the envelope's answer
+            return {"role": "assistant", "content": content or ""}, finish_reason
     return {"role": "assistant", "content": text}, finish_reason
 
 
@@ -220,11 +274,13 @@ class ToolCallDeltas:
     """Rewrites a chat stream's choice deltas: content outside calls as content, each call
     as one `tool_calls` delta once it closes, finish_reason "tool_calls" if the choice called."""
 
-    def __init__(self) -> None:
-        self._streams: dict[int, ToolCallStream] = {}
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self._streams: dict[int, ToolCallStream | EnvelopeStream] = {}
 
     def __call__(self, chunk_choice: dict) -> dict:
-        stream = self._streams.setdefault(chunk_choice["index"], ToolCallStream())
+        index = chunk_choice["index"]
+        stream = self._streams.get(index) or self._streams.setdefault(index, self.plan.splitter())
         content, calls = stream.feed(chunk_choice["delta"].get("content", ""))
         finish = chunk_choice["finish_reason"]
         if finish is not None:
