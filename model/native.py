@@ -1,10 +1,23 @@
-"""Native CPU kernels (model/csrc/*.c): compiled on first use with the system C compiler,
-cached per source + CPU, loaded with ctypes. No torch headers, so a build takes ~1 s.
+"""Native CPU kernels (model/csrc/*.c), loaded with ctypes. No torch headers.
 
-`native_kernels()` returns them as `NativeOps`, or None (with one warning) where no
-compiler works; `resolve_kernels` picks them at start-up, the loader packs 4/8-bit group
-weights for them (AVX512-VNNI), `install_kernels` hands them to the layers (else the torch paths stay).
-`WORKMEM_NATIVE=0` turns them off.
+The kernels are built ahead of time, one shared library per ISA variant (model/native_build.py:
+avx512, avx2, portable on x86-64; portable on aarch64), by the package build (the wheel and the
+Docker image carry them) or `make kernels` in a checkout. At start-up `native_kernels()` picks
+the best variant the CPU reports (Linux /proc/cpuinfo flags) and returns it as `NativeOps`
+(`.variant` names it), or None with one warning (torch ops then).
+
+Environment:
+  WORKMEM_CPU_VARIANT=avx2   force a variant; one this CPU cannot run (or unknown) is a
+                             KernelVariantError, never a SIGILL. `native` = -march=native,
+                             compiled at run time (a developer's comparison point).
+  WORKMEM_NATIVE_BUILD=1|0   compile the chosen variant at run time (into WORKMEM_CACHE_DIR,
+                             default ~/.cache/workmem) where the prebuilt library is missing or
+                             older than the sources beside it. Default: only in a source
+                             checkout (a .git beside model/), never in an installed package.
+  WORKMEM_KERNELS_DIR        where the prebuilt libraries are (default model/_native)
+  WORKMEM_NATIVE=0           no native kernels at all.
+`resolve_kernels` picks them at start-up, the loader packs 4/8-bit group weights for them,
+`install_kernels` hands them to the layers (else the torch paths stay).
 OpenMP comes from torch's own `libgomp.so.1` (already loaded, same soname), so the kernels
 share torch's thread pool and follow `torch.set_num_threads`.
 """
@@ -16,32 +29,23 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from model import native_build
 from model.attention import NativeCPUPagedAttention, TorchPagedAttention
 from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from model.native_build import MARCH_NATIVE, VARIANT_ENV, KernelVariantError, Variant, choose_variant, cpu_flags
 
 log = logging.getLogger("workmem.native")
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("paged_attention.c", "layer_ops.c", "vnni_gemv.c", "lanes_gemm.c"))
-HEADERS = (CSRC / "bf16.h",)
-# -ffast-math lets the compiler vectorize the dot products' sums and call glibc's vector
-# expf (libmvec); the kernels never rely on inf/NaN (their running max starts at -FLT_MAX).
-# It is given when compiling only: linking with it adds crtfastmath.o, whose constructor
-# turns on flush-to-zero for the whole process (every torch op) as the library loads.
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-ffast-math")
-LDFLAGS = ("-shared", "-fopenmp")
-LIBS = ("-lmvec", "-lm")
 CACHE_ENV = "WORKMEM_CACHE_DIR"  # default: ~/.cache/workmem
 DISABLE_ENV = "WORKMEM_NATIVE"  # "0" disables the native kernels
-COMPILE_TIMEOUT_S = 120
+BUILD_ENV = "WORKMEM_NATIVE_BUILD"
+KERNELS_DIR_ENV = "WORKMEM_KERNELS_DIR"
+CHECKOUT_MARKER = Path(__file__).parent.parent / ".git"  # a file in a git worktree, a folder in a clone
 
 KERNEL_BACKENDS = ("auto", "torch", "native")
 
@@ -64,7 +68,9 @@ class NativeOps:
 
     dtypes = frozenset(_SUFFIXES)
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, variant: str = "unknown", path: Path | None = None) -> None:
+        self.variant = variant  # the ISA variant these were built for (model/native_build.py)
+        self.path = path
         self.fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}
         for name, argtypes in _SIGNATURES.items():
             for dtype, suffix in _SUFFIXES.items():
@@ -132,18 +138,87 @@ class NativeOps:
 
 @functools.cache
 def native_kernels() -> NativeOps | None:
-    """The compiled kernels (built once per process, cached on disk), or None."""
+    """The kernels of the variant chosen for this CPU (loaded once per process), or None
+    (one warning) where none can be loaded. Raises KernelVariantError for a bad forced variant."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: native CPU kernels disabled (torch fallback, slower decode)")
+    ops = load_variant(choose_variant(os.environ.get(VARIANT_ENV) or None, cpu_flags()))
+    if ops is not None:
+        log.info("native CPU kernels: variant %s (%s)", ops.variant, ops.path)
+    return ops
+
+
+def load_variant(variant: Variant) -> NativeOps | None:
+    """A fresh handle on `variant`'s library (each its own symbols: variants load side by
+    side), or None with a warning. The caller has checked that the CPU can run it."""
+    path = _library(variant)
+    if path is None:
         return None
     try:
-        return NativeOps(ctypes.CDLL(str(_build(compiler))))
-    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
-        log.warning("native CPU kernels unavailable (%s): using the torch fallback", exc)
+        return NativeOps(ctypes.CDLL(str(path)), variant.name, path)
+    except (OSError, AttributeError) as exc:
+        log.warning("native CPU kernels %s unavailable (%s): using the torch fallback", path, exc)
         return None
+
+
+def check_forced_variant() -> str | None:
+    """The variant WORKMEM_CPU_VARIANT forces, checked against this CPU (KernelVariantError),
+    or None where none is forced: `workmem serve` asks before it starts."""
+    forced = os.environ.get(VARIANT_ENV) or None
+    return None if forced is None else choose_variant(forced, cpu_flags()).name
+
+
+def runnable_variants() -> list[str]:
+    """Names of this machine's variants the CPU can run, best first."""
+    flags = cpu_flags()
+    return [v.name for v in native_build.variants_for() if v.needs <= flags]
+
+
+__all__ = ["KernelVariantError", "NativeOps", "choose_variant", "cpu_flags", "native_kernels", "resolve_kernels"]
+
+
+def _library(variant: Variant) -> Path | None:
+    """The prebuilt library of `variant` if it matches the sources beside it (or no sources
+    ship); else one compiled at run time where WORKMEM_NATIVE_BUILD allows; else the stale
+    one (with a warning) or None."""
+    folder = Path(os.environ.get(KERNELS_DIR_ENV) or native_build.OUT_DIR)
+    prebuilt = folder / native_build.library_name(variant.name)
+    info = native_build.read_build_info(folder)
+    have_sources = bool(native_build.sources())
+    current = prebuilt.exists() and (not have_sources or (info or {}).get("sources_sha256") == native_build.sources_digest())
+    if current and variant.name != MARCH_NATIVE:
+        return prebuilt
+    build = os.environ.get(BUILD_ENV, "1" if CHECKOUT_MARKER.exists() else "0") == "1"
+    if build and have_sources:
+        compiler = native_build.find_compiler()
+        if compiler is not None:
+            try:
+                return _build_cached(variant, compiler)
+            except RuntimeError as exc:
+                log.warning("compiling the native CPU kernels failed: %s", exc)
+        else:
+            log.warning("no C compiler found to build the %s kernels at run time", variant.name)
+    if prebuilt.exists():
+        log.warning("native CPU kernels in %s were built from other sources than model/csrc (run `make kernels`)",
+                    folder)
+        return prebuilt
+    log.warning("no prebuilt native CPU kernels for variant %s in %s (build them: `make kernels`, or install the "
+                "wheel; %s=1 compiles them at run time): torch fallback, slower decode", variant.name, folder, BUILD_ENV)
+    return None
+
+
+def _build_cached(variant: Variant, compiler: str) -> Path:
+    """Compile `variant` into the cache unless these sources + flags were built there before."""
+    key = hashlib.sha256()
+    key.update(native_build.sources_digest().encode())
+    key.update(" ".join((compiler, *native_build.CFLAGS, *variant.flags, *native_build.LDFLAGS, *native_build.LIBS,
+                         _cpu_signature() if variant.name == MARCH_NATIVE else "")).encode())
+    cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "workmem")) / "native" / key.hexdigest()[:16]
+    target = cache / native_build.library_name(variant.name)
+    if not target.exists():
+        native_build.build_variant(variant, cache, compiler)
+        log.info("built native CPU kernels: %s", target)
+    return target
 
 
 def resolve_kernels(name: str, device: torch.device) -> NativeOps | None:
@@ -155,7 +230,7 @@ def resolve_kernels(name: str, device: torch.device) -> NativeOps | None:
         return None
     ops = native_kernels()
     if ops is None and name == "native":
-        raise ValueError("kernel backend 'native' needs a working C compiler (see the log)")
+        raise ValueError("kernel backend 'native': no native kernels could be loaded (see the log)")
     return ops
 
 
@@ -179,30 +254,6 @@ def select_kernels(model: nn.Module, name: str, device: torch.device) -> str:
     if ops is not None:
         install_kernels(model, ops)
     return "torch" if ops is None else "native"
-
-
-def _build(compiler: str) -> Path:
-    """Compile into the cache unless this source + flags + CPU was built before."""
-    key = hashlib.sha256()
-    for src in (*SOURCES, *HEADERS):
-        key.update(src.read_bytes())
-    key.update(" ".join((compiler, *CFLAGS, *LDFLAGS, *LIBS, platform.machine(), _cpu_signature())).encode())
-    cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "workmem")) / "native"
-    target = cache / f"workmem_kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
-        out = Path(tmp) / target.name
-        objects = [str(Path(tmp) / f"{src.stem}.o") for src in SOURCES]
-        for src, obj in zip(SOURCES, objects):
-            subprocess.run([compiler, *CFLAGS, "-c", str(src), "-o", obj],
-                           check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
-        subprocess.run([compiler, *LDFLAGS, *objects, "-o", str(out), *LIBS],
-                       check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
-        os.replace(out, target)
-    log.info("built native CPU kernels: %s", target)
-    return target
 
 
 def _cpu_signature() -> str:

@@ -149,6 +149,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def kernels(self) -> dict[str, str | None]:
+        """The CPU kernels in use: backend (native | torch) and the native ISA variant."""
+        return {"backend": self.engine.kernel_backend, "variant": self.engine.kernel_variant}
+
+    @property
     def limits(self) -> RequestLimits:
         """The engine's request rules (immutable: safe to ask from the event loop)."""
         return self.engine.limits

@@ -66,9 +66,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the engine (default: torch's, one per core)")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "native"],
-                        help="auto = native C kernels on the CPU (decode attention, norms, rotary; built on "
-                             "first use with the system C compiler; torch ops where none), torch = torch "
-                             "ops only (default auto)")
+                        help="auto = native C kernels on the CPU (decode attention, norms, rotary, 4/8-bit "
+                             "and bf16 matmuls; prebuilt per ISA variant, the best the CPU runs, or "
+                             "WORKMEM_CPU_VARIANT; torch ops where none load), torch = torch ops only (default auto)")
     parser.add_argument("--grammar-cache-size", type=int, default=DEFAULT_GRAMMAR_CACHE_SIZE,
                         help="compiled structured-output grammars (JSON schemas, regexes, ...) kept, least "
                              f"recently used dropped first (default {DEFAULT_GRAMMAR_CACHE_SIZE})")
@@ -128,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
+    check_kernel_variant()
     name = args.served_model_name or _model_name(config.model)
     defaults = sampling_defaults_from_args(args, config.model, is_default_model=args.model is None)
     logging.getLogger("workmem").info(defaults.describe())
@@ -168,6 +169,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_RANK_LOST
         engine.close()
     return code
+
+
+def check_kernel_variant() -> None:
+    """A forced WORKMEM_CPU_VARIANT this CPU cannot run stops the server before it starts (exit 2)."""
+    from model.native import KernelVariantError, check_forced_variant
+
+    try:
+        check_forced_variant()
+    except KernelVariantError as exc:
+        print(f"workmem serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def exit_on_rank_loss(engine) -> None:

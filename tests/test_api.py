@@ -200,7 +200,9 @@ async def test_models_tokenize_detokenize_version_docs(client, engine):
     assert text["prompt"] == "hello there"
     assert (await client.post("/detokenize", json={"tokens": [-1]})).status_code == 400
     assert (await client.post("/tokenize", json={})).status_code == 400
-    assert "version" in (await client.get("/version")).json()
+    version = (await client.get("/version")).json()
+    assert "version" in version and version["kernels"] == engine.kernels  # {"backend": ..., "variant": ...}
+    assert version["kernels"]["backend"] in ("native", "torch")
     assert "/v1/chat/completions" in (await client.get("/openapi.json")).json()["paths"]
 
 

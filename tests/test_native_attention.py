@@ -79,16 +79,19 @@ def test_backend_selection(tiny_checkpoint):
         select_kernels(model, "flash", torch.device("cpu"))
 
 
-def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
-    """Where no C compiler exists, native_kernels() is None and auto keeps torch."""
+def test_no_kernels_and_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
+    """Where no prebuilt kernels exist and no C compiler could build them, native_kernels()
+    is None and auto keeps torch."""
     monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("WORKMEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WORKMEM_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("WORKMEM_NATIVE_BUILD", "1")
     native_kernels.cache_clear()
     try:
         assert native_kernels() is None
         assert select_kernels(torch.nn.Linear(1, 1), "auto", torch.device("cpu")) == "torch"
-        with pytest.raises(ValueError, match="C compiler"):
+        with pytest.raises(ValueError, match="no native kernels could be loaded"):
             select_kernels(torch.nn.Linear(1, 1), "native", torch.device("cpu"))
     finally:
         native_kernels.cache_clear()

@@ -143,7 +143,8 @@ static DEFINE_KERNEL(generic_attention_bf16, uint16_t, bf16_load, bf16_store, fa
 DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f32_ok, fast_dot_f32, combine_f32)
 
 #if defined(__AVX512BF16__)
-/* The bf16 fast path (AVX512-BF16, D = 64 or 128, H / kvH <= FAST_MAX_GROUP): tasks are
+/* The bf16 fast path (AVX512-BF16, D = 64 or 128, H / kvH <= FAST_MAX_GROUP; other builds:
+ * the plain-C tasks below, any D % 8 == 0 up to FAST_MAX_D): tasks are
  * (sequence, piece, kv head), so the g query heads that share a kv head read each K/V row
  * together; q.k with exact bf16 products; V rows widened once per row and summed into
  * float32 accumulators held in registers (heads in chunks of 256 / D). */
@@ -251,6 +252,80 @@ static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_
 static int fast_attention_ok(int64_t H, int64_t kvH, int64_t D) {
     return (D == 64 || D == 128) && H % kvH == 0 && H / kvH <= FAST_MAX_GROUP;
 }
+#else
+/* The same tasks in plain C for the other variants (AVX2 + FMA, x86-64 baseline, armv8-a):
+ * each K/V row is widened to float32 once into a buffer and serves the g query heads of its
+ * kv head; the compiler vectorizes the dot products and the V sums for the variant's ISA
+ * (-ffast-math lets it reorder the sums). q.k is exact bf16 products summed in float32, then
+ * scaled, as on AVX512-BF16. D a multiple of 8 up to FAST_MAX_D. */
+#define FAST_MAX_GROUP 8
+#define FAST_MAX_D 256
+#define PREFETCH_TOKENS 16 /* as above: the next rows of a block table are not adjacent */
+
+static inline void widen_row(const uint16_t *restrict p, float *restrict out, int64_t D) {
+    for (int64_t d = 0; d < D; d++) out[d] = bf16_load(p[d]);
+}
+
+static inline void prefetch_row(const uint16_t *row, int64_t D) { /* D bf16 = D * 2 bytes */
+    for (int64_t c = 0; c < D * 2; c += 64) __builtin_prefetch((const char *)row + c);
+}
+
+static inline float dot_f32(const float *restrict a, const float *restrict b, int64_t D) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
+                      int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float scale,
+                      float *scores, float *acc, float *max, float *sum) {
+    float qf[FAST_MAX_GROUP * FAST_MAX_D], r[FAST_MAX_D];
+    for (int64_t i = 0; i < g; i++) widen_row(qb + (j * g + i) * D, qf + i * D, D);
+    for (int64_t i = 0; i < g; i++) max[i] = -FLT_MAX;
+    for (int64_t t = 0; t < n; t++) { /* K pass: each row widened once for the g heads */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_row(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * D, D);
+        }
+        widen_row(k_cache + (table[tok / bs] * bs + tok % bs) * row + j * D, r, D);
+        for (int64_t i = 0; i < g; i++) {
+            const float s = dot_f32(qf + i * D, r, D) * scale;
+            scores[i * n + t] = s;
+            max[i] = s > max[i] ? s : max[i];
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float l = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float e = expf(scores[i * n + t] - max[i]);
+            scores[i * n + t] = e;
+            l += e;
+        }
+        sum[i] = l;
+    }
+    for (int64_t i = 0; i < g * D; i++) acc[i] = 0.f;
+    for (int64_t t = 0; t < n; t++) { /* V pass: acc[i][:] += p[i][t] * v[t][:] */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_row(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * D, D);
+        }
+        widen_row(v_cache + (table[tok / bs] * bs + tok % bs) * row + j * D, r, D);
+        for (int64_t i = 0; i < g; i++) {
+            const float p = scores[i * n + t];
+            float *restrict a = acc + i * D;
+            for (int64_t d = 0; d < D; d++) a[d] += p * r[d];
+        }
+    }
+}
+
+static int fast_attention_ok(int64_t H, int64_t kvH, int64_t D) {
+    return D % 8 == 0 && D <= FAST_MAX_D && H % kvH == 0 && H / kvH <= FAST_MAX_GROUP;
+}
+#endif
+
+/* Tasks (sequence, piece, kv head) of `fast_task` (either build), combined per sequence. */
 
 static void fast_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
                                 const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, uint16_t *out,
@@ -280,19 +355,16 @@ static void fast_attention_bf16(const uint16_t *q, int64_t q_stride, const uint1
     combine_bf16(part, splits, out, B, H, D);
     free(part);
 }
-#endif
 
 void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k_cache,
                                  const uint16_t *v_cache, const int64_t *tables, int64_t max_blocks,
                                  const int64_t *context_lens, uint16_t *out, int64_t B, int64_t H, int64_t kvH,
                                  int64_t D, int64_t bs, float scale) {
-#if defined(__AVX512BF16__)
     if (fast_attention_ok(H, kvH, D)) {
         fast_attention_bf16(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, bs,
                             scale);
         return;
     }
-#endif
     generic_attention_bf16(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, bs,
                            scale);
 }

@@ -82,9 +82,11 @@ async def metrics(request: Request):
 
 
 @router.get("/version")
-async def get_version():
+async def get_version(request: Request):
     try:
         v = version("workmem")
     except PackageNotFoundError:
         v = "unknown"
-    return {"version": v, "time": int(time.time())}
+    engine = request.app.state.workmem.engine
+    # kernels: {"backend": "native" | "torch", "variant": "avx512" | "avx2" | "portable" | null}; null while loading
+    return {"version": v, "time": int(time.time()), "kernels": engine.kernels if engine else None}

@@ -34,6 +34,7 @@ class RankParts(NamedTuple):
     plan: KVCachePlan
     runner: Runner
     kernel_backend: str  # "native" or "torch"
+    kernel_variant: str | None  # the native kernels' ISA variant (avx512 | avx2 | portable), None for torch
 
 
 def build_rank(
@@ -56,4 +57,5 @@ def build_rank(
     else:
         plan, local = plan_shard(config, model_config, group, dtype, device), local_config(model_config, group.world)
     runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed)
-    return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native")
+    return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native",
+                     None if native is None else native.variant)

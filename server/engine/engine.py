@@ -72,7 +72,8 @@ class LLMEngine:
             "kernels %s, quantization %s",
             config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
             self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
-            self.kernel_backend, config.quantization,
+            self.kernel_backend if self.kernel_variant is None else f"native ({self.kernel_variant})",
+            config.quantization,
         )
 
     def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
@@ -81,6 +82,7 @@ class LLMEngine:
                            runner_cls=Runner if self.tp is None else self.tp.runner)
         self.model, self.model_config, self.tokenizer = parts.model, parts.model_config, parts.tokenizer
         self.plan, self.runner, self.kernel_backend = parts.plan, parts.runner, parts.kernel_backend
+        self.kernel_variant = parts.kernel_variant
         self.max_model_len = self.plan.max_model_len
         self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.tokenizer.vocab_size,
                                     self.tokenizer.max_token_chars)
