@@ -211,7 +211,7 @@ def _build_cached(variant: Variant, compiler: str) -> Path:
     """Compile `variant` into the cache unless these sources + flags were built there before."""
     key = hashlib.sha256()
     key.update(native_build.sources_digest().encode())
-    key.update(" ".join((compiler, *native_build.CFLAGS, *variant.flags, *native_build.LDFLAGS, *native_build.LIBS,
+    key.update(" ".join((compiler, *native_build.CFLAGS, *variant.flags, *native_build.LDFLAGS, *variant.libs,
                          _cpu_signature() if variant.name == MARCH_NATIVE else "")).encode())
     cache = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "workmem")) / "native" / key.hexdigest()[:16]
     target = cache / native_build.library_name(variant.name)

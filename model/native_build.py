@@ -39,7 +39,7 @@ LIB_PREFIX = "workmem_kernels-"
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c11", "-ffast-math")
 # OpenMP comes from torch's own `libgomp.so.1` (already loaded, same soname) at run time.
 LDFLAGS = ("-shared", "-fopenmp")
-LIBS = ("-lmvec", "-lm")
+LIBS = ("-lmvec", "-lm")  # glibc's vector expf etc. (x86-64; aarch64's glibc 2.36 has no libmvec)
 VARIANT_ENV = "WORKMEM_CPU_VARIANT"  # forces a variant (model/native.py)
 MARCH_NATIVE = "native"  # the run-time-only -march=native variant
 COMPILE_TIMEOUT_S = 120
@@ -58,6 +58,7 @@ class Variant:
     machine: str  # platform.machine() of the CPUs it is for
     flags: tuple[str, ...]
     needs: frozenset[str]
+    libs: tuple[str, ...] = LIBS
 
 
 # Best first: the loader takes the first one the CPU can run.
@@ -68,7 +69,7 @@ VARIANTS = (
     # Haswell .. Alder Lake client CPUs, Zen 1-3, and AVX-512 CPUs without BF16 (Skylake-X, Ice Lake)
     Variant("avx2", "x86_64", ("-march=x86-64-v3",), _X86_V3),
     Variant("portable", "x86_64", ("-march=x86-64", "-mtune=generic"), frozenset()),
-    Variant("portable", "aarch64", ("-march=armv8-a",), frozenset()),  # NEON is part of armv8-a
+    Variant("portable", "aarch64", ("-march=armv8-a",), frozenset(), ("-lm",)),  # NEON is part of armv8-a
 )
 
 
@@ -160,7 +161,7 @@ def build_variant(variant: Variant, out: Path, compiler: str, jobs: int | None =
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
             list(pool.map(compile_one, zip(srcs, objects)))
         lib = Path(tmp) / target.name
-        _run([compiler, *LDFLAGS, *objects, "-o", str(lib), *LIBS])
+        _run([compiler, *LDFLAGS, *objects, "-o", str(lib), *variant.libs])
         os.replace(lib, target)
     return target
 
