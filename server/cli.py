@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
         replica_id=args.replica_id, sampling_defaults=defaults, web_ui=not args.no_ui,
         max_stored_responses=args.max_stored_responses, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
 
     def load() -> AsyncEngine:
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.api.state import (
         DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_STORED_RESPONSES, DEFAULT_MAX_TOKENS, DEFAULT_SHUTDOWN_TIMEOUT_S,
     )
+    from server.api.reasoning import REASONING_PARSERS
     from server.api.tools import TOOL_CALL_PARSERS
     from server.engine.config import DEFAULT_SESSION_TTL_S
     from server.sampling_defaults import add_sampling_default_args
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="larger bodies get 413")
     serve.add_argument("--session-ttl", type=float, default=DEFAULT_SESSION_TTL_S,
                        help=f"seconds an idle session lives (default {DEFAULT_SESSION_TTL_S:.0f})")
+    serve.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSERS,
+                       help="reasoning output: think (<think>...</think> apart from the answer), none, auto: think "
+                            "when the chat template mentions <think> (default auto)")
     serve.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
                        help="tool-call format: hermes (<tool_call> blocks), generic (a JSON envelope any model "
                             "answers in), auto: the chat template's own, else generic (default auto)")

@@ -2,11 +2,12 @@
 sampling, tool plan and session in; protocol-neutral events out.
 
     TurnSpec --Turn.start()--> (errors: APIError before any byte is sent)
-             --Turn.events()--> TextDelta* ToolCallDone* ... TurnEnd   (one TurnEnd, last)
+             --Turn.events()--> ReasoningDelta* TextDelta* ToolCallDone* ... TurnEnd (last)
 
 An adapter (server/api/responses.py, messages.py) translates its request into a TurnSpec
-and these events into its wire format. Text that is a tool call (the plan's format) never
-reaches the adapter as text: it arrives as one ToolCallDone once its block closes. Closing
+and these events into its wire format. With a reasoning parser (`thinking` set), the
+<think> block arrives as ReasoningDelta, never as text. Text that is a tool call (the plan's
+format) never reaches the adapter as text: it arrives as one ToolCallDone once its block closes. Closing
 the event iterator (a client gone) or `Turn.cancel()` aborts the engine request; a session
 turn that did not finish leaves its session as it was.
 """
@@ -17,6 +18,7 @@ from typing import AsyncIterator, Union
 
 from model.sampling import SamplingParams
 from server.api.serving import Generation, Usage
+from server.api.reasoning import ThinkStream
 from server.api.state import AppState
 from server.api.tools import NO_TOOLS, ToolPlan
 
@@ -33,10 +35,16 @@ class TurnSpec:
     new_messages: list[dict] | None = None  # what the turn adds to the session's messages
     cache_salt: str | None = None
     single_call: bool = False  # parallel_tool_calls=false: calls after the first are dropped
+    thinking: bool | None = None  # a reasoning parser runs: whether the output starts inside <think>
 
 
 @dataclass(frozen=True)
 class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
     text: str
 
 
@@ -59,9 +67,10 @@ class TurnEnd:
     usage: Usage
     num_calls: int
     stop_sequence: str | None
+    reasoning: str = ""  # the whole reasoning text (ReasoningDelta's sum)
 
 
-CoreEvent = Union[TextDelta, ToolCallDone, TurnEnd]
+CoreEvent = Union[TextDelta, ReasoningDelta, ToolCallDone, TurnEnd]
 
 
 class Turn:
@@ -93,12 +102,19 @@ class Turn:
 
     async def events(self) -> AsyncIterator[CoreEvent]:
         splitter = self.spec.tools.splitter() if self.spec.tools.parse else None
+        think = ThinkStream(self.spec.thinking) if self.spec.thinking is not None else None
         num_calls = 0
         try:
             item = self._first
             while item is not None:
                 choice, out = item
-                text, calls = splitter.feed(out.text) if splitter else (out.text, [])
+                reasoning, text = think.feed(out.text) if think else ("", out.text)
+                if out.finished and think is not None:
+                    more, tail = think.flush()
+                    reasoning, text = reasoning + more, text + tail
+                if reasoning:
+                    yield ReasoningDelta(reasoning)
+                text, calls = splitter.feed(text) if splitter else (text, [])
                 if out.finished and splitter is not None:
                     tail, more = splitter.flush()
                     text, calls = text + tail, calls + more
@@ -114,7 +130,8 @@ class Turn:
                     if num_calls and reason == "stop":
                         reason = "tool_calls"
                     yield TurnEnd(reason, choice.text, list(choice.token_ids), self.gen.usage, num_calls,
-                                  self._stop_sequence(choice.token_ids, choice.text, reason))
+                                  self._stop_sequence(choice.token_ids, choice.text, reason),
+                                  think.reasoning if think else "")
                     return
                 item = await anext(self._events, None)
         finally:

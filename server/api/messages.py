@@ -19,12 +19,13 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 
 from model.sampling import SamplingParams
-from server.api.core import TextDelta, ToolCallDone, Turn, TurnEnd, TurnSpec
+from server.api.core import CoreEvent, ReasoningDelta, TextDelta, ToolCallDone, Turn, TurnEnd, TurnSpec
 from server.api.errors import APIError, error_body
 from server.api.openai_routes import STREAMED
 from server.api.protocol_messages import (
     CountTokensRequest, MessagesBase, MessagesRequest, chat_messages, chat_tool_choice, chat_tools,
 )
+from server.api.reasoning import opens_thinking, reasoning_parser
 from server.api.responses_input import text_grammar
 from server.api.serving import Usage, check_text_fits, fit_max_tokens, off_loop, serving_engine
 from server.api.sse import EventStream, sse, until_disconnect
@@ -39,8 +40,10 @@ def _named(exc: ValueError) -> APIError:
     return APIError(400, message, param=message.split(" ", 1)[0].rstrip(":"))
 
 
-async def _prompt(request: Request, body: MessagesBase) -> tuple[Any, list[int], ToolPlan]:
-    """(engine, prompt tokens, tool plan) for a Messages body; 4xx for what cannot be."""
+async def _prompt(request: Request, body: MessagesBase) -> tuple[Any, list[int], ToolPlan, bool | None]:
+    """(engine, prompt tokens, tool plan, whether the output starts thinking or None without a
+    reasoning parser) for a Messages body; 4xx for what cannot be."""
+    settings = request.app.state.workmem.settings
     engine = serving_engine(request.app.state.workmem, body.model)
     name = body.unsupported()
     if name is not None:
@@ -54,23 +57,30 @@ async def _prompt(request: Request, body: MessagesBase) -> tuple[Any, list[int],
     parser = request.app.state.workmem.settings.tool_call_parser
     single = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
     plan = await off_loop(tool_plan, tools, choice, engine.tokenizer, parser, not single)
+    thinks = reasoning_parser(engine.tokenizer.chat_template, settings.reasoning_parser) is not None
+    wanted = body.thinking.type if body.thinking is not None else None
+    if wanted in ("enabled", "adaptive") and not thinks:
+        raise APIError(400, "thinking: this model's chat template does not think (no reasoning parser runs)",
+                       param="thinking")
+    kwargs = {"enable_thinking": False} if wanted == "disabled" and thinks else {}
     try:
-        prompt = await off_loop(lambda: engine.tokenizer.encode_chat(plan.messages(messages), tools=plan.tools))
+        prompt = await off_loop(lambda: engine.tokenizer.encode_chat(plan.messages(messages), tools=plan.tools,
+                                                                     **kwargs))
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
-    return engine, prompt, plan
+    return engine, prompt, plan, opens_thinking(engine.tokenizer, prompt) if thinks else None
 
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request):
-    _, prompt, _ = await _prompt(request, body)
+    _, prompt, _, _ = await _prompt(request, body)
     return {"input_tokens": len(prompt)}
 
 
 @router.post("/v1/messages", responses=STREAMED)
 async def create_message(body: MessagesRequest, request: Request):
     state = request.app.state.workmem
-    engine, prompt, plan = await _prompt(request, body)
+    engine, prompt, plan, thinking = await _prompt(request, body)
     settings, d = state.settings, state.settings.sampling_defaults
     max_tokens = fit_max_tokens(engine, len(prompt), body.max_tokens, None, settings.max_tokens_limit)
     try:
@@ -84,7 +94,8 @@ async def create_message(body: MessagesRequest, request: Request):
         params = dataclasses.replace(params, structured=None)
     params = forced_tool_params(params, plan)
     single = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
-    turn = Turn(state, TurnSpec("msg_" + secrets.token_hex(12), prompt, params, plan, single_call=single))
+    turn = Turn(state, TurnSpec("msg_" + secrets.token_hex(12), prompt, params, plan, single_call=single,
+                                thinking=thinking))
     await until_disconnect(request, turn.start())
     message = MessageBuilder(turn.spec.request_id, settings.served_model_name)
     if body.stream:
@@ -124,25 +135,42 @@ class MessageBuilder:
     def __init__(self, message_id: str, model: str) -> None:
         self.id, self.model = message_id, model
         self.content: list[dict] = []
-        self._text_open = False
+        self._open: str | None = None  # the type of the block being streamed ("text", "thinking")
         self.final: dict | None = None
 
     def start(self, usage: Usage) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": _usage(usage, 0)}
 
-    def add(self, ev: TextDelta | ToolCallDone | TurnEnd) -> list[tuple[str, dict]]:
+    def add(self, ev: CoreEvent) -> list[tuple[str, dict]]:
+        if isinstance(ev, ReasoningDelta):
+            return self._thinking(ev.text)
         if isinstance(ev, TextDelta):
             return self._text(ev.text)
         if isinstance(ev, ToolCallDone):
             return self._tool_use(ev.call)
         return self._end(ev)
 
+    def _thinking(self, delta: str) -> list[tuple[str, dict]]:
+        events = []
+        if self._open != "thinking":
+            events = self._close()
+            self.content.append({"type": "thinking", "thinking": "", "signature": ""})
+            self._open = "thinking"
+            events.append(("content_block_start", {"type": "content_block_start", "index": len(self.content) - 1,
+                                                   "content_block": {"type": "thinking", "thinking": "",
+                                                                     "signature": ""}}))
+        self.content[-1]["thinking"] += delta
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.content) - 1,
+                                               "delta": {"type": "thinking_delta", "thinking": delta}}))
+        return events
+
     def _text(self, delta: str) -> list[tuple[str, dict]]:
         events = []
-        if not self._text_open:
+        if self._open != "text":
+            events = self._close()
             self.content.append({"type": "text", "text": ""})
-            self._text_open = True
+            self._open = "text"
             events.append(("content_block_start", {"type": "content_block_start", "index": len(self.content) - 1,
                                                    "content_block": {"type": "text", "text": ""}}))
         self.content[-1]["text"] += delta
@@ -151,9 +179,9 @@ class MessageBuilder:
         return events
 
     def _close(self) -> list[tuple[str, dict]]:
-        if not self._text_open:
+        if self._open is None:
             return []
-        self._text_open = False
+        self._open = None
         return [("content_block_stop", {"type": "content_block_stop", "index": len(self.content) - 1})]
 
     def _tool_use(self, call: dict) -> list[tuple[str, dict]]:

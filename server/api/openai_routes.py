@@ -18,6 +18,7 @@ from server.api.protocol import (
 from server.api.serving import (
     Choice, Generation, check_text_fits, fit_max_tokens, make_params, off_loop, ready_engine, serving_engine,
 )
+from server.api.reasoning import ThinkStream, opens_thinking, reasoning_parser, split_reasoning, template_kwargs
 from server.api.sse import DONE, EventStream, sse, until_disconnect
 from server.api.tools import NO_TOOLS, ToolCallDeltas, ToolPlan, forced_tool_params, request_tools, tool_message
 from server.engine.limits import RequestLimits
@@ -71,12 +72,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     messages = body.template_messages()
     check_text_fits(engine, [m["content"] for m in messages], "messages")
     tools = await off_loop(request_tools, body, engine.tokenizer, _state(request).settings.tool_call_parser)
-    encode = functools.partial(engine.tokenizer.encode_chat, tools=tools.tools)
+    encode = functools.partial(engine.tokenizer.encode_chat, tools=tools.tools, **chat_template_kwargs(body))
     try:
         prompt = await off_loop(encode, tools.messages(messages), body.add_generation_prompt)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     return await chat_response(request, body, prompt, tools=tools)
+
+
+def chat_template_kwargs(body: ChatCompletionRequest) -> dict:
+    """The body's chat_template_kwargs, checked (400 naming the field)."""
+    try:
+        return template_kwargs(body.chat_template_kwargs)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="chat_template_kwargs") from None
 
 
 async def chat_response(request: Request, body: ChatCompletionRequest, prompt: list[int],
@@ -98,11 +107,16 @@ async def chat_response(request: Request, body: ChatCompletionRequest, prompt: l
     fmt = ResponseFormat(gen.request_id, "chat.completion", state.settings.served_model_name,
                          engine.tokenizer, top_logprobs=logprobs)
     fmt.tool_deltas = ToolCallDeltas(tools) if tools.parse else None
+    if reasoning_parser(engine.tokenizer.chat_template, state.settings.reasoning_parser) is not None:
+        fmt.thinking = opens_thinking(engine.tokenizer, prompt)
     if body.stream:
         return await stream_response(request, gen, fmt, body.include_usage, chat=True)
     answers = []
     for c in await until_disconnect(request, gen.run_to_end()):
-        message, finish_reason = tool_message(c.text, c.finish_reason, tools)
+        reasoning, text = split_reasoning(c.text, fmt.thinking) if fmt.thinking is not None else ("", c.text)
+        message, finish_reason = tool_message(text, c.finish_reason, tools)
+        if reasoning:
+            message["reasoning_content"] = message["reasoning"] = reasoning
         answers.append({"index": c.index, "message": message, "finish_reason": finish_reason,
                         "logprobs": fmt.chat_logprobs(c.token_ids, c.logprobs, logprobs) if logprobs is not None else None})
     return fmt.response(answers, gen.usage.as_dict())
@@ -176,6 +190,8 @@ class ResponseFormat:
         self.id, self.obj, self.model, self.tok = request_id, obj, model, tok
         self.top_logprobs = top_logprobs  # chat: alternatives listed per token
         self.tool_deltas: ToolCallDeltas | None = None  # chat with tools: content -> tool_calls deltas
+        self.thinking: bool | None = None  # a reasoning parser runs: whether outputs start inside <think>
+        self.think_streams: dict[int, ThinkStream] = {}
         self.completion: CompletionView | None = None  # completions: echo and logprob options
         self.text_offsets: dict[int, int] = {}  # streamed completions: text offset each choice reached
         self.created = int(time.time())
@@ -194,10 +210,14 @@ class ResponseFormat:
     def delta(self, choice: Choice, out, chat: bool) -> dict:
         lps = out.new_logprobs
         if chat:
-            delta = {"index": choice.index, "delta": {"content": out.text} if out.text else {},
+            reasoning, text = self._think(choice.index, out) if self.thinking is not None else ("", out.text)
+            delta = {"index": choice.index, "delta": {"content": text} if text else {},
                      "logprobs": self.chat_logprobs(out.new_token_ids, lps, self.top_logprobs) if lps is not None else None,
                      "finish_reason": out.finish_reason if out.finished else None}
-            return delta if self.tool_deltas is None else self.tool_deltas(delta)
+            delta = delta if self.tool_deltas is None else self.tool_deltas(delta)
+            if reasoning:
+                delta["delta"] = {"reasoning_content": reasoning, "reasoning": reasoning, **delta["delta"]}
+            return delta
         logprobs = None
         if lps is not None:
             start = self.text_offsets.get(choice.index, 0)
@@ -205,6 +225,15 @@ class ResponseFormat:
             self.text_offsets[choice.index] = end
         return {"index": choice.index, "text": out.text, "logprobs": logprobs,
                 "finish_reason": out.finish_reason if out.finished else None}
+
+    def _think(self, index: int, out) -> tuple[str, str]:
+        """(reasoning, answer) deltas of one choice's output (the reasoning parser's split)."""
+        stream = self.think_streams.get(index) or self.think_streams.setdefault(index, ThinkStream(self.thinking))
+        reasoning, text = stream.feed(out.text)
+        if out.finished:
+            more, tail = stream.flush()
+            reasoning, text = reasoning + more, text + tail
+        return reasoning, text
 
     def token_text(self, token_id: int) -> str:
         return self.tok.decode([token_id], skip_special_tokens=False)

@@ -55,8 +55,6 @@ class MessagesBase(_Body):
                 return name
         if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
             return "service_tier"
-        if self.thinking is not None and self.thinking.type != "disabled":
-            return "thinking"
         return None
 
 

@@ -22,10 +22,11 @@ from fastapi import APIRouter, Query, Request
 
 from model.sampling import SamplingParams
 from server.api import response_store as store
-from server.api.core import TextDelta, ToolCallDone, Turn, TurnEnd, TurnSpec
+from server.api.core import Turn, TurnEnd, TurnSpec
 from server.api.errors import APIError, bad_request, error_body
 from server.api.openai_routes import STREAMED
 from server.api.protocol_responses import ResponseCreateRequest
+from server.api.reasoning import opens_thinking, reasoning_parser, template_kwargs
 from server.api.responses_input import chat_tool_choice, chat_tools, parse_input, text_grammar
 from server.api.responses_output import LIFECYCLE, STATUS, OutputItems, usage_object
 from server.api.serving import check_text_fits, fit_max_tokens, off_loop, ready_engine, serving_engine, session_error
@@ -115,8 +116,12 @@ class ResponseRun:
         snapshot = {"token_ids": previous.token_ids if previous else [], "messages": rendered_history,
                     "overflow": "truncate" if body.truncation == "auto" else "error"}
         try:
+            kwargs = template_kwargs(body.chat_template_kwargs)
+        except ValueError as exc:
+            raise _named(exc) from None
+        try:
             prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, rendered_new, engine.limits,
-                                    plan.tools)
+                                    plan.tools, kwargs)
         except APIError as err:
             if err.code == "context_length_exceeded":
                 err.message = err.message.split(";")[0] + "; send less input or set truncation=auto"
@@ -139,8 +144,10 @@ class ResponseRun:
         if plan.forced:  # a forced call is this turn's output: text.format applies to text only
             params = dataclasses.replace(params, structured=None)
         params = forced_tool_params(params, plan)
+        thinks = reasoning_parser(engine.tokenizer.chat_template, settings.reasoning_parser) is not None
         spec = TurnSpec(self.id, prompt, params, plan, self.id if body.store else None, self.parsed.messages,
-                        single_call=body.parallel_tool_calls is False)
+                        single_call=body.parallel_tool_calls is False,
+                        thinking=opens_thinking(engine.tokenizer, prompt) if thinks else None)
         turn = Turn(self.state, spec)
         await turn.start()
         self.state.responses[self.id] = Running(turn, self.owner, self.snapshot("in_progress"))
@@ -170,7 +177,7 @@ class ResponseRun:
         end: TurnEnd | None = None
         try:
             async for ev in turn.events():
-                if isinstance(ev, (TextDelta, ToolCallDone)):
+                if not isinstance(ev, TurnEnd):
                     for out in self.output.add(ev):
                         yield out
                 else:
@@ -182,9 +189,10 @@ class ResponseRun:
             yield self.output.event("response.failed", response=final)
             return
         status = STATUS[end.finish_reason]
-        for out in self.output.close("incomplete" if status == "incomplete" else "completed"):
+        for out in self.output.finish("incomplete" if status == "incomplete" else "completed"):
             yield out
-        final = self.snapshot(status, usage_object(turn.usage),
+        thought = len(self.engine.tokenizer.encode(end.reasoning, add_special_tokens=False)) if end.reasoning else 0
+        final = self.snapshot(status, usage_object(turn.usage, thought),
                               incomplete="max_output_tokens" if status == "incomplete" else None)
         await self.record(final, committed=status != "cancelled", reply=end.text)
         yield self.output.event(LIFECYCLE[status], response=final)

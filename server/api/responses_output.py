@@ -1,5 +1,7 @@
 """The core's events as Responses API output items and stream events.
 
+    ReasoningDelta -> a `reasoning` item (content: one reasoning_text): output_item.added,
+                     response.reasoning_text.delta ... .done, output_item.done
     TextDelta     -> a `message` item (opened on the first text): output_item.added,
                      content_part.added, output_text.delta ... (closed by what follows it:
                      output_text.done, content_part.done, output_item.done)
@@ -15,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from server.api.core import TextDelta, ToolCallDone
+from server.api.core import ReasoningDelta, TextDelta, ToolCallDone
 from server.api.responses_input import item_id
 from server.api.serving import Usage
 
@@ -26,6 +28,7 @@ class OutputItems:
     def __init__(self) -> None:
         self.output: list[dict[str, Any]] = []
         self._message: dict[str, Any] | None = None  # the open message item
+        self._thought: dict[str, Any] | None = None  # the open reasoning item
         self._seq = 0
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -33,10 +36,35 @@ class OutputItems:
         self._seq += 1
         return data
 
-    def add(self, ev: TextDelta | ToolCallDone) -> list[dict]:
+    def add(self, ev: TextDelta | ReasoningDelta | ToolCallDone) -> list[dict]:
+        if isinstance(ev, ReasoningDelta):
+            return self._reasoning(ev.text)
         if isinstance(ev, TextDelta):
-            return self._text(ev.text)
-        return self._call(ev.call)
+            return self.close_reasoning() + self._text(ev.text)
+        return self.close_reasoning() + self._call(ev.call)
+
+    def _reasoning(self, delta: str) -> list[dict]:
+        events = self.close()
+        if self._thought is None:
+            self._thought = {"id": item_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                             "content": [{"type": "reasoning_text", "text": ""}]}
+            self.output.append(self._thought)
+            events.append(self.event("response.output_item.added", output_index=len(self.output) - 1,
+                                     item={**copy.deepcopy(self._thought), "content": []}))
+        self._thought["content"][0]["text"] += delta
+        events.append(self.event("response.reasoning_text.delta", item_id=self._thought["id"],
+                                 output_index=self.output.index(self._thought), content_index=0, delta=delta))
+        return events
+
+    def close_reasoning(self) -> list[dict]:
+        thought, self._thought = self._thought, None
+        if thought is None:
+            return []
+        index = self.output.index(thought)
+        thought["status"] = "completed"
+        return [self.event("response.reasoning_text.done", item_id=thought["id"], output_index=index,
+                           content_index=0, text=thought["content"][0]["text"]),
+                self.event("response.output_item.done", output_index=index, item=copy.deepcopy(thought))]
 
     def _text(self, delta: str) -> list[dict]:
         events = []
@@ -54,6 +82,10 @@ class OutputItems:
         events.append(self.event("response.output_text.delta", item_id=self._message["id"],
                                  output_index=len(self.output) - 1, content_index=0, delta=delta, logprobs=[]))
         return events
+
+    def finish(self, status: str = "completed") -> list[dict]:
+        """Close whatever item is open (a message with `status`)."""
+        return self.close_reasoning() + self.close(status)
 
     def close(self, status: str = "completed") -> list[dict]:
         """Close the open message item (if any) with `status`."""
@@ -87,10 +119,10 @@ class OutputItems:
         return events
 
 
-def usage_object(usage: Usage) -> dict[str, Any]:
+def usage_object(usage: Usage, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {"input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Request
 
 from model.tokenizer import Tokenizer
 from server.api.errors import APIError
-from server.api.openai_routes import STREAMED, chat_response
+from server.api.openai_routes import STREAMED, chat_response, chat_template_kwargs
 from server.api.tools import request_tools
 from server.api.protocol_sessions import (
     SessionChatRequest, SessionCreateRequest, SessionForkRequest, SessionUpdateRequest, bounded_metadata,
@@ -170,7 +170,7 @@ async def session_turn(session_id: str, body: SessionChatRequest, request: Reque
     tools = await off_loop(request_tools, body, engine.tokenizer, state.settings.tool_call_parser)
     history, rendered = tools.turn_messages(snapshot["messages"], new)  # the generic tool format's view
     prompt = await off_loop(turn_prompt, engine.tokenizer, {**snapshot, "messages": history}, rendered,
-                            engine.limits, tools.tools)
+                            engine.limits, tools.tools, chat_template_kwargs(body))
     return await chat_response(request, body, prompt, session_id=session_id, new_messages=new, tools=tools)
 
 
@@ -181,18 +181,19 @@ def _snapshot(engine, session_id: str, owner: str | None) -> dict:
 
 
 def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], limits: RequestLimits,
-                tools: list[dict] | None = None) -> list[int]:
+                tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     """Transcript tokens + the new text's tokens (`tools` rendered by the template as in a
     chat); re-rendered whole if the template does not extend the transcript. Over the
     context (the engine's `limits`): 400, or drop old turns ("truncate")."""
     history, transcript = snapshot["messages"], snapshot["token_ids"]
     try:
-        prompt = _extend(tok, history + new, transcript, tools)
+        kwargs = template_kwargs or {}
+        prompt = _extend(tok, history + new, transcript, tools, kwargs)
         while not limits.has_room(len(prompt)) and snapshot["overflow"] == "truncate":
             history = _drop_oldest_turn(history)
             if history is None:
                 break
-            prompt = tok.encode_chat(history + new, tools=tools)
+            prompt = tok.encode_chat(history + new, tools=tools, **kwargs)
     except ValueError as exc:
         raise APIError(400, f"chat template failed: {exc}", param="messages") from None
     if not limits.has_room(len(prompt)):
@@ -202,10 +203,11 @@ def turn_prompt(tok: Tokenizer, snapshot: dict, new: list[dict], limits: Request
     return prompt
 
 
-def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int], tools: list[dict] | None) -> list[int]:
+def _extend(tok: Tokenizer, messages: list[dict], transcript: list[int], tools: list[dict] | None,
+            kwargs: dict) -> list[int]:
     if not transcript:
-        return tok.encode_chat(messages, tools=tools)
-    full = tok.render_chat(messages, add_generation_prompt=True, tools=tools)
+        return tok.encode_chat(messages, tools=tools, **kwargs)
+    full = tok.render_chat(messages, add_generation_prompt=True, tools=tools, **kwargs)
     seen = tok.decode(transcript, skip_special_tokens=False)
     if full.text.startswith(seen):
         return transcript + tok.encode_rendered(full, start=len(seen))
