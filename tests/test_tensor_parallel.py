@@ -32,10 +32,12 @@ EXIT_TIMEOUT_S = 30  # after a follower dies, the server must be gone within thi
 
 
 def _generate(model_dir: Path, tp: int) -> list:
-    """Greedy with top-2 logprobs, chunked prefill beside decodes; then seeded n=2 sampling
-    (its forks copy KV blocks: the step broadcast carries the copies)."""
+    """Greedy with top-2 logprobs and prompt logprobs (their rows ride in the step broadcast),
+    chunked prefill beside decodes; then seeded n=2 sampling (its forks copy KV blocks: the
+    step broadcast carries the copies)."""
     with LLM(str(model_dir), tensor_parallel_size=tp, max_num_batched_tokens=16, **ENGINE) as llm:
-        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True))
+        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, logprobs=2, prompt_logprobs=2,
+                                                      ignore_eos=True))
         sampled = llm.generate([PROMPTS[1]], SamplingParams(temperature=0.8, n=2, seed=7, max_tokens=20,
                                                              ignore_eos=True))
     return greedy + sampled
@@ -43,6 +45,12 @@ def _generate(model_dir: Path, tp: int) -> list:
 
 def _assert_same(ref, out) -> None:
     for a, b in zip(ref, out, strict=True):
+        assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+        for pa, pb in zip(a.prompt_logprobs or [], b.prompt_logprobs or [], strict=True):
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                assert pa.logprobs.keys() == pb.logprobs.keys()
+                assert max(abs(pa.logprobs[t] - pb.logprobs[t]) for t in pa.logprobs) < LOGPROB_TOL
         for ca, cb in zip(a.outputs, b.outputs, strict=True):
             assert cb.token_ids == ca.token_ids
             if ca.logprobs is None:
@@ -56,6 +64,7 @@ def test_offline_tp2_matches_tp1(tiny_checkpoint):
     model = tiny_checkpoint("llama")
     ref, out = _generate(model, 1), _generate(model, 2)
     assert len({tuple(r.outputs[0].token_ids) for r in ref}) == len(ref)  # distinct prompts, distinct outputs
+    assert [len(r.prompt_logprobs) for r in ref[:len(PROMPTS)]] == [len(p) for p in PROMPTS]
     _assert_same(ref, out)
 
 
