@@ -196,3 +196,22 @@ async def test_bad_combinations_are_400(oai, extra, param, monkeypatch):
     assert info.value.status_code == 400
     err = info.value.body
     assert param in (err.get("param") or "") or param in err["message"]
+
+
+@pytest.mark.asyncio
+async def test_lm_eval_loglikelihood_payload(oai, engine, score_ref):
+    """lm-evaluation-harness's `local-completions` loglikelihood request: token-id prompts in
+    one batch, echo, logprobs 1, max_tokens 1; it sums token_logprobs[ctxlen:-1]."""
+    ctx = engine.tokenizer.encode("The quick brown fox")
+    conts = [engine.tokenizer.encode(" jumps over"), engine.tokenizer.encode(" sleeps")]
+    prompts = [ctx + c for c in conts]
+    r = await oai.completions.create(model="tiny-llama", prompt=prompts, echo=True, logprobs=1, max_tokens=1,
+                                     temperature=0, seed=1234)
+    for choice, prompt in zip(sorted(r.choices, key=lambda c: c.index), prompts):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(prompt) + 1
+        ours = sum(lp.token_logprobs[len(ctx):-1])
+        assert abs(ours - sum(score_ref(prompt)[len(ctx) - 1:])) < TOL
+        # its is_greedy check compares each token's logprob with the best of top_logprobs
+        pairs = list(zip(lp.token_logprobs[len(ctx):-1], lp.top_logprobs[len(ctx):-1]))
+        assert pairs and all(t in top.values() and t <= max(top.values()) for t, top in pairs)
