@@ -278,8 +278,9 @@ def turn_body(default_model: str | None, messages: Messages | str, params: dict[
     return body
 
 
-def fork_body(ttl_seconds: float | None) -> dict[str, Any]:
-    return {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+def fork_body(ttl_seconds: float | None, num_turns: int | None = None) -> dict[str, Any]:
+    body = {"ttl_seconds": ttl_seconds, "num_turns": num_turns}
+    return {k: v for k, v in body.items() if v is not None}
 
 
 class Transport(Protocol):

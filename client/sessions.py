@@ -50,9 +50,11 @@ class Session:
         self.data = response_json(self.client.request(session_path(self.id)))
         return self.data
 
-    def fork(self, ttl_seconds: float | None = None) -> Session:
-        """A new session sharing this one's history (and its KV blocks on the server)."""
-        resp = self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
+    def fork(self, ttl_seconds: float | None = None, num_turns: int | None = None) -> Session:
+        """A new session sharing this one's history (and its KV blocks on the server), or
+        only its first `num_turns` turns."""
+        resp = self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds, num_turns),
+                                   idempotent=False)
         data = response_json(resp)
         return Session(self.client, data["id"], data)
 
@@ -88,8 +90,9 @@ class AsyncSession:
         self.data = response_json(await self.client.request(session_path(self.id)))
         return self.data
 
-    async def fork(self, ttl_seconds: float | None = None) -> AsyncSession:
-        resp = await self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds), idempotent=False)
+    async def fork(self, ttl_seconds: float | None = None, num_turns: int | None = None) -> AsyncSession:
+        resp = await self.client.request(session_path(self.id, "/fork"), fork_body(ttl_seconds, num_turns),
+                                         idempotent=False)
         data = response_json(resp)
         return AsyncSession(self.client, data["id"], data)
 

@@ -71,6 +71,9 @@ def test_sync_session_turns_info_fork_delete(url: str):
         assert info["messages"] == conversation(first.text, "".join(deltas))
         fork = s.fork()
         assert fork.id != s.id and fork.data["messages"] == info["messages"]
+        early = s.fork(num_turns=1)
+        assert early.data["num_turns"] == 1 and early.data["messages"] == info["messages"][:3]
+        early.delete()
         s.delete()
         with pytest.raises(NotFoundError) as gone:
             s.info()
