@@ -370,7 +370,8 @@ let memoryTimer = null;
 
 async function pollMemory() {
   clearTimeout(memoryTimer);
-  if (document.visibilityState === "visible") {
+  const shown = document.visibilityState === "visible" && $("#memory").offsetParent !== null;  // folded: not drawn
+  if (shown) {
     try { drawMemory(await api("GET", "/v1/memory")); $("#memory").classList.remove("stale"); }
     catch (e) { $("#memory").classList.add("stale"); }
   }
@@ -489,7 +490,7 @@ function start() {
   $("#stop").onclick = () => state.streaming && state.streaming.abort();
   $("#new-session").onclick = () => { if (!state.streaming) newChat(); };
   $("#toggle-sessions").onclick = () => document.body.classList.toggle("show-sessions");
-  $("#toggle-memory").onclick = () => document.body.classList.toggle("show-side");
+  $("#toggle-memory").onclick = () => { document.body.classList.toggle("show-side"); pollMemory(); };
   $("#messages").onclick = (e) => {
     const copy = e.target.closest("button.copy");
     if (copy) copyCode(copy);
