@@ -17,7 +17,8 @@
  * output rows, so no horizontal sums are needed and one weight load serves up to VM rows of x.
  * x: [M, K] contiguous; out: [M, N] with row stride ldo >= N (a column slice of a wider output);
  * bf16 (`_bf16`) or float32 (`_f32`); K a multiple of 32.
- * Built only where the compiler targets AVX512-VNNI (`vnni_available` says); else absent.
+ * Built where the compiler targets AVX512-VNNI, and for AVX2 by vnni_gemv_avx2.c (same layout and
+ * results); `vnni_available` says. Absent elsewhere.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -173,7 +174,7 @@ void NAME(const T *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits,
 DEFINE_MATMUL(vnni_matmul_f32, float, quantize_f32, store16_f32)
 DEFINE_MATMUL(vnni_matmul_bf16, uint16_t, quantize_bf16, store16_bf16)
 
-#else
+#elif !(defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) /* AVX2: vnni_gemv_avx2.c */
 int vnni_available(void) { return 0; }
 void vnni_matmul_f32(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits, int64_t group,
                      float *out, int64_t N, int64_t ldo) {
