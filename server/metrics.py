@@ -5,9 +5,11 @@ request counters and latency histograms are recorded by the API as outputs arriv
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -68,6 +70,9 @@ class Metrics:
         self.registry.register(_EngineCollector(stats))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         r = self.registry
+        threads = Gauge("workmem_process_threads", "OS threads of the server process (torch's pools included)",
+                        registry=r)
+        threads.set_function(_os_threads)
         self.prefix_queries = Counter("workmem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r)
         self.prefix_hits = Counter("workmem_prefix_cache_hits", "Prompt tokens served by the prefix cache", registry=r)
         self.prompt_tokens = Counter("workmem_prompt_tokens", "Prompt tokens processed", registry=r)
@@ -82,3 +87,11 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _os_threads() -> float:
+    """The process's OS threads (Linux /proc; elsewhere the Python threads)."""
+    try:
+        return float(len(os.listdir("/proc/self/task")))
+    except OSError:
+        return float(threading.active_count())
