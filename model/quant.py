@@ -38,11 +38,12 @@ from model.prepack import ONEDNN, WeightPacking
 log = logging.getLogger("workmem.quant")
 
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
-# Rows above which the (prepacked) dense copy beats the weight-only kernels here, measured
-# on SmolLM2-135M shapes: torch's int4 kernel loses from 7 rows on, vnni_gemv.c (whose cost
-# grows by its integer dot products per row) only past 32; prefill chunks go dense.
+# Rows above which a (prepacked) dense copy beats the weight-only kernels here: torch's int4
+# kernel loses from 7 rows on (SmolLM2-135M shapes). vnni_gemv.c never does: per core it ran
+# 1.2x (K = 576) to 3.2x (K = 2048) lanes_gemm.c's bf16 linear at 8..512 rows (1 thread, thread
+# CPU time), so it keeps no dense copy (0) and prefill runs on the quantized weights too.
 TORCH_DENSE_ABOVE = 6
-VNNI_DENSE_ABOVE = 32
+VNNI_DENSE_ABOVE = 0
 DEFAULT_DENSE_ABOVE = None  # None: whichever of the two fits the kernel in use
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32

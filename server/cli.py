@@ -60,9 +60,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="weight-only kernels (CPU): auto = a GGUF's own 4/8-bit blocks, safetensors "
                              "dense; int4/int8 = quantize every linear; none = dense (default auto)")
     parser.add_argument("--quant-dense-above", type=int, default=DEFAULT_DENSE_ABOVE,
-                        help="quantized linears keep a dense copy for batches wider than this many "
-                             f"rows (faster there; 0 = no copy, less memory; default {VNNI_DENSE_ABOVE} on "
-                             f"the AVX512-VNNI kernel, {TORCH_DENSE_ABOVE} on torch's)")
+                        help="quantized linears keep a dense bf16 copy of their weights (about 2 bytes per "
+                             "weight on top of the quantized ones) for batches wider than this many rows; "
+                             f"0 = no copy (default {VNNI_DENSE_ABOVE} on the AVX512-VNNI kernel, which beats "
+                             f"the dense linear at every batch size; {TORCH_DENSE_ABOVE} on torch's int4/int8 kernels)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the engine (default: torch's, one per core)")
     parser.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "native"],
