@@ -8,7 +8,8 @@ conversation three ways, each with its own words (no way reuses another's prefix
       (the previous response's session: its KV resident),
   (b) /v1/chat/completions with the whole history every turn, prefix caching on,
   (c) the same on a server with --no-prefix-caching (every turn re-prefills the history).
-Prints per turn: prompt tokens, cached tokens and time to the first streamed text. HTTP only.
+Prints per turn: prompt tokens, cached tokens and the median (over --repeats conversations)
+time to the first streamed text. HTTP only.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import time
 
 import httpx
@@ -81,6 +83,14 @@ def chat_resent(url: str, args: argparse.Namespace, seed: int) -> list[dict]:
     return rows
 
 
+A, B, C = "(a) responses chain", "(b) chat resent, prefix cache", "(c) chat resent, no prefix cache"
+
+
+def _median_rows(tries: list[list[dict]]) -> list[dict]:
+    """Per turn: the median TTFT over the tries, the first try's token counts."""
+    return [{**turns[0], "ttft_s": statistics.median(t["ttft_s"] for t in turns)} for turns in zip(*tries)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.responses_turns", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8711, help="first of two ports")
     p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="conversations per way (other words each); the "
+                                                            "median TTFT per turn is reported")
     args = p.parse_args(argv)
     extra = ["--model", args.model] if args.model else []
     logs = os.environ.get("TMPDIR", "/tmp")
-    runs = {}
+    tries: dict[str, list[list[dict]]] = {A: [], B: [], C: []}
     with server(args.port, extra, f"{logs}/workmem-responses-a.log") as url:
-        runs["(a) responses chain"] = responses_chain(url, args, args.seed)
-        runs["(b) chat resent, prefix cache"] = chat_resent(url, args, args.seed + 1)
+        for r in range(args.repeats):  # alternating, so a noisy minute hits both ways
+            tries[A].append(responses_chain(url, args, args.seed + 3 * r))
+            tries[B].append(chat_resent(url, args, args.seed + 3 * r + 1))
     with server(args.port + 1, extra + ["--no-prefix-caching"], f"{logs}/workmem-responses-c.log") as url:
-        runs["(c) chat resent, no prefix cache"] = chat_resent(url, args, args.seed + 2)
+        for r in range(args.repeats):
+            tries[C].append(chat_resent(url, args, args.seed + 3 * r + 2))
+    runs = {name: _median_rows(rows) for name, rows in tries.items()}
     print("| turn | " + " | ".join(f"{n}: prompt / cached / TTFT s" for n in runs) + " |")
     print("|---:|" + "---|" * len(runs))
     for i in range(args.turns):

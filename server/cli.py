@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout_s=args.timeout_request_head, cors_origins=tuple(args.cors_origins or ()),
         replica_id=args.replica_id, sampling_defaults=defaults, web_ui=not args.no_ui,
         max_stored_responses=args.max_stored_responses, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
+        reasoning_parser=args.reasoning_parser, hosted_tools=args.hosted_tools,
     )
 
     def load() -> AsyncEngine:
@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSERS,
                        help="reasoning output: think (<think>...</think> apart from the answer), none, auto: think "
                             "when the chat template mentions <think> (default auto)")
+    serve.add_argument("--hosted-tools", default="reject", choices=("reject", "drop"),
+                       help="/v1/responses tools of a type other than function (web_search, ...): a 400 naming them "
+                            "(reject, the default) or left out of the prompt (drop: for clients such as Codex that "
+                            "always send them)")
     serve.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
                        help="tool-call format: hermes (<tool_call> blocks), generic (a JSON envelope any model "
                             "answers in), auto: the chat template's own, else generic (default auto)")

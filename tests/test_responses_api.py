@@ -156,8 +156,9 @@ def _error(server: str, body: dict, key: str = KEYS[0]) -> dict:
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
-    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"generate_summary": "auto"}}, "reasoning"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "objectx"}}}}, "text.format"),
     ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [FN_WEATHER]}, "tool_choice"),
     ({"input": "x", "max_output_tokens": 100000}, "max_output_tokens"),
@@ -168,6 +169,26 @@ def test_bad_requests_are_400_naming_the_field_and_keep_nothing(server, engine, 
     err = _error(server, body)
     assert err["status"] == 400 and err["param"] == param and err["type"] == "invalid_request_error", err
     assert sessions(engine) == before
+
+
+def test_what_codex_sends_is_accepted(engine):
+    # Codex CLI's request shape: reasoning + encrypted-content include, store false, hosted
+    # tools beside its function tools (web_search, a namespace): with --hosted-tools drop they
+    # are left out of the prompt, by default a 400 names them
+    body = {"model": MODEL_NAME, "stream": True, "store": False, "reasoning": {"summary": "auto"},
+            "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "client_metadata": {"a": "b"},
+            "tool_choice": "auto", "parallel_tool_calls": True, "max_output_tokens": 3,
+            "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be"}]},
+                      {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+            "tools": [FN_WEATHER, {"type": "web_search"}, {"type": "namespace", "name": "agents", "tools": []}]}
+    for hosted, status in (("drop", 200), ("reject", 400)):
+        with live_server(make_app(engine, hosted_tools=hosted)) as url:
+            r = httpx.post(url + "/v1/responses", json=body, timeout=60)
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert '"response.completed"' in r.text or '"response.incomplete"' in r.text
+            else:
+                assert r.json()["error"]["param"] == "tools[1].type"
 
 
 def test_another_keys_response_does_not_exist(client, server, engine):

@@ -23,7 +23,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "background": (False,),
     "conversation": (),
     "prompt": (),
-    "reasoning": (),
     "max_tool_calls": (),
     "top_logprobs": (0,),
     "context_management": (),
@@ -31,7 +30,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "prompt_cache_options": (),
     "service_tier": ("auto", "default"),
 }
-SUPPORTED_INCLUDES = ()  # `include` values this server can add to a response (none yet)
+# `include` values accepted: reasoning items never carry encrypted content here (a client that
+# asks for it, as Codex does, gets items without it; reasoning items it sends back are dropped)
+SUPPORTED_INCLUDES = ("reasoning.encrypted_content",)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
 
 
 class ResponseCreateRequest(_Body):
@@ -56,11 +59,11 @@ class ResponseCreateRequest(_Body):
     stream_options: dict[str, Any] | None = None
     include: list[str] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extra: variables for the chat template
+    reasoning: dict[str, Any] | None = None  # {"effort", "summary"}: see reasoning_off()
     # the UNSUPPORTED fields, typed loosely so that their 400 names them
     background: Any = None
     conversation: Any = None
     prompt: Any = None
-    reasoning: Any = None
     max_tool_calls: Any = None
     top_logprobs: Any = None
     context_management: Any = None
@@ -88,4 +91,15 @@ class ResponseCreateRequest(_Body):
         for value in self.include or []:
             if value not in SUPPORTED_INCLUDES:
                 return "include"
+        given = self.reasoning or {}
+        if given.get("effort") not in (None, *REASONING_EFFORTS):
+            return "reasoning.effort"
+        if given.get("summary") not in (None, *REASONING_SUMMARIES) or set(given) - {"effort", "summary"}:
+            return "reasoning"
         return None
+
+    def reasoning_off(self) -> bool:
+        """`reasoning.effort: "none"`: a thinking template is asked not to think
+        (enable_thinking=false); other efforts leave the model to its own; a summary is the
+        reasoning item's full text, never a separate summary."""
+        return (self.reasoning or {}).get("effort") == "none"

@@ -84,7 +84,8 @@ class ResponseRun:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
         try:
             self.parsed = parse_input(body.input)
-            tools, choice = chat_tools(body.tools), chat_tool_choice(body.tool_choice)
+            tools = chat_tools(body.tools, drop_hosted=self.state.settings.hosted_tools == "drop")
+            choice = chat_tool_choice(body.tool_choice)
         except ValueError as exc:
             raise _named(exc) from None
         texts = [m["content"] for m in self.parsed.messages] + [body.instructions or ""]
@@ -119,6 +120,8 @@ class ResponseRun:
             kwargs = template_kwargs(body.chat_template_kwargs)
         except ValueError as exc:
             raise _named(exc) from None
+        if body.reasoning_off():
+            kwargs.setdefault("enable_thinking", False)
         try:
             prompt = await off_loop(turn_prompt, engine.tokenizer, snapshot, rendered_new, engine.limits,
                                     plan.tools, kwargs)
@@ -169,7 +172,7 @@ class ResponseRun:
             "top_p": _or(body.top_p, self.state.settings.sampling_defaults.top_p),
             "text": body.text or {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [], "truncation": body.truncation or "disabled", "usage": usage,
-            "user": body.user, "metadata": body.metadata or {},
+            "user": body.user, "metadata": body.metadata or {}, "reasoning": body.reasoning,
         }
 
     async def events(self, turn: Turn) -> AsyncIterator[dict]:

@@ -122,15 +122,19 @@ def _output_text(item: dict, where: str) -> str:
     raise ValueError(f"{where}.output must be a string or a list of text parts")
 
 
-def chat_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Responses function tools as chat's {"type": "function", "function": {...}}."""
+def chat_tools(tools: list[dict] | None, drop_hosted: bool = False) -> list[dict] | None:
+    """Responses function tools as chat's {"type": "function", "function": {...}}. Other
+    types (hosted tools: web_search, file_search, namespaces ...) are a ValueError, or with
+    `drop_hosted` (--hosted-tools drop) left out of the prompt."""
     if not tools:
         return None
     out = []
     for i, tool in enumerate(tools):
+        if tool.get("type") != "function" and drop_hosted:
+            continue
         if tool.get("type") != "function":
             raise ValueError(f"tools[{i}].type {tool.get('type')!r} is not supported: this server runs "
-                             "function tools only (the client executes them)")
+                             "function tools only (the client executes them; --hosted-tools drop leaves others out)")
         name = tool.get("name")
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             raise ValueError(f"tools[{i}].name must be a string of 1 to 64 characters")
@@ -141,7 +145,7 @@ def chat_tools(tools: list[dict] | None) -> list[dict] | None:
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
         out.append({"type": "function", "function": fn})
-    return out
+    return out or None
 
 
 def chat_tool_choice(choice: str | dict | None) -> str | dict | None:

@@ -44,6 +44,7 @@ class ServerSettings:
     sampling_defaults: SamplingDefaults = OPENAI_DEFAULTS  # what absent sampling fields become
     web_ui: bool = True  # GET / serves the chat page (server/web/); --no-ui turns it off
     reasoning_parser: str = "auto"  # server/api/reasoning.py REASONING_PARSERS: <think> if the template has it
+    hosted_tools: str = "reject"  # Responses tools of a type other than function: 400 ("reject") or left out ("drop")
     tool_call_parser: str = "auto"  # server/api/tools.py TOOL_CALL_PARSERS: the template's format, else generic
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # store: true beyond it drops the soonest to expire
     replica_id: str = ""  # names this replica in the ids of sessions it creates ("sess_<id>.<random>"); "": none
