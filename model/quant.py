@@ -1,28 +1,30 @@
 """Weight-only quantized linears: 4/8-bit groups on model/csrc/vnni_gemv.c or torch's CPU kernels.
 
 A checkpoint's quantized weight arrives as a `GroupQuant` (integer codes with one scale and
-one minimum per group of columns; GGUF's Q4_0/Q4_1/Q4_K and Q8_0 blocks map onto it
-exactly). The loader (model/loader.py) swaps the model's `nn.Linear`s for `QuantLinear`s:
+one minimum per group of 16 or 32 columns; every GGUF block type model/gguf_quant.py reads
+maps onto it exactly). The loader (model/loader.py) swaps the model's `nn.Linear`s for
+`QuantLinear`s (a fused linear whose parts differ in layout for a model/split_linear.py
+`SplitLinear` of them):
 
+  vnni: given the native kernels (model/native.py) with AVX512-VNNI or AVX2, 4- or 8-bit codes in
+        groups of 32 or 16 are packed for model/csrc/vnni_gemv.c (`vnni_pack`): it quantizes each
+        activation row to int8 per group of 32 and multiplies with integer dot products, as
+        llama.cpp does. One decode row ran 3-4x torch's int4 kernel (~5x the bf16 linear on the
+        LM head), at ~0.6% relative error against the dequantized weight; 8..512 rows ran
+        1.2-3.2x the bf16 lanes kernel per core, so no dense copy is kept (`VNNI_DENSE_ABOVE`).
   int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)`, which computes
         w = (code - 8) * scale + zero per group of 32..256 columns, so a group with
         w = code * scale + min has zero = min + 8 * scale (exact for Q4_0/Q4_1/Q4_K).
   int8: `aten._weight_int8pack_mm(x, codes [N, K] int8, scales [N])`, one scale per row;
-        GGUF's Q8_0 (a scale per 32) instead runs exactly as two int4 planes (see
-        `int8_as_int4_planes`).
+        8-bit groups of 32 (GGUF's Q8_0, Q5_*) instead run exactly as two int4 planes (see
+        `int8_as_int4_planes`). Groups of 16 (Q2_K, Q3_K, Q6_K) fit neither: the loader
+        keeps those dense (`torch_fits`).
 
-Weight-only kernels are faster than a bf16 linear for a few rows (decode) and slower for
-many (prefill), so a QuantLinear may also keep a dense copy of its weight (packed by
-model/prepack.py) and use it above `dense_above` rows: the crossover in a whole decode
-step of SmolLM2-135M is near 6 rows for torch's kernels, past 32 for vnni_gemv.c.
-The model files never see any of this: the loader decides what to pack.
-
-Given the native kernels (model/native.py) on a CPU with AVX512-VNNI, a weight in 4- or
-8-bit groups of 32 (GGUF Q4_0/Q4_1/Q4_K/Q8_0, or `int4` here) is packed for
-model/csrc/vnni_gemv.c instead (`vnni_pack`): it quantizes each activation row to int8 per
-group of 32 and multiplies with integer dot products, as llama.cpp does. For one decode
-row that ran 3-4x faster than torch's int4 kernel (and ~5x the bf16 linear on the LM head),
-at ~0.6% relative error against the dequantized weight (torch's int4 kernel: ~0.3%).
+torch's weight-only kernels are faster than a bf16 linear for a few rows (decode) and slower
+for many (prefill), so on them a QuantLinear keeps a dense copy of its weight (packed by
+model/prepack.py) and uses it above `dense_above` rows (TORCH_DENSE_ABOVE: the crossover in a
+whole decode step of SmolLM2-135M). The model files never see any of this: the loader decides
+what to pack.
 """
 from __future__ import annotations
 
