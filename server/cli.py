@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.sampling_defaults import sampling_defaults_from_args
     from server.engine import LLMEngine
     from server.graceful import serve
+    from model.bert import is_encoder_checkpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
@@ -145,6 +146,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load() -> AsyncEngine:
+        if is_encoder_checkpoint(config.model):  # an embedding model: /v1/embeddings only
+            embedder = embedder_from_args(args, config.model)
+            logging.getLogger("workmem").info("serving embeddings of %s as %r on http://%s:%d (%s pooling%s)",
+                                              config.model, name, args.host, args.port, embedder.embedder.pooling.mode,
+                                              ", normalized" if embedder.embedder.pooling.normalize else "")
+            return embedder
         llm = LLMEngine(config)
         llm.prepare_structured_output()  # before serving: it holds the GIL for ~1 s
         engine = AsyncEngine(llm, max_queue_len=args.max_queue_len)
@@ -171,6 +178,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_RANK_LOST
         engine.close()
     return code
+
+
+def embedder_from_args(args: argparse.Namespace, model: str):
+    """A started AsyncEmbedder for an encoder checkpoint (server/engine/embedder.py)."""
+    from server.async_embedder import AsyncEmbedder
+    from server.engine.embedder import Embedder, EmbedderConfig
+
+    normalize = {"auto": None, "yes": True, "no": False}[args.normalize]
+    config = EmbedderConfig(model=model, dtype=args.dtype, device=args.device, pooling=args.pooling,
+                            normalize=normalize, max_batch_tokens=args.max_embed_batch_tokens,
+                            max_model_len=args.max_model_len, num_threads=args.threads)
+    engine = AsyncEmbedder(Embedder(config), max_queue_len=args.max_queue_len)
+    engine.start()
+    return engine
 
 
 def check_kernel_variant() -> None:
@@ -299,6 +320,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--stay-up-on-load-failure", action="store_true",
                        help="when the model cannot load, keep serving /health as 503 with the reason "
                             f"(default: log it and exit with status {EXIT_LOAD_FAILED})")
+    from model.pooling import POOLING_MODES
+    from server.engine.embedder import DEFAULT_MAX_BATCH_TOKENS
+
+    serve.add_argument("--pooling", default="auto", choices=["auto", *POOLING_MODES],
+                       help="encoder models: how hidden states become an embedding (default auto: the "
+                            "checkpoint's sentence-transformers pooling, else mean)")
+    serve.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"],
+                       help="encoder models: unit-length embeddings (default auto: as the checkpoint's "
+                            "modules.json says, else yes)")
+    serve.add_argument("--max-embed-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                       help="encoder models: padded tokens (inputs x longest) in one forward "
+                            f"(default {DEFAULT_MAX_BATCH_TOKENS})")
     add_sampling_default_args(serve)
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the JSON API is unchanged)")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each HTTP request line")

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api import messages, misc_routes, openai_routes, responses, session_routes
+from server.api import embeddings, messages, misc_routes, openai_routes, responses, session_routes
 from server.api.errors import error_body, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.state import AppState, ServerSettings
@@ -52,6 +52,7 @@ def create_app(
     app.include_router(responses.router)
     app.include_router(messages.router)
     app.include_router(misc_routes.router)
+    app.include_router(embeddings.router)
     if settings.web_ui:
         install_web_ui(app)
     app.add_middleware(LimitsMiddleware, settings=settings, state=state)

@@ -22,6 +22,7 @@ async def models(request: Request):
         "id": state.settings.served_model_name, "object": "model", "created": int(state.started),
         "owned_by": "workmem",
         "max_model_len": engine.max_model_len if engine else None,
+        "task": getattr(engine, "task", "generate") if engine else None,  # generate | embed
         "sampling_defaults": state.settings.sampling_defaults.as_dict(),
     }]}
 

@@ -52,13 +52,23 @@ class Usage:
         }
 
 
-def ready_engine(state: AppState) -> AsyncEngine:
+def ready_engine(state: AppState, task: str = "generate") -> AsyncEngine:
+    """The loaded engine, if it serves `task` ("generate", or "embed": an encoder model's
+    AsyncEmbedder); 400 naming the model's task otherwise, 503 while it is not running."""
     if state.engine is None:
         message = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
         raise APIError(503, message, code="not_ready", headers={"Retry-After": "1"})
+    served = getattr(state.engine, "task", "generate")
+    if served != task:
+        raise APIError(400, f"model {state.settings.served_model_name!r} serves task {served!r}: "
+                       f"{TASK_ROUTES[served]} only", code="unsupported_task")
     if not state.engine.is_alive:
         raise APIError(503, "the engine is not running", code="engine_dead")
     return state.engine
+
+
+TASK_ROUTES = {"generate": "completions, chat, sessions, Responses and Messages",
+               "embed": "/v1/embeddings"}  # what a model of each task answers
 
 
 def check_model(state: AppState, model: str | None) -> None:
