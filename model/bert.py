@@ -43,6 +43,15 @@ def is_encoder_checkpoint(path: str | Path) -> bool:
         return json.load(f).get("model_type") in ENCODER_TYPES
 
 
+def matryoshka_dimensions(raw: dict[str, Any], hidden: int) -> tuple[int, ...] | None:
+    """The sizes a config.json says its embeddings may be cut to (`matryoshka_dimensions`, or
+    any with `is_matryoshka`); None: only the full size."""
+    dims = raw.get("matryoshka_dimensions")
+    if dims is None and raw.get("is_matryoshka"):
+        dims = range(1, hidden + 1)
+    return None if dims is None else tuple(int(d) for d in dims)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Frozen description of a BERT-family encoder checkpoint."""
@@ -77,16 +86,14 @@ class EncoderConfig:
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
         hidden = raw["hidden_size"]
-        dims = raw.get("matryoshka_dimensions")
-        if dims is None and raw.get("is_matryoshka"):
-            dims = list(range(1, hidden + 1))
+        dims = matryoshka_dimensions(raw, hidden)
         return cls(
             model_type=model_type, vocab_size=raw["vocab_size"], hidden_size=hidden,
             intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"],
             num_heads=raw["num_attention_heads"], max_position_embeddings=raw["max_position_embeddings"],
             type_vocab_size=raw.get("type_vocab_size", 2), norm_eps=raw.get("layer_norm_eps", 1e-12),
             hidden_act=act, pad_token_id=raw.get("pad_token_id") or 0,
-            matryoshka_dimensions=None if dims is None else tuple(int(d) for d in dims),
+            matryoshka_dimensions=dims,
         )
 
     @property

@@ -7,7 +7,8 @@
              for any OpenAI-compatible server; `workmem bench offline` =
              `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`;
              `workmem bench perplexity` = `python -m loadtest.perplexity`, a text file's perplexity
-             through any server's completions with echo + logprobs)
+             through any server's completions with echo + logprobs; `workmem bench embed` =
+             `python -m loadtest.embed_bench`, /v1/embeddings vs transformers on one encoder)
 """
 from __future__ import annotations
 
@@ -126,7 +127,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.sampling_defaults import sampling_defaults_from_args
     from server.engine import LLMEngine
     from server.graceful import serve
-    from model.bert import is_encoder_checkpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = engine_config_from_args(args)  # fails fast (exit 2) if the default model is missing
@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     def load() -> AsyncEngine:
-        if is_encoder_checkpoint(config.model):  # an embedding model: /v1/embeddings only
+        if serve_task(args.task, config.model) == "embed":  # /v1/embeddings only
             embedder = embedder_from_args(args, config.model)
             logging.getLogger("workmem").info("serving embeddings of %s as %r on http://%s:%d (%s pooling%s)",
                                               config.model, name, args.host, args.port, embedder.embedder.pooling.mode,
@@ -178,6 +178,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_RANK_LOST
         engine.close()
     return code
+
+
+def serve_task(task: str, model: str) -> str:
+    """"generate" or "embed": `--task`, where auto is embed for an encoder checkpoint only."""
+    from model.bert import is_encoder_checkpoint
+
+    encoder = is_encoder_checkpoint(model)
+    if task == "generate" and encoder:
+        raise ValueError(f"{model} is an encoder model: it serves --task embed only")
+    if task == "embed" and not Path(model).is_dir():
+        raise ValueError("--task embed needs a Hugging Face directory (config.json + safetensors)")
+    return "embed" if encoder or task == "embed" else "generate"
 
 
 def embedder_from_args(args: argparse.Namespace, model: str):
@@ -323,14 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     from model.pooling import POOLING_MODES
     from server.engine.embedder import DEFAULT_MAX_BATCH_TOKENS
 
+    serve.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                       help="embed: serve /v1/embeddings only (a decoder's final hidden states pooled, "
+                            "Qwen3-Embedding style); auto: embed for encoder models (BERT family), else "
+                            "generate (default auto)")
     serve.add_argument("--pooling", default="auto", choices=["auto", *POOLING_MODES],
-                       help="encoder models: how hidden states become an embedding (default auto: the "
-                            "checkpoint's sentence-transformers pooling, else mean)")
+                       help="task embed: how hidden states become an embedding (default auto: the "
+                            "checkpoint's sentence-transformers pooling, else mean for encoders, last "
+                            "for decoders)")
     serve.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"],
-                       help="encoder models: unit-length embeddings (default auto: as the checkpoint's "
+                       help="task embed: unit-length embeddings (default auto: as the checkpoint's "
                             "modules.json says, else yes)")
     serve.add_argument("--max-embed-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                       help="encoder models: padded tokens (inputs x longest) in one forward "
+                       help="task embed: padded tokens (inputs x longest) in one forward "
                             f"(default {DEFAULT_MAX_BATCH_TOKENS})")
     add_sampling_default_args(serve)
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (the JSON API is unchanged)")
@@ -364,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tp-worker", help="a tensor-parallel follower rank on another machine (RANK, WORLD_SIZE, "
                                      "MASTER_ADDR, MASTER_PORT from the environment, as torchrun sets them)")
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity [ARGS]` "
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity|embed [ARGS]` "
                                          "(see --help there)")
-    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity"])
+    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity", "embed"])
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tp-worker"]:
@@ -389,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.perplexity import main as perplexity_main
 
         return perplexity_main(argv[2:])
+    if argv[:2] == ["bench", "embed"]:
+        from loadtest.embed_bench import main as embed_main
+
+        return embed_main(argv[2:])
     for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)

@@ -249,3 +249,42 @@ def test_all_minilm_l6_v2_matches_sentence_transformers_style_output():
     assert (got - ref).abs().max().item() < 1e-5
     sims = got @ got.T
     assert sims[0, 1] > sims[0, 2]  # eating food is nearer eating bread than riding a horse
+
+
+# -- a decoder as an embedder (--task embed) --------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decoder_last_token_embedding_is_its_final_hidden_state(tiny_checkpoint, arch):
+    import transformers as tf
+
+    path = tiny_checkpoint(arch)
+    ours = Embedder(EmbedderConfig(model=str(path), dtype="float32", device="cpu", normalize=False))
+    assert ours.pooling.mode == "last"
+    ids = [ours.tokenizer.encode(t) for t in TEXTS] + [[5]]  # a one-token input rides in the decode group
+    got = ours.embed(ids)
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        refs = [ref_model.model(input_ids=torch.tensor([i])).last_hidden_state[0] for i in ids]
+    for row, ref in zip(got, refs):
+        assert (row - ref[-1]).abs().max().item() < 1e-5
+    mean = Embedder(EmbedderConfig(model=str(path), dtype="float32", device="cpu", pooling="mean"))
+    assert torch.allclose(mean.embed(ids[:1])[0], F.normalize(refs[0].mean(0), dim=-1), atol=1e-5)
+
+
+def test_serve_task_flag(tiny_checkpoint, bert_dir):
+    from server.cli import serve_task
+
+    llama = str(tiny_checkpoint("llama"))
+    assert (serve_task("auto", llama), serve_task("embed", llama), serve_task("auto", str(bert_dir))) == \
+        ("generate", "embed", "embed")
+    with pytest.raises(ValueError, match="encoder"):
+        serve_task("generate", str(bert_dir))
+
+
+def test_embed_benchmark_runs(bert_dir, capsys):
+    from loadtest.embed_bench import main
+
+    assert main(["--model", str(bert_dir), "--num-inputs", "4", "--input-words", "3", "--batches", "1,2",
+                 "--concurrency", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| workmem | 2 |" in table and "| transformers | 1 |" in table

@@ -1,7 +1,7 @@
 """POST /v1/embeddings: inputs -> token ids -> the embedder -> OpenAI's list of embeddings.
 
-Served only by an encoder model (task "embed", server/async_embedder.py); a generative model
-answers 400 here, as an embedding model does on the generation routes (serving.ready_engine).
+Served only by a model of task "embed" (server/async_embedder.py: an encoder, or a decoder
+served with --task embed); a generative model answers 400 here, as an embedding model does on the generation routes (serving.ready_engine).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _check_dimensions(dimensions: int | None, embedder) -> int | None:
     full = embedder.dimensions
     if dimensions is None or dimensions == full:
         return None
-    allowed = embedder.model_config.matryoshka_dimensions
+    allowed = embedder.matryoshka_dimensions
     if allowed is None:
         raise APIError(400, f"this model does not support dimensions other than its own ({full})",
                        param="dimensions", code="unsupported_dimensions")
@@ -79,7 +79,7 @@ def _token_ids(inputs: list[str | list[int]], embedder, truncate: int | None) ->
     """Each input as token ids within the model's limit (400 naming the first that is not)."""
     limit = embedder.max_model_len
     keep = None if truncate is None else (limit if truncate == -1 else min(truncate, limit))
-    tok, vocab = embedder.tokenizer, embedder.model_config.vocab_size
+    tok, vocab = embedder.tokenizer, embedder.vocab_size
     out = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):

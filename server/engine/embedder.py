@@ -1,4 +1,8 @@
-"""Embedder: the engine of an encoder model (task "embed"). Token ids in, pooled vectors out.
+"""Embedder: the engine of task "embed". Token ids in, pooled vectors out.
+
+An encoder checkpoint (model/bert.py) always embeds; a decoder one does with `--task embed`
+(server/engine/embed_decoder.py: its final hidden states; pooling "last" unless the
+checkpoint or `--pooling` says otherwise).
 
 There is no KV cache and nothing to schedule across steps: each step takes every waiting
 input (of any number of requests), sorts them by length, and runs them through the encoder
@@ -7,17 +11,20 @@ in padded batches of at most `max_batch_tokens` (batch x longest input), then po
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from model.bert import load_encoder
-from model.pooling import PoolingConfig, pool
+from model.bert import is_encoder_checkpoint, load_encoder, matryoshka_dimensions
+from model.pooling import DEFAULT_MODE, PoolingConfig, pool
 from model.tokenizer import Tokenizer
 from server.engine.config import resolve_device, resolve_dtype
+from server.engine.embed_decoder import DecoderHidden
 
+DECODER_DEFAULT_MODE = "last"  # a causal model's last position is the only one that saw every token
 DEFAULT_MAX_BATCH_TOKENS = 8192  # padded tokens (batch x longest input) in one encoder forward
 
 
@@ -40,8 +47,9 @@ class EmbedderConfig:
 
 
 class Embedder:
-    """An encoder checkpoint loaded for embeddings. `embed` is the only door; `max_model_len`
-    is the longest input it takes, `dimensions` the embedding size."""
+    """A checkpoint loaded for embeddings. `embed` is the only door; `max_model_len` is the
+    longest input it takes, `dimensions` the embedding size, `matryoshka_dimensions` the
+    smaller sizes it may be cut to (None: none)."""
 
     task = "embed"
 
@@ -51,13 +59,24 @@ class Embedder:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model, self.model_config = load_encoder(config.model, self.dtype, self.device)
-        self.tokenizer = Tokenizer.from_dir(config.model)
-        self.pooling = PoolingConfig.from_dir(config.model, config.pooling, config.normalize)
-        limits = [self.model_config.max_input_len, self.pooling.max_seq_length, config.max_model_len]
+        raw = json.loads((Path(config.model) / "config.json").read_text())
+        if is_encoder_checkpoint(config.model):
+            self.model, encoder = load_encoder(config.model, self.dtype, self.device)
+            self.tokenizer = Tokenizer.from_dir(config.model)
+            self.pad_id, self.vocab_size, self.dimensions = encoder.pad_token_id, encoder.vocab_size, encoder.hidden_size
+            model_limit, default_mode = encoder.max_input_len, DEFAULT_MODE
+            self.matryoshka_dimensions = encoder.matryoshka_dimensions
+        else:
+            self.model = DecoderHidden(config.model, self.dtype, self.device)
+            decoder, self.tokenizer = self.model.config, self.model.tokenizer
+            self.pad_id, self.vocab_size, self.dimensions = 0, decoder.vocab_size, decoder.hidden_size
+            model_limit, default_mode = decoder.max_position_embeddings, DECODER_DEFAULT_MODE
+            self.matryoshka_dimensions = matryoshka_dimensions(raw, decoder.hidden_size)
+        mode = default_mode if config.pooling == "auto" and not (Path(config.model) / "modules.json").is_file() \
+            else config.pooling
+        self.pooling = PoolingConfig.from_dir(config.model, mode, config.normalize)
+        limits = [model_limit, self.pooling.max_seq_length, config.max_model_len]
         self.max_model_len: int = min(x for x in limits if x is not None)
-        self.dimensions: int = self.model_config.hidden_size
-        self.model_name = Path(config.model).name
 
     @torch.inference_mode()
     def embed(self, inputs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -80,7 +99,7 @@ class Embedder:
 
     def _forward(self, batch: list[Sequence[int]]) -> torch.Tensor:
         longest = max(map(len, batch))
-        ids = torch.full((len(batch), longest), self.model_config.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
         for row, tokens in enumerate(batch):
             ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
