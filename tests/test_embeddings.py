@@ -288,3 +288,35 @@ def test_embed_benchmark_runs(bert_dir, capsys):
                  "--concurrency", "2"]) == 0
     table = capsys.readouterr().out
     assert "| workmem | 2 |" in table and "| transformers | 1 |" in table
+
+
+async def test_concurrent_requests_share_one_forward(bert):
+    """Requests queued while the embedder is busy ride in its next step together."""
+    import asyncio
+    import threading
+
+    engine, release, forwards = AsyncEmbedder(bert), threading.Event(), []
+    real = bert.embed
+
+    def gated(inputs):
+        forwards.append(len(inputs))
+        release.wait(30)  # the first step holds until every other request has queued
+        return real(inputs)
+
+    bert.embed = gated
+    engine.start()
+    try:
+        first = asyncio.ensure_future(engine.embed([[2, 10, 3]]))
+        while not forwards:
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(engine.embed([[2, 11 + i, 3], [2, 3]])) for i in range(5)]
+        while engine._inbox.qsize() < len(rest):
+            await asyncio.sleep(0.01)
+        release.set()
+        results = await asyncio.gather(first, *rest)
+    finally:
+        del bert.embed
+        engine.shutdown()
+    assert forwards == [1, 10]  # the first alone, then all five requests' ten inputs in one step
+    assert [tuple(r.shape) for r in results] == [(1, bert.dimensions)] + [(2, bert.dimensions)] * 5
+    assert torch.allclose(results[3][0], real([[2, 13, 3]])[0], atol=1e-6)
