@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tp-worker"]:
-        from server.engine.tp_worker import main as tp_worker_main
+        from server.engine.parallel.worker import main as tp_worker_main
 
         return tp_worker_main(argv[1:])
     if argv[:2] == ["bench", "serve"]:  # its own parser takes the rest

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.engine import grammar
-from server.engine.session_store import SessionStore
+from server.engine.sessions.store import SessionStore
 from server.engine.sessions import Session
 from tests.server_fixtures import make_app, start_engine
 

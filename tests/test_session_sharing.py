@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from server.engine.session_lock import SessionLocks
+from server.engine.sessions.locks import SessionLocks
 from server.engine.sessions import Session, SessionError
 from tests.test_sessions_engine import GREEDY, conversation, ids, make_engine, run
 
@@ -130,7 +130,7 @@ def test_ids_that_cannot_name_a_file_are_unknown(replicas, tmp_path):
 def test_the_kernel_releases_a_lock_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from server.engine.session_lock import SessionLocks
+        from server.engine.sessions.locks import SessionLocks
         assert SessionLocks({str(tmp_path)!r}).acquire("s")
         print("held", flush=True)
         time.sleep(60)
@@ -154,7 +154,7 @@ def test_a_replica_names_itself_in_the_ids_it_creates_as_the_nginx_map_expects()
 
     from server.api.session_routes import new_session_id
     from server.api.state import ServerSettings
-    from server.engine.session_store import SAFE_ID
+    from server.engine.sessions.store import SAFE_ID
 
     conf = (Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf").read_text()
     routes = dict(re.findall(r"~\^/v1/sessions/(sess_\S+)\s+(\w+);", conf))

@@ -255,7 +255,7 @@ def test_fifty_sessions_on_a_small_pool_all_continue_correctly(tiny_checkpoint, 
 
 def test_host_memory_offload_tier_restores_identically(tiny_checkpoint):
     """The CUDA tier (host memory), exercised on the CPU by installing it by hand."""
-    from server.engine.offload import HostKVSwapper
+    from server.engine.sessions.offload import HostKVSwapper
 
     turns = [ids(20, 60), ids(6, 61)]
     plain = make_engine(tiny_checkpoint)

@@ -272,7 +272,7 @@ async def test_close_after_a_timed_out_join_sends_no_stop(tiny_checkpoint, monke
 
     engine.engine.step = slow_step
     stops = []
-    monkeypatch.setattr("server.engine.tp_launch.send_stop", lambda *args: stops.append(args))
+    monkeypatch.setattr("server.engine.parallel.launch.send_stop", lambda *args: stops.append(args))
     engine.start()
     stream = engine.generate("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
     first = asyncio.ensure_future(anext(stream))

@@ -3,7 +3,7 @@
     load (or take a preloaded model) -> shard it (tensor parallelism) -> install the native
     kernels -> plan the KV pool (all ranks agree on one block count) -> the runner
 
-`LLMEngine` (rank 0, or the only rank) and the tensor-parallel followers (tp_worker.py) both
+`LLMEngine` (rank 0, or the only rank) and the tensor-parallel followers (parallel/worker.py) both
 call `build_rank`; they differ only in the runner class (rank 0's broadcasts each step and
 gathers the logits) and in what they do with the parts.
 """
@@ -21,7 +21,7 @@ from model.parallel import TPGroup, local_config, shard_model
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig, KVCachePlan, plan_kv_cache
 from server.engine.runner import Runner
-from server.engine.tp_comm import plan_shard
+from server.engine.parallel.comm import plan_shard
 
 
 class RankParts(NamedTuple):

@@ -56,7 +56,7 @@ class EngineConfig:
     kernel_backend: str = "auto"  # auto | torch | native (model/native.py)
     num_threads: int | None = None  # torch CPU threads (None: torch's default, one per core)
     grammar_cache_size: int = DEFAULT_GRAMMAR_CACHE_SIZE  # compiled structured-output grammars kept
-    tensor_parallel_size: int = 1  # ranks holding a model shard each (server/engine/tp_launch.py)
+    tensor_parallel_size: int = 1  # ranks holding a model shard each (server/engine/parallel/launch.py)
     tp_timeout_s: float = DEFAULT_TP_TIMEOUT_S
     tp_heartbeat_timeout_s: float = DEFAULT_TP_HEARTBEAT_TIMEOUT_S
 

@@ -26,9 +26,9 @@ from server.engine.output import StepOutput, TextStream
 from server.engine.runner import Runner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence
-from server.engine.offload import HostKVSwapper, KVSwap, KVSwapper
-from server.engine.tp_launch import TensorParallel
-from server.engine.session_store import SessionStore
+from server.engine.sessions.offload import HostKVSwapper, KVSwap, KVSwapper
+from server.engine.parallel.launch import TensorParallel
+from server.engine.sessions.store import SessionStore
 from server.engine.stats import EngineStats
 from server.engine.sessions import SessionTable, SessionTurn, TurnResult
 

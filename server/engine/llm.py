@@ -30,7 +30,7 @@ class LLM:
     kernel_backend: "auto" = native CPU kernels (decode attention, norms, rotary) where a C
     compiler builds them, else torch ops; "torch" / "native" force one.
     tensor_parallel_size: N > 1 shards the model over N ranks (this process is rank 0; see
-    server/engine/tp_launch.py); `close()` (or `with LLM(...)`) stops the other ranks.
+    server/engine/parallel/launch.py); `close()` (or `with LLM(...)`) stops the other ranks.
     """
 
     def __init__(

@@ -12,7 +12,7 @@ least recently used idle sessions are dropped first. A session with a running tu
 `busy` and is never dropped mid-turn. Everything here runs on the engine thread.
 
 With a store (`--session-dir`), memory is a cache of the directory, which replicas may
-share: every door first asks session_disk.py whether the session's file changed (`_sync`)
+share: every door first asks disk.py whether the session's file changed (`_sync`)
 and loads a session it does not hold (lookup on miss), replaces a stale copy (another
 replica took turns since: its resident KV is dropped and recomputed) or forgets one whose
 file is gone. A turn holds the session's file lock from `begin_turn` to its commit or
@@ -22,49 +22,24 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.engine.memory import BlockPool
-from server.engine.session_disk import SWEEP_INTERVAL_S, MemoryOnly, SessionDisk, StaleCopy
-from server.engine.session_record import BrokenSession, Session, SessionError, visible
+from server.engine.sessions.disk import SWEEP_INTERVAL_S, MemoryOnly, SessionDisk, StaleCopy
+from server.engine.sessions.record import (
+    BrokenSession, ForkPoint, Session, SessionError, SessionTurn, TurnResult, visible,
+)
+from server.engine.sessions.tiers import KVTiers
+from server.engine.sessions.upkeep import Upkeep
 
 __all__ = ["BrokenSession", "ForkPoint", "Session", "SessionError", "SessionTable", "SessionTurn", "TurnResult"]
 
 if TYPE_CHECKING:
-    from server.engine.offload import KVSwap, OffloadedKV
-    from server.engine.session_store import SessionStore, Stored
+    from server.engine.sessions.offload import KVSwap
+    from server.engine.sessions.store import SessionStore, Stored
 
 
-@dataclass
-class SessionTurn:
-    """A sequence that is a session's turn, and the messages it adds."""
-
-    session: Session
-    new_messages: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class ForkPoint:
-    """Where a fork cuts its source: the messages kept and the transcript tokens they are."""
-
-    num_messages: int
-    token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    """What a finished turn hands its session: the transcript as the model saw it, the KV
-    blocks holding its first `num_kv_tokens` tokens, and the messages with the reply."""
-
-    token_ids: list[int]
-    block_table: list[int]
-    block_hashes: list[int]
-    num_kv_tokens: int
-    messages: list[dict[str, Any]]
-
-
-class SessionTable:
+class SessionTable(KVTiers, Upkeep):
     """All sessions, in least-recently-used order; owns their block pins."""
 
     def __init__(
@@ -155,7 +130,7 @@ class SessionTable:
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The session as the store has it now; with `owner`, one that is not visible to it
-        (session_record.visible: another key's, or made without keys) does not exist either."""
+        (record.visible: another key's, or made without keys) does not exist either."""
         self._sync(session_id)
         return self._get(session_id, owner)
 
@@ -218,40 +193,6 @@ class SessionTable:
             raise
         self._touch(session)
         return session
-
-    def _restore(self, session: Session) -> bool:
-        """Bring an offloaded session's KV back into the pool (blocks still cached in the
-        pool are re-acquired, the rest read from disk). False: it will be recomputed."""
-        offloaded, session.offloaded = session.offloaded, None
-        if offloaded is None or self.swapper is None:
-            return False
-        saved = self.swapper.read(offloaded, session.session_id)
-        self.swapper.discard(session.session_id)
-        if saved is None:
-            return False
-        hits = self.pool.lookup(saved.block_hashes)
-        missing = len(saved.block_hashes) - len(hits)
-        if not self.pool.make_room(lambda: missing + self.pool.num_acquirable_free(hits), self.reclaim):
-            return False
-        self._pin(hits)
-        fresh = self.pool.allocate(missing)
-        try:
-            self.swapper.write_blocks(saved, len(hits), fresh)
-        except BaseException:  # nothing half-restored stays pinned
-            self.pool.free(fresh)
-            self._unpin(hits)
-            raise
-        for block, content in zip(fresh, saved.block_hashes[len(hits):]):
-            self.pool.register(block, content)
-            self.pins[block] = self.pins.get(block, 0) + 1
-        session.block_table = hits + fresh
-        session.block_hashes = list(saved.block_hashes)
-        session.num_kv_tokens = len(session.block_table) * self.pool.block_size
-        if missing and offloaded.path is not None:
-            self.num_disk_restores += 1
-        else:  # from host memory, or every block was still cached in the pool
-            self.num_memory_restores += 1
-        return True
 
     def abort_turn(self, session: Session) -> None:
         """A turn that did not finish: the session stays exactly as it was before it."""
@@ -359,110 +300,6 @@ class SessionTable:
         if messages is not None:
             session.messages = list(messages)
         self._save(session)
-
-    def trim(self, prefix: str, keep: int) -> list[str]:
-        """Delete idle sessions whose ids start with `prefix`, the soonest to expire first,
-        until at most `keep` are left here and in the store; returns their ids."""
-        ranked = sorted(self.disk.expiries(prefix, self.sessions).items(), key=lambda kv: kv[1])
-        excess, gone = len(ranked) - keep, []
-        for session_id, _ in ranked:
-            if excess <= 0:
-                break
-            held = self.sessions.get(session_id)
-            if held is not None and held.busy:
-                continue
-            try:
-                self.delete(session_id)
-            except SessionError:  # a turn runs on another replica
-                continue
-            gone.append(session_id)
-            excess -= 1
-        return gone
-
-    def save_all(self) -> int:
-        """At graceful shutdown: write every resident session's KV to disk so the next
-        run restores it instead of recomputing. Returns how many were saved."""
-        if self.swapper is None:
-            return 0
-        saved = 0
-        for session in self.sessions.values():
-            if session.block_table and self._write_kv(session) is not None:
-                saved += 1
-        return saved
-
-    def expire(self, now: float | None = None) -> list[str]:
-        """Delete idle sessions whose TTL passed, and every `sweep_interval_s` those in the
-        store that no copy here stands for; returns their ids."""
-        now = time.time() if now is None else now
-        gone = []
-        for session_id in [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]:
-            self._sync(session_id)  # another replica may have used it since
-            session = self.sessions.get(session_id)
-            if session is None or session.busy or now <= session.last_used + session.ttl:
-                continue
-            try:
-                self.delete(session_id)
-            except SessionError:  # a turn began on another replica
-                continue
-            gone.append(session_id)
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval_s
-            for session_id in self.disk.sweep(now, self.sessions):
-                if self.swapper is not None:
-                    self.swapper.discard(session_id)
-                gone.append(session_id)
-        return gone
-
-    def enforce_budget(self) -> None:
-        """Drop LRU idle sessions until the pinned blocks fit `max_pinned_blocks`."""
-        for session in list(self.sessions.values()):
-            if self.num_pinned_blocks <= self.max_pinned_blocks:
-                return
-            if not session.busy and session.block_table:
-                self._evict(session)
-
-    def reclaim(self) -> bool:
-        """Drop the least recently used idle resident session; False if there is none."""
-        for session in self.sessions.values():
-            if not session.busy and session.block_table:
-                self._evict(session)
-                return True
-        return False
-
-    def _evict(self, session: Session) -> None:
-        if self.swapper is not None and session.block_hashes:
-            session.offloaded = self._write_kv(session)
-            self.num_offloads += session.offloaded is not None
-        self._release(session)
-        self.num_evictions += 1
-
-    def _write_kv(self, session: Session) -> "OffloadedKV | None":
-        """Save the session's full blocks, only while it is locked and current (see
-        SessionDisk.current). None: not written (the KV will be recomputed)."""
-        assert self.swapper is not None
-        with self.disk.current(session.session_id) as current:
-            return self.swapper.save(session.session_id, *self._full_blocks(session)) if current else None
-
-    def _release(self, session: Session) -> None:
-        self._unpin(session.block_table)  # blocks become cached-free: still findable by hash
-        session.block_table, session.block_hashes, session.num_kv_tokens = [], [], 0
-
-    @staticmethod
-    def _full_blocks(session: Session) -> tuple[list[int], list[int]]:
-        """(full blocks, their hashes): what is worth saving (the tail is recomputed)."""
-        return session.block_table[: len(session.block_hashes)], session.block_hashes
-
-    def _pin(self, blocks: list[int]) -> None:
-        self.pool.acquire(blocks)
-        for b in blocks:
-            self.pins[b] = self.pins.get(b, 0) + 1
-
-    def _unpin(self, blocks: list[int]) -> None:
-        self.pool.free(blocks)
-        for b in blocks:
-            self.pins[b] -= 1
-            if not self.pins[b]:
-                del self.pins[b]
 
     def _save(self, session: Session) -> None:
         self.disk.save(session)

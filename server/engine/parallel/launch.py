@@ -5,7 +5,7 @@ every rank), and watch the followers.
 One machine: rank 0 hosts the store on 127.0.0.1 (a free port) and spawns ranks 1..N-1
 (`torch.multiprocessing`, spawn). Several machines: with RANK=0 / WORLD_SIZE=N /
 MASTER_ADDR / MASTER_PORT in the environment it hosts the store there and waits for
-`workmem tp-worker` processes started with the same variables (server/engine/tp_worker.py).
+`workmem tp-worker` processes started with the same variables (server/engine/parallel/worker.py).
 
 A follower is lost when its process exits (spawned ones), when it stops bumping its heartbeat
 for `tp_heartbeat_timeout_s`, or when a collective fails (a closed connection, or no answer
@@ -36,11 +36,11 @@ from model.config import ModelConfig
 from model.parallel import TPGroup, check_shardable, make_group
 from server.engine.config import EngineConfig
 from server.engine.runner import Runner, StepInputs
-from server.engine.tp_comm import (
+from server.engine.parallel.comm import (
     HEARTBEAT_INTERVAL_S, START_OK, START_SEEN_KEY, Rendezvous, backend_for, heartbeat_key, local_device, publish_config, publish_start,
     rendezvous_from_env, send_step, send_stop, set_rank_threads,
 )
-from server.engine.tp_worker import spawned_follower
+from server.engine.parallel.worker import spawned_follower
 
 log = logging.getLogger("workmem.tp")
 MONITOR_INTERVAL_S = 0.25  # how often rank 0 looks at its followers

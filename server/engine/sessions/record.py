@@ -1,5 +1,5 @@
-"""A session's record: what the session table (sessions.py) keeps in memory and the store
-(session_store.py) writes to disk. Its own module so that neither imports the other."""
+"""A session's record: what the session table (table.py) keeps in memory and the store
+(store.py) writes to disk. Its own module so that neither imports the other."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.engine.offload import OffloadedKV
+    from server.engine.sessions.offload import OffloadedKV
 
 
 class SessionError(ValueError):
@@ -77,3 +77,31 @@ class BrokenSession:
     session_id: str
     error: str
     owner: str | None = UNKNOWN_OWNER
+
+
+@dataclass
+class SessionTurn:
+    """A sequence that is a session's turn, and the messages it adds."""
+
+    session: Session
+    new_messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ForkPoint:
+    """Where a fork cuts its source: the messages kept and the transcript tokens they are."""
+
+    num_messages: int
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What a finished turn hands its session: the transcript as the model saw it, the KV
+    blocks holding its first `num_kv_tokens` tokens, and the messages with the reply."""
+
+    token_ids: list[int]
+    block_table: list[int]
+    block_hashes: list[int]
+    num_kv_tokens: int
+    messages: list[dict[str, Any]]

@@ -3,7 +3,7 @@
 `SessionDisk` remembers which file version (payload digest) each copy held in memory came
 from, tells the table when a file changed under it (another replica took a turn, deleted
 the session, or a copy was never held: lookup on miss), and wraps the per-session locks
-(session_lock.py): a turn holds its session's lock from start to commit or abort, and
+(locks.py): a turn holds its session's lock from start to commit or abort, and
 deletes and KV writes take it too, so two replicas never write one session at once.
 `sweep` deletes the expired sessions that no copy here stands for (their replica may be
 gone, or a copy left memory), reading only each file's first bytes.
@@ -15,8 +15,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Container, Iterator, Mapping
 
-from server.engine.session_record import BrokenSession, Session, SessionError
-from server.engine.session_store import Head, SessionStore, Stored
+from server.engine.sessions.record import BrokenSession, Session, SessionError
+from server.engine.sessions.store import Head, SessionStore, Stored
 
 SWEEP_INTERVAL_S = 60.0  # how often `SessionTable.expire` sweeps the store for expired sessions
 

@@ -8,7 +8,7 @@ tier: their KV is recomputed at the next turn, giving the tokens they would have
 
 Replicas may share the directory: `digest` tells whether a file still holds the version a
 table last saw (the payload's SHA-256, read through open(), so NFS revalidates it),
-`load` finds one session on a miss, and `locks` (session_lock.py) keep two writers apart.
+`load` finds one session on a miss, and `locks` (locks.py) keep two writers apart.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from server.engine.session_lock import SessionLocks
-from server.engine.session_record import UNKNOWN_OWNER, BrokenSession, Session
+from server.engine.sessions.locks import SessionLocks
+from server.engine.sessions.record import UNKNOWN_OWNER, BrokenSession, Session
 
 FORMAT_VERSION = 1
 SUFFIX = ".session.json"

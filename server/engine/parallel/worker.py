@@ -4,7 +4,7 @@ then run each step rank 0 broadcasts until STOP.
 No scheduler, sampler or HTTP here: the follower's logits go to rank 0, which samples.
 
 Started by rank 0 itself on one machine (`run_follower` in a spawned process), or, across
-machines, as `workmem tp-worker` (= `python -m server.engine.tp_worker`) with torchrun-style
+machines, as `workmem tp-worker` (= `python -m server.engine.parallel.worker`) with torchrun-style
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK for its GPU) in the environment.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from model.parallel import make_group
 from server.engine.build import build_rank
 from server.engine.config import resolve_dtype
-from server.engine.tp_comm import (
+from server.engine.parallel.comm import (
     FOLLOWER_IDLE_TIMEOUT, Rendezvous, backend_for, local_device, read_config, recv_step, rendezvous_from_env,
     set_rank_threads, start_heartbeat,
 )
