@@ -19,7 +19,8 @@ from torch import nn
 from model.config import ModelConfig
 from model.gpt2 import CONV1D
 from model.prepack import prepack_available, prepack_linears, weight_packing
-from model.quant import GroupQuant, QuantConfig, fuse_shards, make_quant_linear, torch_fits, vnni_fits
+from model.packed_embedding import PackedEmbedding
+from model.quant import GroupQuant, QuantConfig, QuantLinear, fuse_shards, make_quant_linear, torch_fits, vnni_fits
 from model.split_linear import SplitLinear
 from model.tokenizer import Tokenizer
 
@@ -61,12 +62,24 @@ def load_model(
     load_weights(model, tensors, quant, native)
     if shard is not None:
         shard(model)
+    _embed_from_tied_head(model, dtype)
     model.to(device=device, dtype=dtype).eval()
     if prepack_available(device, dtype):
         prepack_linears(model, weight_packing(dtype, native))  # last: packed layouts are opaque to .to() and the loader
     del tensors
     _return_freed_memory()
     return LoadedModel(model, config, tokenizer)
+
+
+def _embed_from_tied_head(model: nn.Module, dtype: torch.dtype) -> None:
+    """A tied embedding whose LM head runs on the VNNI kernel is read from the head's packed
+    weight (model/packed_embedding.py) instead of a dense copy of the same matrix."""
+    head, source = getattr(model, "tied_head", None), getattr(model, "tied_head_source", None)
+    if not isinstance(head, QuantLinear) or head.vnni is None or not source:
+        return
+    path = source.removesuffix(".weight")
+    parent_name, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, PackedEmbedding(head, dtype))
 
 
 def _return_freed_memory() -> None:

@@ -190,3 +190,26 @@ def test_default_model_auto_vs_none_agreement() -> None:
     assert abs(ppl["auto"] / ppl["none"] - 1) < PERPLEXITY_REL_TOL and delta < 0.1
     assert head >= 5
     assert "4" in llm.tokenizer.decode(answers["auto"][0])  # "What is 2+2?"
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 16), (8, 32), (8, 16)])
+def test_packed_rows_decode_vnni_layout(bits: int, group: int) -> None:
+    """model/packed_embedding.py reads rows back from vnni_pack's records: the weight's own rows,
+    to the float16 rounding of the records' scales."""
+    from model.packed_embedding import packed_rows
+    from model.quant import vnni_pack
+
+    torch.manual_seed(bits + group)
+    w = torch.randn(77, 96)
+    if bits == 4:
+        gq = quantize_int4(w, group)
+    else:
+        g = w.reshape(77, 96 // group, group)
+        scale = g.abs().amax(-1) / 127
+        gq = GroupQuant((g / scale[..., None]).round().to(torch.int8).reshape(77, 96), scale,
+                        torch.randn(77, 96 // group) * 0.01, 8, group)
+    ids = torch.tensor([0, 5, 16, 76, 33, 5])
+    got = packed_rows(vnni_pack(gq), gq.bits, gq.group, ids)
+    want = gq.dequantize()[ids]
+    assert got.shape == (6, 96)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-3

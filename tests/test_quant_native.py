@@ -112,6 +112,9 @@ def test_default_model_answers_on_vnni_kernels() -> None:
     llm = LLM(str(default_model_path()), dtype="bfloat16", num_kv_blocks=128, max_model_len=1024)
     quant = [m for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
     assert llm.engine.model.tied_head in quant  # the tied Q8_0 LM head
+    from model.packed_embedding import PackedEmbedding
+
+    assert isinstance(llm.engine.model.model.embed_tokens, PackedEmbedding)  # read from it: no dense copy
     assert len(quant) == 30 * 4 + 1 and all(m.vnni is not None for m in quant)
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0]
