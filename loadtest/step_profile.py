@@ -240,6 +240,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     add("--quantization", default="auto", help="auto | none | int4 | int8 (default: %(default)s)")
     add("--kernel-backend", default="auto", help="auto | torch | native (default: %(default)s)")
+    add("--kv-cache-dtype", default="auto", help="auto | bfloat16 | float16 | float32 | int8 (default: %(default)s)")
     add("--batch-sizes", default="1,4,16,32", help="decode batch sizes (default: %(default)s)")
     add("--contexts", default="256,2048", help="prompt tokens per request (default: %(default)s)")
     add("--steps", type=int, default=10, help="timed decode steps per run (default: %(default)s)")
@@ -268,7 +269,7 @@ def build_engine(args: argparse.Namespace):
     config = EngineConfig(model=str(args.model), dtype=args.dtype, device=args.device,
                           block_size=DEFAULT_BLOCK_SIZE, num_kv_blocks=blocks, max_model_len=max_len,
                           max_num_seqs=max(args.batch_sizes), quantization=args.quantization,
-                          kernel_backend=args.kernel_backend)
+                          kernel_backend=args.kernel_backend, kv_cache_dtype=args.kv_cache_dtype)
     return LLMEngine(config)
 
 

@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from model.kv_quant import dequantize, quantize
+
 
 @dataclass
 class AttentionGroup:
@@ -145,8 +147,8 @@ class TorchPagedAttention:
         """One group's attention output [B * max_q, H, d] (padded query rows included)."""
         batch, max_q = g.token_index.shape
         qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
-        kg = gather_blocks(k_cache, g.block_tables)  # [B, kvH, L, d]
-        vg = gather_blocks(v_cache, g.block_tables)
+        kg = gather_blocks(k_cache, g.block_tables, qg.dtype)  # [B, kvH, L, d]
+        vg = gather_blocks(v_cache, g.block_tables, qg.dtype)
         o = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
@@ -157,27 +159,28 @@ class TorchPagedAttention:
 class NativeCPUPagedAttention(TorchPagedAttention):
     """Decode groups (one query per sequence) on the native kernel, which reads each
     sequence's K/V in place through its block table: no per-step copy of the context.
-    Prefill chunks, and anything not on the CPU in bfloat16/float32, take the SDPA path."""
+    Prefill chunks, and anything not on the CPU in bfloat16/float32, take the SDPA path. An int8
+    pool (model/kv_quant.py) is written quantized and read in place by the int8 kernel."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.ops = ops  # model.native.NativeOps
 
     def forward(self, q, k, v, k_cache, v_cache, meta):
-        if q.is_cpu and k_cache.dtype in self.ops.dtypes and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+        if q.is_cpu and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
             return self.attend_all(q, k_cache, v_cache, meta)  # K/V already written, one C call
         return super().forward(q, k, v, k_cache, v_cache, meta)
 
     def attend(self, q, g, k_cache, v_cache):
         batch, max_q = g.token_index.shape
-        if max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu or k_cache.dtype != q.dtype:
+        if max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu or k_cache.dtype not in (q.dtype, torch.int8):
             return super().attend(q, g, k_cache, v_cache)
         rows = q if g.whole_batch else q.index_select(0, g.token_index[:, 0])  # [B, H, d]
         if rows.stride(2) != 1 or rows.stride(1) != self.head_dim:
             rows = rows.contiguous()
         out = torch.empty(batch, self.num_heads, self.head_dim, dtype=q.dtype)
         tables = g.block_tables  # [B, max_blocks] int64, contiguous
-        self.ops.attention(q.dtype)(
+        self.ops.attention(q.dtype, k_cache.dtype)(
             rows.data_ptr(), rows.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             tables.data_ptr(), tables.shape[1], g.context_lens.data_ptr(), out.data_ptr(),
             batch, self.num_heads, self.num_kv_heads, self.head_dim, k_cache.shape[1], self.scale,
@@ -189,15 +192,21 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Scatter this step's K/V [T, kvH, d] into the pools at `slot_mapping` [T]."""
-    kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Scatter this step's K/V [T, kvH, d] into the pools at `slot_mapping` [T] (an int8 pool:
+    quantized rows [T, kvH, d + 2], model/kv_quant.py)."""
+    kv_heads, row = k_cache.shape[-2:]
+    if k_cache.dtype == torch.int8:
+        k, v = quantize(k), quantize(v)
+    k_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[num_blocks, bs, kvH, d] gathered by [B, nb] -> [B, kvH, nb * bs, d]: the reference
-    backend's view of each sequence's context (tests' mock models read the pool through it)."""
+    backend's view of each sequence's context (tests' mock models read the pool through it).
+    An int8 pool's rows [.., d + 2] come back dequantized to `dtype` (default bfloat16)."""
     batch, num_blocks = block_tables.shape
     blocks = cache.index_select(0, block_tables.flatten())  # [B * nb, bs, kvH, d]; ~5x faster than cache[tables] on CPU
-    return blocks.view(batch, num_blocks * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
+    if cache.dtype == torch.int8:
+        blocks = dequantize(blocks, dtype or torch.bfloat16)
+    return blocks.view(batch, num_blocks * cache.shape[1], *blocks.shape[2:]).transpose(1, 2)

@@ -57,6 +57,10 @@ _SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
     "write_kv": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, k/v stride, kc, vc, slots, n, row)
+    # int8 pools (model/kv_quant.py), suffix = the model's dtype: same arguments as above, and
+    # (k, v, k/v stride, kc, vc, slots, n, kvH, D)
+    "paged_decode_attention_int8": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
+    "write_kv_int8": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64],  # (x, M, K, packed, bits, group, out, N, ldo)
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -84,8 +88,9 @@ class NativeOps:
         self._lanes_gemm = lib.lanes_gemm_bf16  # bf16 only: (x, M, K, packed, out, N)
         self._lanes_gemm.argtypes, self._lanes_gemm.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64], None
 
-    def attention(self, dtype: torch.dtype):
-        return self.fns["paged_decode_attention", dtype]
+    def attention(self, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
+        """The decode kernel for queries of `dtype` over pools of `kv_dtype` (default: the same)."""
+        return self.fns["paged_decode_attention_int8" if kv_dtype == torch.int8 else "paged_decode_attention", dtype]
 
     def add_rms_norm(self, x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
                      out: torch.Tensor, eps: float) -> None:
@@ -118,15 +123,21 @@ class NativeOps:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor) -> bool:
         """Copy K, V [T, kvH, d] (each token's row contiguous, any token strides) into the
-        pools at `slots` [T]; False (nothing done) where the layouts do not allow a row copy."""
+        pools at `slots` [T] (an int8 pool: quantized, model/kv_quant.py); False (nothing
+        done) where the layouts do not allow a row copy."""
         t, heads, dim = k.shape
-        row = heads * dim
-        if not (k.dtype == v.dtype == k_cache.dtype and k.stride()[1:] == (dim, 1) == v.stride()[1:]
+        int8 = k_cache.dtype == torch.int8
+        if not (k.dtype == v.dtype and k.dtype in self.dtypes and (int8 or k.dtype == k_cache.dtype)
+                and k.stride()[1:] == (dim, 1) == v.stride()[1:]
                 and v.shape == k.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and slots.dtype == torch.int64 and slots.is_contiguous()):
             return False
-        self.fns["write_kv", k.dtype](k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k_cache.data_ptr(),
-                                      v_cache.data_ptr(), slots.data_ptr(), t, row)
+        args = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                slots.data_ptr(), t)
+        if int8:
+            self.fns["write_kv_int8", k.dtype](*args, heads, dim)
+        else:
+            self.fns["write_kv", k.dtype](*args, heads * dim)
         return True
 
     def rotary(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

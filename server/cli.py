@@ -42,6 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV pool size in blocks")
     parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8"],
+                        help="KV pool storage: auto = the model's dtype; int8 = one scale per (token, kv head), "
+                             "1.94x the tokens per byte of bfloat16 (default auto)")
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     parser.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
     parser.add_argument("--max-prompt-logprob-tokens", type=int, default=DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
@@ -91,7 +94,7 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(
         model=args.model or str(default_model_path()), dtype=args.dtype, device=args.device,
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_prompt_logprob_tokens=args.max_prompt_logprob_tokens,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
@@ -110,7 +113,7 @@ def llm_from_args(args: argparse.Namespace):
     c = engine_config_from_args(args)
     return LLM(
         c.model, dtype=c.dtype, device=c.device, block_size=c.block_size,
-        num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory,
+        num_kv_blocks=c.num_kv_blocks, kv_cache_memory=c.kv_cache_memory, kv_cache_dtype=c.kv_cache_dtype,
         max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
         max_prompt_logprob_tokens=c.max_prompt_logprob_tokens,
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,

@@ -162,3 +162,43 @@ def test_native_write_kv_takes_k_and_v_with_different_token_strides():
     assert lib.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, 3, 16)[slots], k) and torch.equal(v_cache.view(-1, 3, 16)[slots], v)
     assert not lib.write_kv(k, v.transpose(1, 2), k_cache, v_cache, slots)  # rows not contiguous
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(6, 2, 16), (9, 3, 64), (4, 4, 128)])
+@pytest.mark.parametrize("num_new,context", [([1, 1, 1], [1, 9, 300]), ([1, 5, 1], [13, 5, 70])])
+def test_native_int8_kv_equals_torch_dequantized(dtype, tol, heads, kv_heads, d, num_new, context):
+    """int8 pools (model/kv_quant.py): the C write quantizes as kv_quant.quantize does, and the C
+    decode kernel reading codes + scales in place equals SDPA over the dequantized pools."""
+    from model.kv_quant import dequantize, quantize
+
+    lib = native_kernels()
+    assert lib is not None, "the C compiler is part of the test environment"
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, num_new, context, dtype, d)
+    k8, v8 = quantize(k_cache), quantize(v_cache)  # [nb, bs, kvH, d + 2] int8
+    ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
+    native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
+    k_ref, v_ref = k8.clone(), v8.clone()
+    want = ref.forward(q, k, v, k_ref, v_ref, meta)
+    got = native.forward(q, k, v, k8, v8, meta)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() < tol
+    # the written rows: the same scales, codes within one step (x * (1 / s) rounding), same values
+    for mine, theirs in ((k8, k_ref), (v8, v_ref)):
+        assert torch.equal(mine[..., d:], theirs[..., d:])
+        assert (mine[..., :d].int() - theirs[..., :d].int()).abs().max().item() <= 1
+        assert (dequantize(mine, torch.float32) - dequantize(theirs, torch.float32)).abs().max().item() < 0.05
+
+
+def test_int8_rows_round_trip():
+    """quantize -> dequantize: within half a step (max|x| / 254) of each row; zero rows stay zero."""
+    from model.kv_quant import dequantize, quantize
+
+    x = torch.randn(5, 3, 64, dtype=torch.float32) * torch.tensor([1e-3, 1.0, 300.0])[None, :, None]
+    x[0, 0] = 0.0
+    rows = quantize(x)
+    assert rows.dtype == torch.int8 and rows.shape == (5, 3, 66)
+    err = (dequantize(rows, torch.float32) - x).abs()
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert (err <= step * 0.5 * 1.01 + 1e-12).all()
+    assert (dequantize(rows, torch.float32)[0, 0] == 0).all()

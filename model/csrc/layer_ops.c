@@ -76,8 +76,37 @@ void write_kv_##SUFFIX(const T *k, const T *v, int64_t k_stride, int64_t v_strid
     }                                                                                          \
 }
 
+/* write_kv_int8: the same rows quantized into int8 pools (model/kv_quant.py's format): each
+ * (token, kv head) of D values becomes D codes and a bf16 scale, D + 2 bytes. scale =
+ * bf16(max|x| / 127); q = rint(x * (1 / scale)) clamped to [-127, 127]; a zero row: all 0. */
+#define DEFINE_WRITE_KV_INT8(SUFFIX, T, LOAD)                                                  \
+static void quantize_row_##SUFFIX(const T *x, int8_t *out, int64_t D) {                        \
+    float amax = 0.f;                                                                          \
+    for (int64_t d = 0; d < D; d++) { const float a = fabsf(LOAD(x[d])); amax = a > amax ? a : amax; } \
+    const uint16_t sb = bf16_store(amax / 127.f);                                              \
+    const float s = bf16_load(sb), inv = s > 0.f ? 1.f / s : 0.f;                              \
+    for (int64_t d = 0; d < D; d++) {                                                          \
+        float q = rintf(LOAD(x[d]) * inv);                                                     \
+        q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);                                     \
+        out[d] = (int8_t)q;                                                                    \
+    }                                                                                          \
+    memcpy(out + D, &sb, 2);                                                                   \
+}                                                                                              \
+void write_kv_int8_##SUFFIX(const T *k, const T *v, int64_t k_stride, int64_t v_stride,        \
+                            int8_t *k_cache, int8_t *v_cache, const int64_t *slots, int64_t n, \
+                            int64_t kvH, int64_t D) {                                          \
+    const int64_t row = kvH * (D + 2);                                                         \
+    for (int64_t t = 0; t < n; t++)                                                            \
+        for (int64_t j = 0; j < kvH; j++) {                                                    \
+            quantize_row_##SUFFIX(k + t * k_stride + j * D, k_cache + slots[t] * row + j * (D + 2), D); \
+            quantize_row_##SUFFIX(v + t * v_stride + j * D, v_cache + slots[t] * row + j * (D + 2), D); \
+        }                                                                                      \
+}
+
 DEFINE_OPS(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
 DEFINE_WRITE_KV(bf16, uint16_t)
+DEFINE_WRITE_KV_INT8(bf16, uint16_t, bf16_load)
+DEFINE_WRITE_KV_INT8(f32, float, f32_load)
 DEFINE_WRITE_KV(f32, float)
 DEFINE_SILU(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
 DEFINE_SILU(f32, float, f32_load, f32_store, f32_round)

@@ -368,3 +368,108 @@ void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint
     generic_attention_bf16(q, q_stride, k_cache, v_cache, tables, max_blocks, context_lens, out, B, H, kvH, D, bs,
                            scale);
 }
+
+/* int8 K/V pools (model/kv_quant.py's rows: D codes then a bf16 scale per (token, kv head);
+ * a token's row is kvH * (D + 2) bytes), read in place, in plain C for every variant (the
+ * compiler vectorizes the widening dot products and V sums for the variant's ISA). Tasks
+ * (sequence, piece, kv head) as fast_task's: the g query heads of a kv head share each row;
+ * score = (scale * q) . codes * k_scale, acc += (p * v_scale) * codes, in float32. */
+static inline float int8_scale(const int8_t *r, int64_t D) {
+    uint16_t s;
+    memcpy(&s, r + D, 2);
+    return bf16_load(s);
+}
+
+static inline void prefetch_int8(const int8_t *r, int64_t D) { /* D + 2 bytes: one or two lines */
+    __builtin_prefetch(r);
+    __builtin_prefetch(r + D + 1);
+}
+
+static inline float dot_int8(const float *restrict q, const int8_t *restrict k, int64_t D) {
+    float s = 0.f;
+    for (int64_t d = 0; d < D; d++) s += q[d] * (float)k[d];
+    return s;
+}
+
+/* qf [g, D] (already times the softmax scale); scores [g, n] scratch; leaves acc [g, D], max, sum. */
+static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
+                      int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                      float *scores, float *acc, float *max, float *sum) {
+    const int64_t w = D + 2;
+    float r[D];
+    for (int64_t i = 0; i < g; i++) max[i] = -FLT_MAX;
+    for (int64_t t = 0; t < n; t++) { /* K pass */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+        }
+        const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const float ks = int8_scale(kr, D);
+        for (int64_t i = 0; i < g; i++) {
+            const float s = dot_int8(qf + i * D, kr, D) * ks;
+            scores[i * n + t] = s;
+            max[i] = s > max[i] ? s : max[i];
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float l = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float e = expf(scores[i * n + t] - max[i]);
+            scores[i * n + t] = e;
+            l += e;
+        }
+        sum[i] = l;
+    }
+    for (int64_t i = 0; i < g * D; i++) acc[i] = 0.f;
+    for (int64_t t = 0; t < n; t++) { /* V pass: codes widened once per row for the g heads */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+        }
+        const int8_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const float vs = int8_scale(vr, D);
+        for (int64_t d = 0; d < D; d++) r[d] = (float)vr[d];
+        for (int64_t i = 0; i < g; i++) {
+            const float p = scores[i * n + t] * vs;
+            float *restrict a = acc + i * D;
+            for (int64_t d = 0; d < D; d++) a[d] += p * r[d];
+        }
+    }
+}
+
+#define DEFINE_INT8_KERNEL(SUFFIX, T, LOAD, COMBINE)                                              \
+void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const int8_t *k_cache,    \
+        const int8_t *v_cache, const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, \
+        T *out, int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {          \
+    const int64_t g = H / kvH, row = kvH * (D + 2), splits = pieces_per_sequence(context_lens, B, kvH); \
+    const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */             \
+    float *part = malloc(sizeof(float) * B * splits * stride);                                    \
+    _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")                                  \
+    for (int64_t b = 0; b < B; b++) {                                                             \
+        for (int64_t sp = 0; sp < splits; sp++) {                                                 \
+            for (int64_t j = 0; j < kvH; j++) {                                                   \
+                const int64_t len = context_lens[b], per = (len + splits - 1) / splits;           \
+                const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;  \
+                float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H; \
+                if (n <= 0) {                                                                     \
+                    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }          \
+                    for (int64_t i = 0; i < g * D; i++) acc[j * g * D + i] = 0.f;                 \
+                    continue;                                                                     \
+                }                                                                                 \
+                float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;       \
+                const T *qb = q + b * q_stride + j * g * D;                                       \
+                for (int64_t i = 0; i < g * D; i++) qf[i] = LOAD(qb[i]) * scale;                  \
+                int8_task(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, j, g, row, D, bs, \
+                          scores, acc + j * g * D, max, sum);                                     \
+                free(scores);                                                                     \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    COMBINE(part, splits, out, B, H, D);                                                          \
+    free(part);                                                                                   \
+}
+
+DEFINE_INT8_KERNEL(bf16, uint16_t, bf16_load, combine_bf16)
+DEFINE_INT8_KERNEL(f32, float, f32_load, combine_f32)

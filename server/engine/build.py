@@ -56,6 +56,7 @@ def build_rank(
         plan, local = plan_kv_cache(config, model_config, dtype, device), model_config
     else:
         plan, local = plan_shard(config, model_config, group, dtype, device), local_config(model_config, group.world)
-    runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed)
+    runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed,
+                        kv_dtype=plan.kv_dtype)
     return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native",
                      None if native is None else native.variant)

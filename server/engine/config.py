@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from model.config import ModelConfig
+from model.kv_quant import KV_CACHE_DTYPES, bytes_per_token, resolve_kv_dtype
 from model.quant import DEFAULT_DENSE_ABOVE, QuantConfig
 from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
 
@@ -42,6 +43,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | bfloat16 | float16 | float32 | int8 (model/kv_quant.py)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS  # of those, prompt tokens scored
@@ -78,6 +80,8 @@ class EngineConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         self.quant  # validates quantization and quant_dense_above
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size > 1 and self.quantization in ("int4", "int8"):
             raise ValueError(f"quantization {self.quantization} cannot be sharded: tensor parallelism runs "
                              "dense weights (use quantization none or auto)")
@@ -116,17 +120,18 @@ class KVCachePlan(NamedTuple):
     block_size: int
     max_model_len: int
     bytes_per_block: int
+    kv_dtype: torch.dtype  # the pool's storage dtype (torch.int8: quantized rows, model/kv_quant.py)
 
 
 def plan_kv_cache(
     config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> KVCachePlan:
-    """Number of KV blocks from `num_kv_blocks`, `kv_cache_memory` or the device default.
+    """Number of KV blocks from `num_kv_blocks`, `kv_cache_memory` or the device default, at
+    `kv_cache_dtype`'s bytes per block (int8: D + 2 bytes per (token, kv head) row).
     Refuses (ValueError) a pool that cannot hold one `max_model_len` sequence."""
-    bytes_per_block = (
-        model.num_layers * 2 * config.block_size * model.num_kv_heads * model.head_dim
-        * torch.empty((), dtype=dtype).element_size()
-    )
+    kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
+    bytes_per_block = config.block_size * bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim,
+                                                          kv_dtype)
     max_model_len = config.max_model_len or model.max_position_embeddings
     if max_model_len > model.max_position_embeddings:
         raise ValueError(
@@ -148,7 +153,7 @@ def plan_kv_cache(
             f"{needed * bytes_per_block / 2**20:.1f} MiB); raise num_kv_blocks/kv_cache_memory "
             f"or lower max_model_len"
         )
-    return KVCachePlan(num_blocks, config.block_size, max_model_len, bytes_per_block)
+    return KVCachePlan(num_blocks, config.block_size, max_model_len, bytes_per_block, kv_dtype)
 
 
 def _default_kv_memory(device: torch.device) -> int:

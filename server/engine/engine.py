@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from model.kv_quant import kv_dtype_name
 from model.loader import LoadedModel
 from model.sampling import GrammarSpec, SamplingParams
 from server.engine.build import build_rank
@@ -38,13 +39,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("workmem.engine")
 
 
-def kv_namespace(model: str, dtype: torch.dtype, quantization: str) -> str:
+def kv_namespace(model: str, dtype: torch.dtype, quantization: str, kv_dtype: torch.dtype | None = None) -> str:
     """What a KV block depends on besides its tokens: the weights (path, size and mtime of
-    the file, or of a checkpoint directory's files), their dtype and quantization."""
+    the file, or of a checkpoint directory's files), their dtype and quantization, and the
+    KV pool's dtype where it differs from the weights'."""
     path = Path(model)
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
-    return f"{path.resolve()}|{','.join(stamps)}|{dtype}|{quantization}"
+    kv = "" if kv_dtype in (None, dtype) else f"|kv={kv_dtype}"
+    return f"{path.resolve()}|{','.join(stamps)}|{dtype}|{quantization}{kv}"
 
 
 class LLMEngine:
@@ -68,10 +71,10 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.started()
         log.info(
-            "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB), max_model_len %d, "
+            "engine ready: %s on %s/%s, %d KV blocks x %d tokens (%.1f MiB, %s), max_model_len %d, "
             "kernels %s, quantization %s",
             config.model, self.device, self.dtype, self.plan.num_blocks, config.block_size,
-            self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.max_model_len,
+            self.plan.num_blocks * self.plan.bytes_per_block / 2**20, self.plan.kv_dtype, self.max_model_len,
             self.kernel_backend if self.kernel_variant is None else f"native ({self.kernel_variant})",
             config.quantization,
         )
@@ -90,7 +93,7 @@ class LLMEngine:
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
         self.pool = BlockPool(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv_namespace = kv_namespace(config.model, self.dtype, config.quant.mode)
+        self.kv_namespace = kv_namespace(config.model, self.dtype, config.quant.mode, self.plan.kv_dtype)
         self.sessions = SessionTable(
             self.pool, config.max_sessions, int(config.session_memory_fraction * self.plan.num_blocks),
             store=SessionStore(config.session_dir) if config.session_dir else None,
@@ -358,7 +361,10 @@ class LLMEngine:
     def memory_view(self, owner: str | None = None) -> dict:
         """Who holds which KV blocks now, for `owner` (engine thread; server/engine/memory_view.py)."""
         sched = self.scheduler
-        return memory_view(self.pool, self.sessions, len(sched.running), len(sched.waiting), owner)
+        view = memory_view(self.pool, self.sessions, len(sched.running), len(sched.waiting), owner)
+        view["kv_cache"] = {"dtype": kv_dtype_name(self.plan.kv_dtype), "bytes_per_block": self.plan.bytes_per_block,
+                            "bytes_total": self.plan.bytes_per_block * self.plan.num_blocks}
+        return view
 
     def kv_usage(self) -> dict[str, int]:
         pool = self.pool

@@ -19,7 +19,9 @@ class LLM:
 
     dtype/device: "auto" picks CUDA + bfloat16 when available, else CPU with bfloat16
     where the CPU has native bf16 matmul. The KV pool is `num_kv_blocks` blocks of
-    `block_size` tokens, or as many as fit in `kv_cache_memory` bytes. At most
+    `block_size` tokens, or as many as fit in `kv_cache_memory` bytes, stored as
+    `kv_cache_dtype` ("auto": the model's dtype; "int8": one scale per (token, kv head),
+    1.94x the tokens per byte of bfloat16, model/kv_quant.py). At most
     `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step, of which at
     most `max_prompt_logprob_tokens` prompt tokens are scored (`SamplingParams.prompt_logprobs`;
     `max_tokens=0` scores the prompt only: `RequestOutput.prompt_logprobs`).
@@ -41,6 +43,7 @@ class LLM:
         block_size: int = DEFAULT_BLOCK_SIZE,
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS,
@@ -56,7 +59,7 @@ class LLM:
         self.engine = LLMEngine(
             EngineConfig(
                 model=str(model_path), dtype=dtype, device=device, block_size=block_size,
-                num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                 max_prompt_logprob_tokens=max_prompt_logprob_tokens,
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,

@@ -1,7 +1,7 @@
 """Runner: a scheduled step -> tensors -> model -> sampler -> token ids.
 
-Owns the KV cache tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`
-and the sampler. The flat token batch concatenates each scheduled sequence's chunk
+Owns the KV cache tensor `[num_layers, 2, num_blocks, block_size, num_kv_heads, row]` (row =
+head_dim, or head_dim + 2 bytes for an int8 pool: model/kv_quant.py) and the sampler. The flat token batch concatenates each scheduled sequence's chunk
 (`token_ids[num_computed : num_computed + n]`) in schedule order. Logits are computed for
 the last row of each sampled sequence and, for sequences asking for prompt logprobs, for
 the prompt rows they score (server/engine/prompt_logprobs.py), after those.
@@ -15,6 +15,7 @@ from torch import nn
 
 from model.attention import SeqAttention, build_attention_metadata
 from model.config import ModelConfig
+from model.kv_quant import row_width
 from model.sampling import Sampler, SamplerOutput, SamplingRow, TokenMask
 from server.engine.grammar import BitmaskFiller
 from server.engine.prompt_logprobs import PromptLogprob, ScoreSpan, score, score_spans, span_rows
@@ -68,14 +69,15 @@ class Runner:
 
     def __init__(
         self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-        device: torch.device, dtype: torch.dtype, seed: int | None = None,
+        device: torch.device, dtype: torch.dtype, seed: int | None = None, kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        kv_dtype = kv_dtype or dtype
         self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
-            dtype=dtype, device=device,
+            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row_width(config.head_dim, kv_dtype),
+            dtype=kv_dtype, device=device,
         )
         # per layer (k_cache, v_cache) views, made once: what the model indexes each step
         self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]

@@ -134,9 +134,11 @@ class TensorParallel:
 
     # -- what the engine asks for -----------------------------------------------------
     def runner(self, model: nn.Module, local: ModelConfig, num_blocks: int, block_size: int,
-               device: torch.device, dtype: torch.dtype, seed: int | None = None) -> TPRunner:
+               device: torch.device, dtype: torch.dtype, seed: int | None = None,
+               kv_dtype: torch.dtype | None = None) -> TPRunner:
         """build_rank's runner class for rank 0 (`local`: this rank's share of the heads)."""
-        return TPRunner(model, local, num_blocks, block_size, device, dtype, seed=seed, group=self.group)
+        return TPRunner(model, local, num_blocks, block_size, device, dtype, seed=seed, group=self.group,
+                        kv_dtype=kv_dtype)
 
     def started(self) -> None:
         """Rank 0 is serving: the followers' heartbeats stop watching for a failed start."""

@@ -3,9 +3,10 @@ freshly allocated blocks at the next turn, much faster than recomputing. `KVSwap
 them on disk (`--session-dir`); `HostKVSwapper` keeps them in host memory (CUDA only:
 on CPU the pool already is host memory).
 
-File `{session_id}.kv.pt`: a format version, the block size, the blocks' content hashes
-and their K/V `[num_layers, 2, n, block_size, num_kv_heads, head_dim]`, with a SHA-256 of
-the tensor bytes. KV is a cache: a file that is missing, corrupt or from another model
+File `{session_id}.kv.pt`: a format version, the block size, the pool's dtype name, the
+blocks' content hashes and their K/V `[num_layers, 2, n, block_size, num_kv_heads, row]`
+(row = head_dim, or head_dim + 2 bytes for int8: model/kv_quant.py), with a SHA-256 of the
+tensor bytes. Version 1 files (no dtype field) are refused, never guessed at. KV is a cache: a file that is missing, corrupt or from another model
 shape just means the tokens are recomputed.
 """
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Protocol
 
 import torch
 
+from model.kv_quant import kv_dtype_name
+
 log = logging.getLogger("workmem.offload")
-KV_FORMAT_VERSION = 1
+KV_FORMAT_VERSION = 2  # 2: "kv_dtype" recorded (int8 pools); 1 is refused
 KV_SUFFIX = ".kv.pt"
 
 
@@ -61,6 +64,7 @@ class KVSwapper:
         index = torch.tensor(blocks, dtype=torch.int64, device=self.kv_cache.device)
         data = self.kv_cache.index_select(2, index).cpu().contiguous()
         record = {"format_version": KV_FORMAT_VERSION, "block_size": self.block_size,
+                  "kv_dtype": kv_dtype_name(self.kv_cache.dtype),
                   "block_hashes": list(block_hashes), "kv": data, "sha256": _digest(data)}
         path = self.path(session_id)
         tmp = path.with_suffix(".tmp")
@@ -74,6 +78,7 @@ class KVSwapper:
             record = torch.load(offloaded.path, map_location="cpu", weights_only=True)
             data = record["kv"]
             ok = (record["format_version"] == KV_FORMAT_VERSION and record["block_size"] == self.block_size
+                  and record["kv_dtype"] == kv_dtype_name(self.kv_cache.dtype)
                   and data.dtype == self.kv_cache.dtype and data.shape[:2] == self.kv_cache.shape[:2]
                   and data.shape[3:] == self.kv_cache.shape[3:]
                   and data.shape[2] == len(record["block_hashes"]) and record["sha256"] == _digest(data))
