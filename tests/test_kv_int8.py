@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from model.sampling import SamplingParams
 from server.engine import EngineConfig, LLMEngine
 from server.engine.config import plan_kv_cache
-from server.engine.offload import KVSwapper, OffloadedKV
+from server.engine.sessions.offload import KVSwapper, OffloadedKV
 
 LOGPROB_TOL = 0.1  # |logprob| difference allowed between the bf16 and int8 pools (measured <= 0.032)
 BS = 4
