@@ -391,6 +391,79 @@ static inline float dot_int8(const float *restrict q, const int8_t *restrict k, 
     return s;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define INT8_FAST_MAX_D 128
+#define INT8_FAST_MAX_GROUP 8
+/* 16 int8 codes -> 16 float32 */
+static inline __m512 widen_int8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* int8_task with AVX-512 (D % 16 == 0, D <= 128, g <= 8): each row widened once into
+ * registers for the g heads, V sums in acc (L1-resident). */
+static void int8_task_avx512(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
+                             int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                             float *scores, float *acc, float *max, float *sum) {
+    const int64_t w = D + 2, chunks = D / 16;
+    __m512 qv[INT8_FAST_MAX_GROUP][INT8_FAST_MAX_D / 16], r[INT8_FAST_MAX_D / 16];
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t c = 0; c < chunks; c++) qv[i][c] = _mm512_loadu_ps(qf + i * D + 16 * c);
+    for (int64_t i = 0; i < g; i++) max[i] = -FLT_MAX;
+    for (int64_t t = 0; t < n; t++) { /* K pass */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+        }
+        const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const float ks = int8_scale(kr, D);
+        for (int64_t c = 0; c < chunks; c++) r[c] = widen_int8(kr + 16 * c);
+        for (int64_t i = 0; i < g; i++) {
+            __m512 a = _mm512_mul_ps(qv[i][0], r[0]);
+            for (int64_t c = 1; c < chunks; c++) a = _mm512_fmadd_ps(qv[i][c], r[c], a);
+            const float s = _mm512_reduce_add_ps(a) * ks;
+            scores[i * n + t] = s;
+            max[i] = s > max[i] ? s : max[i];
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float l = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float e = expf(scores[i * n + t] - max[i]);
+            scores[i * n + t] = e;
+            l += e;
+        }
+        sum[i] = l;
+    }
+    __m512 o[INT8_FAST_MAX_GROUP][INT8_FAST_MAX_D / 16];
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t c = 0; c < chunks; c++) o[i][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t++) { /* V pass */
+        const int64_t tok = t0 + t;
+        if (t + PREFETCH_TOKENS < n) {
+            const int64_t ft = tok + PREFETCH_TOKENS;
+            prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+        }
+        const int8_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const float vs = int8_scale(vr, D);
+        for (int64_t c = 0; c < chunks; c++) r[c] = widen_int8(vr + 16 * c);
+        for (int64_t i = 0; i < g; i++) {
+            const __m512 p = _mm512_set1_ps(scores[i * n + t] * vs);
+            for (int64_t c = 0; c < chunks; c++) o[i][c] = _mm512_fmadd_ps(p, r[c], o[i][c]);
+        }
+    }
+    for (int64_t i = 0; i < g; i++)
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + i * D + 16 * c, o[i][c]);
+}
+static inline int int8_fast_ok(int64_t D, int64_t g) {
+    return D % 16 == 0 && D <= INT8_FAST_MAX_D && g <= INT8_FAST_MAX_GROUP;
+}
+#else
+static inline int int8_fast_ok(int64_t D, int64_t g) { (void)D; (void)g; return 0; }
+#define int8_task_avx512 int8_task
+#endif
+
 /* qf [g, D] (already times the softmax scale); scores [g, n] scratch; leaves acc [g, D], max, sum. */
 static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
                       int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
@@ -446,6 +519,7 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
     const int64_t g = H / kvH, row = kvH * (D + 2), splits = pieces_per_sequence(context_lens, B, kvH); \
     const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */             \
     float *part = malloc(sizeof(float) * B * splits * stride);                                    \
+    const int fast = int8_fast_ok(D, g);                                                          \
     _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")                                  \
     for (int64_t b = 0; b < B; b++) {                                                             \
         for (int64_t sp = 0; sp < splits; sp++) {                                                 \
@@ -461,8 +535,8 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
                 float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;       \
                 const T *qb = q + b * q_stride + j * g * D;                                       \
                 for (int64_t i = 0; i < g * D; i++) qf[i] = LOAD(qb[i]) * scale;                  \
-                int8_task(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, j, g, row, D, bs, \
-                          scores, acc + j * g * D, max, sum);                                     \
+                (fast ? int8_task_avx512 : int8_task)(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, \
+                          j, g, row, D, bs, scores, acc + j * g * D, max, sum);                   \
                 free(scores);                                                                     \
             }                                                                                     \
         }                                                                                         \
