@@ -204,9 +204,12 @@ def write_kv(
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[num_blocks, bs, kvH, d] gathered by [B, nb] -> [B, kvH, nb * bs, d]: the reference
     backend's view of each sequence's context (tests' mock models read the pool through it).
-    An int8 pool's rows [.., d + 2] come back dequantized to `dtype` (default bfloat16)."""
+    An int8 pool's rows [.., d + 2] come back dequantized to `dtype` (default bfloat16), a
+    float pool's converted to `dtype` where given."""
     batch, num_blocks = block_tables.shape
     blocks = cache.index_select(0, block_tables.flatten())  # [B * nb, bs, kvH, d]; ~5x faster than cache[tables] on CPU
     if cache.dtype == torch.int8:
         blocks = dequantize(blocks, dtype or torch.bfloat16)
+    elif dtype is not None and blocks.dtype != dtype:  # a float pool of another width (--kv-cache-dtype float32)
+        blocks = blocks.to(dtype)
     return blocks.view(batch, num_blocks * cache.shape[1], *blocks.shape[2:]).transpose(1, 2)

@@ -42,16 +42,19 @@ def generate(engine: LLMEngine) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
-def test_int8_greedy_follows_bf16_within_tolerance(tiny_checkpoint, backend):
+@pytest.mark.parametrize("backend,kv", [("native", "int8"), ("torch", "int8"), ("native", "float32")])
+def test_int8_greedy_follows_bf16_within_tolerance(tiny_checkpoint, backend, kv):
     """Token for token equal until a near-tie (both picks within LOGPROB_TOL of each other),
-    logprobs within LOGPROB_TOL while equal; most tokens agree."""
+    logprobs within LOGPROB_TOL while equal; most tokens agree. A float32 pool under bf16
+    weights takes the SDPA path, its K/V read back as bf16."""
     ref = generate(make_engine(tiny_checkpoint, "auto", backend))
-    engine = make_engine(tiny_checkpoint, "int8", backend)
-    assert engine.runner.kv_cache.dtype == torch.int8
-    kv = engine.memory_view()["kv_cache"]  # GET /v1/memory's figures follow the dtype
-    assert kv == {"dtype": "int8", "bytes_per_block": engine.plan.bytes_per_block, "bytes_total": 128 * kv["bytes_per_block"]}
-    assert engine.plan.bytes_per_block == BS * 2 * 2 * 2 * (16 + 2)  # 2 layers, K and V, 2 kv heads of 16
+    engine = make_engine(tiny_checkpoint, kv, backend)
+    assert engine.runner.kv_cache.dtype == getattr(torch, kv)
+    figures = engine.memory_view()["kv_cache"]  # GET /v1/memory's figures follow the dtype
+    assert figures == {"dtype": kv, "bytes_per_block": engine.plan.bytes_per_block,
+                       "bytes_total": 128 * engine.plan.bytes_per_block}
+    bytes_per_row = {"int8": 16 + 2, "float32": 16 * 4}[kv]  # kv heads of 16
+    assert engine.plan.bytes_per_block == BS * 2 * 2 * 2 * bytes_per_row  # 2 layers, K and V, 2 kv heads
     got = generate(engine)
     agreed = 0
     for rid, want in ref.items():
