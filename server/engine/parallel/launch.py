@@ -187,6 +187,11 @@ class TensorParallel:
             for proc in self.procs.values():
                 proc.join(STOP_JOIN_S)
         self._kill_followers()
+        if self._monitor is not threading.current_thread():
+            # its TCPStore client must be gone before the interpreter exits: a store torn down
+            # under a still-waiting monitor aborted serve at exit ("terminate called without an
+            # active exception", seen under load in tests/test_tensor_parallel.py)
+            self._monitor.join(STOP_JOIN_S)
 
     def _dead_follower(self) -> str | None:
         for rank, proc in self.procs.items():
