@@ -31,6 +31,8 @@ class _EngineCollector:
             ("workmem_kv_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total),
             ("workmem_kv_blocks_used", "KV blocks with refcount > 0", s.kv_blocks_used),
             ("workmem_kv_blocks_cached", "Free KV blocks still holding a prefix hash", s.kv_blocks_cached),
+            ("workmem_kv_block_bytes", "Bytes of K/V per block at the pool's dtype (--kv-cache-dtype)",
+             s.kv_block_bytes),
             ("workmem_num_requests_running", "Sequences running in the engine", s.num_running),
             ("workmem_num_requests_waiting", "Sequences waiting for admission", s.num_waiting),
             ("workmem_sessions_active", "Sessions in the session table", s.sessions_active),

@@ -11,6 +11,7 @@ from model.sampling import SamplingParams
 from server.engine import EngineConfig, LLMEngine
 from server.engine.config import plan_kv_cache
 from server.engine.sessions.offload import KVSwapper, OffloadedKV
+from server.metrics import Metrics
 
 LOGPROB_TOL = 0.1  # |logprob| difference allowed between the bf16 and int8 pools (measured <= 0.032)
 BS = 4
@@ -55,6 +56,8 @@ def test_int8_greedy_follows_bf16_within_tolerance(tiny_checkpoint, backend, kv)
                        "bytes_total": 128 * engine.plan.bytes_per_block}
     bytes_per_row = {"int8": 16 + 2, "float32": 16 * 4}[kv]  # kv heads of 16
     assert engine.plan.bytes_per_block == BS * 2 * 2 * 2 * bytes_per_row  # 2 layers, K and V, 2 kv heads
+    text = Metrics(engine.stats).render().decode()  # /metrics too
+    assert f"workmem_kv_block_bytes {float(engine.plan.bytes_per_block)}" in text
     got = generate(engine)
     agreed = 0
     for rid, want in ref.items():

@@ -351,6 +351,7 @@ class LLMEngine:
         usage, sched, sessions = self.kv_usage(), self.scheduler, self.sessions
         return EngineStats(
             kv_blocks_total=usage["total"], kv_blocks_used=usage["used"], kv_blocks_cached=usage["cached"],
+            kv_block_bytes=self.plan.bytes_per_block,
             num_running=len(sched.running), num_waiting=len(sched.waiting), num_preemptions=sched.num_preemptions,
             sessions_active=len(sessions), session_blocks_pinned=sessions.num_pinned_blocks,
             session_evictions=sessions.num_evictions, session_restores_recompute=sessions.num_recomputes,

@@ -15,6 +15,7 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     kv_blocks_cached: int = 0
+    kv_block_bytes: int = 0  # one block's K/V bytes at the pool's dtype (--kv-cache-dtype)
     num_running: int = 0
     num_waiting: int = 0
     num_preemptions: int = 0
