@@ -77,9 +77,12 @@ def _embed_from_tied_head(model: nn.Module, dtype: torch.dtype) -> None:
     head, source = getattr(model, "tied_head", None), getattr(model, "tied_head_source", None)
     if not isinstance(head, QuantLinear) or head.vnni is None or not source:
         return
-    path = source.removesuffix(".weight")
+    _replace_module(model, source.removesuffix(".weight"), PackedEmbedding(head, dtype))
+
+
+def _replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_name, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_name), attr, PackedEmbedding(head, dtype))
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def _return_freed_memory() -> None:
@@ -201,9 +204,7 @@ def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantC
     """Replace the nn.Linear owning `weight_name` by a QuantLinear of its (fused) shards, or by
     a SplitLinear where the shards' layouts differ (each run of alike shards one part)."""
     path = weight_name.removesuffix(".weight")
-    parent_name, _, attr = path.rpartition(".")
     linear = model.get_submodule(path)
-    parent = model.get_submodule(parent_name) if parent_name else model
     runs: list[tuple[tuple | None, list]] = []
     for shard in shards:
         layout = _layout(shard, quant, native)
@@ -212,8 +213,8 @@ def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantC
         else:
             runs.append((layout, [shard]))
     if len(runs) == 1:
-        setattr(parent, attr, make_quant_linear(fuse_shards(shards), quant.bits_for(shards[0]), linear.bias,
-                                                quant.dense_above, native))
+        _replace_module(model, path, make_quant_linear(fuse_shards(shards), quant.bits_for(shards[0]), linear.bias,
+                                                       quant.dense_above, native))
         return
     parts, sizes = [], []
     for layout, run in runs:
@@ -225,7 +226,7 @@ def _pack_linear(model: nn.Module, weight_name: str, shards: list, quant: QuantC
             parts.append(dense)
         else:
             parts.append(make_quant_linear(weight, layout[1], None, quant.dense_above, native))
-    setattr(parent, attr, SplitLinear(parts, sizes, linear.in_features, linear.bias))
+    _replace_module(model, path, SplitLinear(parts, sizes, linear.in_features, linear.bias))
 
 
 def _target(name: str, packed: dict[str, tuple[str, int]]) -> tuple[str, int | None]:

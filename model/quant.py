@@ -11,7 +11,7 @@ maps onto it exactly). The loader (model/loader.py) swaps the model's `nn.Linear
         activation row to int8 per group of 32 and multiplies with integer dot products, as
         llama.cpp does. One decode row ran 3-4x torch's int4 kernel (~5x the bf16 linear on the
         LM head), at ~0.6% relative error against the dequantized weight; 8..512 rows ran
-        1.2-3.2x the bf16 lanes kernel per core, so no dense copy is kept (`VNNI_DENSE_ABOVE`).
+        1.1-3.5x the bf16 lanes kernel per core, so no dense copy is kept (`VNNI_DENSE_ABOVE`).
   int4: `aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)`, which computes
         w = (code - 8) * scale + zero per group of 32..256 columns, so a group with
         w = code * scale + min has zero = min + 8 * scale (exact for Q4_0/Q4_1/Q4_K).
@@ -42,8 +42,8 @@ log = logging.getLogger("workmem.quant")
 QUANTIZATION_MODES = ("auto", "none", "int4", "int8")
 # Rows above which a (prepacked) dense copy beats the weight-only kernels here: torch's int4
 # kernel loses from 7 rows on (SmolLM2-135M shapes). vnni_gemv.c never does: per core it ran
-# 1.2x (K = 576) to 3.2x (K = 2048) lanes_gemm.c's bf16 linear at 8..512 rows (1 thread, thread
-# CPU time), so it keeps no dense copy (0) and prefill runs on the quantized weights too.
+# 1.1-1.2x (K = 576) and 1.5-3.5x (K = 2048) lanes_gemm.c's bf16 linear at 8..512 rows (1 thread,
+# thread CPU time), so it keeps no dense copy (0) and prefill runs on the quantized weights too.
 TORCH_DENSE_ABOVE = 6
 VNNI_DENSE_ABOVE = 0
 DEFAULT_DENSE_ABOVE = None  # None: whichever of the two fits the kernel in use

@@ -142,6 +142,19 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
 static DEFINE_KERNEL(generic_attention_bf16, uint16_t, bf16_load, bf16_store, fast_dot_bf16_ok, fast_dot_bf16, combine_bf16)
 DEFINE_KERNEL(paged_decode_attention_f32, float, f32_load, f32_store, fast_dot_f32_ok, fast_dot_f32, combine_f32)
 
+/* scores [g, n] -> exp(scores - max[i]) in place, sum[i] = their row sums (the fast tasks' softmax). */
+static inline void exp_scores(float *scores, const float *max, float *sum, int64_t g, int64_t n) {
+    for (int64_t i = 0; i < g; i++) {
+        float l = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float e = expf(scores[i * n + t] - max[i]);
+            scores[i * n + t] = e;
+            l += e;
+        }
+        sum[i] = l;
+    }
+}
+
 #if defined(__AVX512BF16__)
 /* The bf16 fast path (AVX512-BF16, D = 64 or 128, H / kvH <= FAST_MAX_GROUP; other builds:
  * the plain-C tasks below, any D % 8 == 0 up to FAST_MAX_D): tasks are
@@ -237,15 +250,7 @@ static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_
             max[i] = s > max[i] ? s : max[i];
         }
     }
-    for (int64_t i = 0; i < g; i++) {
-        float l = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float e = expf(scores[i * n + t] - max[i]);
-            scores[i * n + t] = e;
-            l += e;
-        }
-        sum[i] = l;
-    }
+    exp_scores(scores, max, sum, g, n);
     v_pass(v_cache + j * D, table, t0, n, bs, row, D, g, scores, n, acc);
 }
 
@@ -295,15 +300,7 @@ static void fast_task(const uint16_t *qb, const uint16_t *k_cache, const uint16_
             max[i] = s > max[i] ? s : max[i];
         }
     }
-    for (int64_t i = 0; i < g; i++) {
-        float l = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float e = expf(scores[i * n + t] - max[i]);
-            scores[i * n + t] = e;
-            l += e;
-        }
-        sum[i] = l;
-    }
+    exp_scores(scores, max, sum, g, n);
     for (int64_t i = 0; i < g * D; i++) acc[i] = 0.f;
     for (int64_t t = 0; t < n; t++) { /* V pass: acc[i][:] += p[i][t] * v[t][:] */
         const int64_t tok = t0 + t;
@@ -427,15 +424,7 @@ static void int8_task_avx512(const float *qf, const int8_t *k_cache, const int8_
             max[i] = s > max[i] ? s : max[i];
         }
     }
-    for (int64_t i = 0; i < g; i++) {
-        float l = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float e = expf(scores[i * n + t] - max[i]);
-            scores[i * n + t] = e;
-            l += e;
-        }
-        sum[i] = l;
-    }
+    exp_scores(scores, max, sum, g, n);
     __m512 o[INT8_FAST_MAX_GROUP][INT8_FAST_MAX_D / 16];
     for (int64_t i = 0; i < g; i++)
         for (int64_t c = 0; c < chunks; c++) o[i][c] = _mm512_setzero_ps();
@@ -485,15 +474,7 @@ static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_ca
             max[i] = s > max[i] ? s : max[i];
         }
     }
-    for (int64_t i = 0; i < g; i++) {
-        float l = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float e = expf(scores[i * n + t] - max[i]);
-            scores[i * n + t] = e;
-            l += e;
-        }
-        sum[i] = l;
-    }
+    exp_scores(scores, max, sum, g, n);
     for (int64_t i = 0; i < g * D; i++) acc[i] = 0.f;
     for (int64_t t = 0; t < n; t++) { /* V pass: codes widened once per row for the g heads */
         const int64_t tok = t0 + t;

@@ -29,7 +29,6 @@
 #define VG 32       /* group size */
 #define VROWS 16    /* output rows per block = lanes */
 #define VM 4        /* rows of x per pass over the weights */
-#define VH 16       /* columns per half group (a group of 16 holds one scale set) */
 #define CODES4 256  /* code bytes per record */
 #define CODES8 512
 
