@@ -11,6 +11,10 @@ query each; prefill: a chunk each). A group is padded to `[B, max_q]` queries an
 `[B, max_kv]` keys; the masks and gather indices are built once per step by
 `build_attention_metadata` and shared by all layers.
 
+An encoder-decoder model's cross-attention reads the encoder's K/V from the same pool (the
+request's cross blocks, written once when its encoder runs): `AttentionMetadata.cross`
+holds that view, built non-causally (every query sees the whole encoder input).
+
 `TorchPagedAttention` is the reference backend (any device). `NativeCPUPagedAttention`
 runs decode groups on a C kernel (model/csrc/paged_attention.c) that reads K/V in place.
 `model.native.select_kernels` picks one at start-up.
@@ -47,6 +51,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: flat KV slot of each new token
     groups: list[AttentionGroup]
     num_tokens: int
+    cross: "AttentionMetadata | None" = None  # encoder-decoder: the same queries over the cross blocks
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,11 @@ class SeqAttention:
 
 
 def build_attention_metadata(
-    seqs: Sequence[SeqAttention], slot_mapping: torch.Tensor, block_size: int, device: torch.device
+    seqs: Sequence[SeqAttention], slot_mapping: torch.Tensor, block_size: int, device: torch.device,
+    causal: bool = True,
 ) -> AttentionMetadata:
-    """Group the step's sequences (decodes together, prefill chunks together) and build masks."""
+    """Group the step's sequences (decodes together, prefill chunks together) and build masks
+    (`causal=False`: each query sees all `context_len` keys, as cross-attention does)."""
     starts, start = [], 0
     for s in seqs:
         starts.append(start)
@@ -69,7 +76,7 @@ def build_attention_metadata(
     decode = [i for i, s in enumerate(seqs) if s.num_new == 1]
     prefill = [i for i, s in enumerate(seqs) if s.num_new > 1]
     groups = [
-        _build_group([seqs[i] for i in idx], [starts[i] for i in idx], block_size, device)
+        _build_group([seqs[i] for i in idx], [starts[i] for i in idx], block_size, device, causal)
         for idx in (decode, prefill)
         if idx
     ]
@@ -78,7 +85,7 @@ def build_attention_metadata(
 
 
 def _build_group(
-    seqs: list[SeqAttention], starts: list[int], block_size: int, device: torch.device
+    seqs: list[SeqAttention], starts: list[int], block_size: int, device: torch.device, causal: bool = True
 ) -> AttentionGroup:
     max_q = max(s.num_new for s in seqs)
     max_blocks = max(len(s.block_table) for s in seqs)
@@ -91,7 +98,11 @@ def _build_group(
     token_index = torch.where(valid, start[:, None] + j[None, :], 0)
     q_pos = ctx[:, None] - q_len[:, None] + j[None, :]  # [B, max_q]
     k_pos = torch.arange(max_blocks * block_size)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+    mask = k_pos[None, None, :] < ctx[:, None, None]  # [B, 1 or max_q, L]
+    if causal:
+        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])
+    else:
+        mask = mask.expand(batch, max_q, -1).clone()
     mask[:, :, 0] |= ~valid  # padded queries see one key so softmax stays finite
     tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
     for row, s in enumerate(seqs):

@@ -18,7 +18,9 @@ ARCHITECTURES = {
     "qwen2": "llama",
     "qwen3": "llama",
     "gpt2": "gpt2",
+    "bart": "bart",
 }
+ENCODER_DECODER_TYPES = ("bart",)
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,25 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Frozen description of a decoder-only Transformer checkpoint."""
+class EncoderSpec:
+    """The encoder half of an encoder-decoder checkpoint (BART) and what joins the halves; the
+    decoder half is the rest of ModelConfig (its layers, heads and positions size the KV pool)."""
 
-    model_type: str  # llama | mistral | qwen2 | qwen3 | gpt2
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int  # longest encoder input
+    decoder_start_token_id: int  # the decoder's first token: every output starts after it
+    pad_token_id: int
+    scale_embedding: bool  # token embeddings times sqrt(hidden)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Frozen description of a decoder Transformer checkpoint (`encoder` set: an
+    encoder-decoder one, whose other fields describe the decoder)."""
+
+    model_type: str  # llama | mistral | qwen2 | qwen3 | gpt2 | bart
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -55,10 +72,15 @@ class ModelConfig:
     torch_dtype: str | None = None  # dtype the checkpoint was saved in
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    encoder: EncoderSpec | None = None  # encoder-decoder checkpoints only
 
     @property
     def family(self) -> str:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder is not None
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "ModelConfig":
@@ -76,6 +98,8 @@ class ModelConfig:
             )
         if model_type == "gpt2":
             return _gpt2_from_dict(raw)
+        if model_type == "bart":
+            return _bart_from_dict(raw)
         if model_type == "mistral" and raw.get("sliding_window") not in (None, 0) and raw.get(
             "use_sliding_window", True
         ) and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
@@ -128,6 +152,42 @@ def _gpt2_from_dict(raw: dict[str, Any]) -> ModelConfig:
         torch_dtype=_dtype_name(raw),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_int_tuple(raw.get("eos_token_id")),
+    )
+
+
+def _bart_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """BART (post-LayerNorm, learned positions offset by 2); mBART-style pre-LN variants differ."""
+    if raw.get("normalize_before") or raw.get("add_final_layer_norm"):
+        raise ValueError("pre-LayerNorm BART variants (mBART) are not supported; supported: bart")
+    hidden, heads = raw["d_model"], raw["decoder_attention_heads"]
+    eos = raw.get("eos_token_id", 2)
+    start = raw.get("decoder_start_token_id")
+    return ModelConfig(
+        model_type="bart",
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=raw["decoder_ffn_dim"],
+        num_layers=raw["decoder_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 1024),
+        norm_eps=1e-5,  # nn.LayerNorm's default, which BART uses throughout
+        tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        attention_bias=True,
+        hidden_act=raw.get("activation_function", "gelu"),
+        torch_dtype=_dtype_name(raw),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_int_tuple(eos),
+        encoder=EncoderSpec(
+            num_layers=raw["encoder_layers"],
+            num_heads=raw["encoder_attention_heads"],
+            intermediate_size=raw["encoder_ffn_dim"],
+            max_position_embeddings=raw.get("max_position_embeddings", 1024),
+            decoder_start_token_id=int(start if start is not None else _int_tuple(eos)[0]),
+            pad_token_id=raw.get("pad_token_id") if raw.get("pad_token_id") is not None else 1,
+            scale_embedding=bool(raw.get("scale_embedding", False)),
+        ),
     )
 
 

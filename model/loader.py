@@ -1,7 +1,8 @@
 """Checkpoint -> model. Safetensors (single file or sharded with an index) or GGUF.
 
 Weights are matched by Hugging Face name; the only translations are the fused
-projections (`model.packed`) and GPT-2's Conv1D transposes. Every checkpoint tensor must
+projections (`model.packed`), GPT-2's Conv1D transposes and the tied copies a model names
+(`model.tied_copies`, skipped). Every checkpoint tensor must
 land in a parameter and every parameter must be filled, else a ValueError names them.
 """
 from __future__ import annotations
@@ -100,6 +101,10 @@ def build_model(config: ModelConfig) -> nn.Module:
     from the checkpoint (load_weights checks), and a linear that becomes a QuantLinear is never
     written at all, so its float32 pages are never touched (no time, no resident memory)."""
     with _no_init():
+        if config.family == "bart":
+            from model.bart import BartForConditionalGeneration
+
+            return BartForConditionalGeneration(config)
         if config.family == "gpt2":
             from model.gpt2 import GPT2LMHeadModel
 
@@ -148,10 +153,13 @@ def load_weights(
     config: ModelConfig = model.config
     linears = linear_weight_names(model)
     tied = getattr(model, "tied_head_source", None) if config.tie_word_embeddings else None
+    copies = getattr(model, "tied_copies", ())  # checkpoint names of tensors the model shares with another
     filled: dict[str, int] = {}  # param name -> shards filled
     to_pack: dict[str, dict[int, torch.Tensor | GroupQuant]] = {}  # linear weight -> shard -> value
     for name, tensor in tensors:
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name in copies:
             continue
         if config.family == "gpt2":
             name = name if name.startswith("transformer.") else "transformer." + name

@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from tests.checkpoints import ARCHS, build_checkpoint  # noqa: E402
+from tests.encdec_checkpoints import build_bart  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,12 @@ def tiny_checkpoint(checkpoint_root):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bart_checkpoint(checkpoint_root) -> Path:
+    """A tiny random BART (tests/encdec_checkpoints.py) with its tokenizer."""
+    return build_bart(checkpoint_root / "bart")
 
 
 __all__ = ["ARCHS"]

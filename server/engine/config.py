@@ -146,6 +146,8 @@ def plan_kv_cache(
             memory = _default_kv_memory(device)
         num_blocks = memory // bytes_per_block
     needed = -(-max_model_len // config.block_size)
+    if model.encoder is not None:  # and its cross blocks: one encoder input of the longest kind
+        needed += -(-model.encoder.max_position_embeddings // config.block_size)
     if num_blocks < needed:
         raise ValueError(
             f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "

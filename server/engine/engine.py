@@ -19,6 +19,7 @@ from model.loader import LoadedModel
 from model.sampling import GrammarSpec, SamplingParams
 from server.engine.build import build_rank
 from server.engine.config import EngineConfig, resolve_device, resolve_dtype
+from server.engine.encoder_requests import check_encoder_request, encoder_namespace
 from server.engine.grammar import GrammarCompiler, GrammarState
 from server.engine.limits import RequestLimits
 from server.engine.memory_view import memory_view
@@ -84,6 +85,8 @@ class LLMEngine:
                            group=None if self.tp is None else self.tp.group,
                            runner_cls=Runner if self.tp is None else self.tp.runner)
         self.model, self.model_config, self.tokenizer = parts.model, parts.model_config, parts.tokenizer
+        if self.tp is not None and self.model_config.is_encoder_decoder:
+            raise ValueError("tensor parallelism does not support encoder-decoder models (use one rank)")
         self.plan, self.runner, self.kernel_backend = parts.plan, parts.runner, parts.kernel_backend
         self.kernel_variant = parts.kernel_variant
         self.max_model_len = self.plan.max_model_len
@@ -158,6 +161,10 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.limits.check_prompt(prompt_token_ids, decode=False)  # raw ids: the model's vocabulary
+        encoder_prompt = None
+        if self.model_config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts alone
+            encoder_prompt = check_encoder_request(self.model_config.encoder, prompt_token_ids, params, session_id)
+            prompt_token_ids = [self.model_config.encoder.decoder_start_token_id]
         self.limits.room(len(prompt_token_ids))
         params.check_vocab(self.limits.vocab_size)
         if params.n > self.config.max_num_seqs:  # all n run at once: it could never be admitted
@@ -166,8 +173,10 @@ class LLMEngine:
             Sequence.new(request_id, list(prompt_token_ids), params, self.eos_token_ids, self.device, i)
             for i in range(params.n)
         ]
+        namespace = self.kv_namespace if encoder_prompt is None else encoder_namespace(self.kv_namespace, encoder_prompt)
         for seq in seqs:  # prefix-cache hits only among requests of this model with the same salt
-            seq.cache_root = root_hash(self.kv_namespace, cache_salt)
+            seq.cache_root = root_hash(namespace, cache_salt)
+            seq.encoder_prompt = encoder_prompt
         if params.structured is not None:
             proto = grammar if grammar is not None else self.grammars.compile(params.structured)
             for seq in seqs:
@@ -316,7 +325,7 @@ class LLMEngine:
             text=text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.prompt_len,
+            num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens or 0,
             queue_time=seq.queue_time,
         )

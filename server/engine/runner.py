@@ -5,6 +5,9 @@ head_dim, or head_dim + 2 bytes for an int8 pool: model/kv_quant.py) and the sam
 (`token_ids[num_computed : num_computed + n]`) in schedule order. Logits are computed for
 the last row of each sampled sequence and, for sequences asking for prompt logprobs, for
 the prompt rows they score (server/engine/prompt_logprobs.py), after those.
+An encoder-decoder model first encodes the step's newly admitted prompts in one padded
+batch (writing their cross blocks, model/encdec.py); every scheduled sequence's
+cross-attention then reads its cross blocks through `AttentionMetadata.cross`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from torch import nn
 
 from model.attention import SeqAttention, build_attention_metadata
 from model.config import ModelConfig
+from model.encdec import EncoderBatch
 from model.kv_quant import row_width
 from model.sampling import Sampler, SamplerOutput, SamplingRow, TokenMask
 from server.engine.grammar import BitmaskFiller
@@ -53,6 +57,8 @@ class StepInputs(NamedTuple):
     slot_mapping: torch.Tensor  # [T] int64
     seq_attn: list[SeqAttention]
     rows: torch.Tensor  # [S + R] int64: flat-batch rows whose logits are sampled, then scored
+    encoder: EncoderBatch | None = None  # encoder-decoder: prompts to encode before the decoder runs
+    cross_attn: list[SeqAttention] | None = None  # encoder-decoder: each sequence's cross blocks
 
 
 class StepResult(NamedTuple):
@@ -72,6 +78,7 @@ class Runner:
         device: torch.device, dtype: torch.dtype, seed: int | None = None, kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.encoder = config.encoder  # EncoderSpec of an encoder-decoder model, else None
         self.block_size = block_size
         self.device = device
         kv_dtype = kv_dtype or dtype
@@ -118,7 +125,18 @@ class Runner:
         rows = torch.tensor([last_row[s] for s in sources], dtype=torch.int64)
         if spans:
             rows = torch.cat([rows, span_rows(spans)])
-        return StepInputs(list(out.copies), input_ids, positions, slot_mapping, seq_attn, rows)
+        encoder, cross_attn = self._prepare_cross(out) if self.encoder is not None else (None, None)
+        return StepInputs(list(out.copies), input_ids, positions, slot_mapping, seq_attn, rows, encoder, cross_attn)
+
+    def _prepare_cross(self, out: SchedulerOutput) -> tuple[EncoderBatch | None, list[SeqAttention]]:
+        """The prompts to encode this step, and every scheduled sequence's view of its cross blocks."""
+        encoder = None
+        if out.encode:
+            encoder = EncoderBatch.build([s.encoder_prompt for s in out.encode], [s.cross_blocks for s in out.encode],
+                                         self.block_size, self.encoder.pad_token_id)
+        cross = [SeqAttention(num, len(seq.encoder_prompt), torch.tensor(seq.cross_blocks, dtype=torch.int64))
+                 for seq, num in out.scheduled.items()]
+        return encoder, cross
 
     @torch.inference_mode()
     def forward(self, step: StepInputs) -> torch.Tensor | None:
@@ -128,6 +146,11 @@ class Runner:
         to = dict(device=self.device, dtype=torch.int64)
         slot_mapping = step.slot_mapping.to(**to)
         meta = build_attention_metadata(step.seq_attn, slot_mapping, self.block_size, self.device)
+        if step.encoder is not None:
+            self.model.encode(step.encoder.to(self.device), self.kv_layers)
+        if step.cross_attn is not None:
+            meta.cross = build_attention_metadata(step.cross_attn, slot_mapping[:0], self.block_size, self.device,
+                                                  causal=False)
         hidden = self.model(step.input_ids.to(**to), step.positions.to(**to), self.kv_layers, meta)  # [T, hidden]
         if not len(step.rows):
             return None

@@ -13,6 +13,11 @@ Sequences that score their prompt (prompt logprobs) share a second budget per st
 `max_prompt_logprob_tokens`, and take cached KV only where they have scored already
 (server/engine/prompt_logprobs.py); one with `max_tokens=0` samples nothing and is
 listed in `scored_only` when its prompt is done.
+An encoder-decoder sequence also takes its cross blocks at admission (listed in `encode`:
+the runner runs its encoder that step); its encoder tokens count against the token budget
+(an input longer than the whole budget is admitted first in a step, alone over budget), and
+its cross blocks are freed with its block table at finish, abort and preemption (readmission
+encodes again).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class SchedulerOutput:
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) block copies
     samples: list[tuple[Sequence, Sequence]] = field(default_factory=list)
     scored_only: list[Sequence] = field(default_factory=list)  # max_tokens=0: prompt done, nothing to sample
+    encode: list[Sequence] = field(default_factory=list)  # encoder-decoder: admitted now, encoder runs first
     num_preempted: int = 0
 
     @property
@@ -88,8 +94,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         for child in seq.fork_children:  # a parent that ends before forking takes them along
@@ -186,10 +191,14 @@ class Scheduler:
         self.pool.free([old])
         seq.block_table[index] = new
 
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        self.pool.free(seq.cross_blocks)
+        seq.block_table, seq.cross_blocks = [], []
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -198,6 +207,7 @@ class Scheduler:
     def _admit(self, budget: int, scored: int, out: SchedulerOutput) -> None:
         """Admit waiting sequences in FIFO order within the token budgets (`scored`: tokens
         left for sequences scoring their prompt)."""
+        admitted = False
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             slots = 1 + len(seq.fork_children)
@@ -206,16 +216,25 @@ class Scheduler:
                 break
             # Reuse cached full blocks, but always leave one token to compute (for logits).
             hits, num_cached = self._cached_prefix(seq)
-            num = min(seq.num_tokens - num_cached, budget, scored if seq.scores_prompt else budget)
+            enc = len(seq.encoder_prompt) if seq.encoder_prompt is not None else 0  # its encoder runs now
+            if enc and enc >= budget and (admitted or enc < self.config.max_num_batched_tokens):
+                break  # waits for a step with room (one longer than any budget: first in a step)
+            num = min(seq.num_tokens - num_cached, max(budget - enc, 1), scored if seq.scores_prompt else budget)
             if num == 0:
                 break
             new_blocks = -(-(num_cached + num) // self.block_size) - len(hits)
+            cross = -(-enc // self.block_size)
             cow = num_cached % self.block_size != 0  # resuming into a shared partial block
-            if not self.pool.make_room(lambda: new_blocks + cow + self.pool.num_acquirable_free(hits), self.reclaim):
+            if not self.pool.make_room(
+                lambda: new_blocks + cross + cow + self.pool.num_acquirable_free(hits), self.reclaim
+            ):
                 break
             self.waiting.popleft()
             self.pool.acquire(hits)
             seq.block_table = hits + self.pool.allocate(new_blocks)
+            if enc:
+                seq.cross_blocks = self.pool.allocate(cross)
+                out.encode.append(seq)
             seq.resume = None
             if cow:
                 self._copy_on_write(seq, len(hits) - 1, out)
@@ -226,8 +245,9 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled[seq] = num
-            budget -= num
+            budget = max(budget - num - enc, 0)
             scored -= num if seq.scores_prompt else 0
+            admitted = True
 
     # -- after the forward ------------------------------------------------------------
     def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
@@ -250,7 +270,9 @@ class Scheduler:
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Child shares every block of the parent's computed prompt (refcounts)."""
         self.pool.acquire(parent.block_table)
+        self.pool.acquire(parent.cross_blocks)
         child.block_table = list(parent.block_table)
+        child.cross_blocks = list(parent.cross_blocks)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens

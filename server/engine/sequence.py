@@ -4,6 +4,10 @@
 sequence's blocks) is the single source of truth for progress: the tokens still to
 compute are `token_ids[num_computed_tokens:]`, and when that range is fully computed
 in a step, the last position's logits produce the next token.
+
+An encoder-decoder request's `token_ids` are its decoder's (the decoder start token, then the
+output); its prompt is `encoder_prompt`, whose K/V sit in `cross_blocks` while it runs
+(model/encdec.py): allocated and written at admission, freed with the block table.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ class Sequence:
     # prompt_logprobs requests (the prompt-computing sequence only): entry i scores prompt token i
     # (entry 0 is None: nothing predicts it); filled chunk by chunk, handed out once complete
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    encoder_prompt: list[int] | None = None  # encoder-decoder: the encoder's input
+    cross_blocks: list[int] = field(default_factory=list)  # its encoder K/V; empty while waiting
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
 
@@ -77,6 +83,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The prompt's length as the caller sees it (the encoder's input for encoder-decoder)."""
+        return self.prompt_len if self.encoder_prompt is None else len(self.encoder_prompt)
 
     @property
     def num_output_tokens(self) -> int:
