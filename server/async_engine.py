@@ -149,6 +149,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        return self.engine.model_config.is_encoder_decoder
+
+    @property
     def kernels(self) -> dict[str, str | None]:
         """The CPU kernels in use: backend (native | torch) and the native ISA variant."""
         return {"backend": self.engine.kernel_backend, "variant": self.engine.kernel_variant}

@@ -23,6 +23,8 @@ async def models(request: Request):
         "owned_by": "workmem",
         "max_model_len": engine.max_model_len if engine else None,
         "task": getattr(engine, "task", "generate") if engine else None,  # generate | embed
+        # task generate on an encoder-decoder: the prompt is the encoder's input; chat needs a chat template
+        "encoder_decoder": getattr(engine, "is_encoder_decoder", False) if engine else None,
         "sampling_defaults": state.settings.sampling_defaults.as_dict(),
     }]}
 

@@ -1,8 +1,8 @@
 """What an encoder-decoder request must satisfy, and what its decoder KV depends on.
 
-The prompt is the encoder's input: it must fit the encoder's positions. The decoder starts
-from the config's `decoder_start_token_id`, so features that work on a decoder prompt do
-not apply: scoring the prompt (`prompt_logprobs`) and sessions (a transcript that grows turn
+The prompt is the encoder's input (its length is `RequestLimits`' business). The decoder
+starts from the config's `decoder_start_token_id`, so features that work on a decoder prompt
+do not apply: scoring the prompt (`prompt_logprobs`) and sessions (a transcript that grows turn
 by turn) are refused. A decoder block's content depends on the encoder's input too, so the
 prefix-cache root of its chain includes a digest of that input.
 """
@@ -11,19 +11,12 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from model.config import EncoderSpec
 from model.sampling import SamplingParams
-from server.engine.limits import ContextLengthError, RequestError
+from server.engine.limits import RequestError
 
 
-def check_encoder_request(spec: EncoderSpec, prompt: list[int], params: SamplingParams,
-                          session_id: str | None) -> list[int]:
+def check_encoder_request(prompt: list[int], params: SamplingParams, session_id: str | None) -> list[int]:
     """The encoder's input (a copy of `prompt`); RequestError for what the model cannot do."""
-    if len(prompt) > spec.max_position_embeddings:
-        raise ContextLengthError(
-            f"prompt has {len(prompt)} tokens but the encoder takes at most {spec.max_position_embeddings}",
-            "prompt", api_message=f"this model's maximum input length is {spec.max_position_embeddings} "
-                                  f"tokens, but the prompt has {len(prompt)} tokens")
     if params.prompt_logprobs is not None:
         raise RequestError("prompt_logprobs is not available for encoder-decoder models (the prompt is "
                            "the encoder's input, not predicted)", "prompt_logprobs")

@@ -90,8 +90,10 @@ class LLMEngine:
         self.plan, self.runner, self.kernel_backend = parts.plan, parts.runner, parts.kernel_backend
         self.kernel_variant = parts.kernel_variant
         self.max_model_len = self.plan.max_model_len
+        encoder = self.model_config.encoder
         self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.tokenizer.vocab_size,
-                                    self.tokenizer.max_token_chars)
+                                    self.tokenizer.max_token_chars,
+                                    encoder.max_position_embeddings if encoder is not None else None)
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
@@ -161,11 +163,11 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.limits.check_prompt(prompt_token_ids, decode=False)  # raw ids: the model's vocabulary
+        self.limits.room(len(prompt_token_ids))
         encoder_prompt = None
         if self.model_config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts alone
-            encoder_prompt = check_encoder_request(self.model_config.encoder, prompt_token_ids, params, session_id)
+            encoder_prompt = check_encoder_request(prompt_token_ids, params, session_id)
             prompt_token_ids = [self.model_config.encoder.decoder_start_token_id]
-        self.limits.room(len(prompt_token_ids))
         params.check_vocab(self.limits.vocab_size)
         if params.n > self.config.max_num_seqs:  # all n run at once: it could never be admitted
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")

@@ -13,6 +13,10 @@ They differ when a checkpoint pads its embedding (the tiny test checkpoints: 384
 375 tokens). Text callers (the HTTP API) need both, so their bound is the smaller one;
 raw-id callers of the engine (offline runs, parity tests on random ids) need only the
 model's, and an id the tokenizer lacks is still a valid input there.
+
+An encoder-decoder model's prompt is its encoder's input (`encoder_max_len` tokens at most);
+its decoder starts from one token, so `max_model_len - 1` tokens are left to generate
+whatever the prompt's length.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class RequestLimits:
     vocab_size: int  # the model's: ids it can compute on
     text_vocab_size: int  # the tokenizer's: ids it can decode
     max_token_chars: int = 1  # the tokenizer's longest token spelling: no token covers more text
+    encoder_max_len: int | None = None  # encoder-decoder: the longest encoder input (the prompt)
 
     def token_bound(self, compute: bool = True, decode: bool = True) -> int:
         """One past the largest id allowed for a caller that needs the model to compute on
@@ -73,11 +78,15 @@ class RequestLimits:
 
     def has_room(self, prompt_len: int) -> bool:
         """Whether a prompt this long leaves at least one token to generate."""
+        if self.encoder_max_len is not None:
+            return prompt_len <= self.encoder_max_len
         return prompt_len < self.max_model_len
 
     def room(self, prompt_len: int, param: str = "prompt") -> int:
         """Tokens left to generate after a prompt of `prompt_len`; ContextLengthError if none."""
         limit = self.max_model_len
+        if self.encoder_max_len is not None:
+            return self._decoder_room(prompt_len, param)
         if not self.has_room(prompt_len):
             raise ContextLengthError(
                 f"prompt has {prompt_len} tokens but max_model_len is {limit}; it must leave room for at "
@@ -86,12 +95,27 @@ class RequestLimits:
                             f"{prompt_len} tokens")
         return limit - prompt_len
 
+    def _decoder_room(self, prompt_len: int, param: str) -> int:
+        """An encoder-decoder's room: the decoder's context after its start token."""
+        if not self.has_room(prompt_len):
+            raise ContextLengthError(
+                f"prompt has {prompt_len} tokens but the encoder takes at most {self.encoder_max_len}", param,
+                api_message=f"this model's maximum input length is {self.encoder_max_len} tokens, but the "
+                            f"prompt has {prompt_len} tokens")
+        return self.max_model_len - 1
+
+    @property
+    def max_prompt_len(self) -> int:
+        """The longest prompt that leaves room to generate."""
+        return self.max_model_len - 1 if self.encoder_max_len is None else self.encoder_max_len
+
     def check_text(self, texts: Sequence[str], param: str) -> None:
         """ContextLengthError, before tokenizing (cheap), when the text alone cannot fit the
         context: it would need more than `max_model_len` tokens of `max_token_chars` each."""
         total = sum(map(len, texts))
-        if total > self.max_model_len * self.max_token_chars * TEXT_FIT_SLACK:
-            raise ContextLengthError(f"this model's maximum context length is {self.max_model_len} tokens; "
+        limit = self.max_prompt_len + 1
+        if total > limit * self.max_token_chars * TEXT_FIT_SLACK:
+            raise ContextLengthError(f"this model's maximum context length is {limit} tokens; "
                                      f"{total} characters of {param} cannot fit", param)
 
     def fit_max_tokens(self, prompt_len: int, requested: int | None, default: int | None,
@@ -102,7 +126,8 @@ class RequestLimits:
         if requested is None:
             return room if default is None else min(default, room)
         if requested > room:
+            where = "the prompt has" if self.encoder_max_len is None else "the decoder starts with 1 token, the prompt has"
             raise ContextLengthError(
-                f"max_tokens={requested} does not fit: the prompt has {prompt_len} tokens and the maximum "
+                f"max_tokens={requested} does not fit: {where} {prompt_len} tokens and the maximum "
                 f"context length is {self.max_model_len} ({room} tokens left)", "max_tokens")
         return requested
