@@ -61,7 +61,8 @@ _SIGNATURES = {
     # (k, v, k/v stride, kc, vc, slots, n, kvH, D)
     "paged_decode_attention_int8": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
     "write_kv_int8": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64],
-    "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64],  # (x, M, K, packed, bits, group, out, N, ldo)
+    # (x, M, K, packed, bits, group, sym, out, N, ldo)
+    "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64],
 }
 _SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -107,13 +108,13 @@ class NativeOps:
         self.fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
         return out
 
-    def vnni_matmul(self, x: torch.Tensor, packed: torch.Tensor, bits: int, group: int, out: torch.Tensor) -> None:
-        """out [M, N] = x [M, K] @ W^T, W packed by model.quant.vnni_pack (needs `self.vnni`);
-        x contiguous, out's rows contiguous with any row stride (a column slice of a wider output)."""
+    def vnni_matmul(self, x: torch.Tensor, packed: torch.Tensor, layout, out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T, W packed by model.vnni_pack.vnni_pack in `layout` (needs
+        `self.vnni`); x contiguous, out's rows contiguous with any row stride (a column slice)."""
         m, k = x.shape
-        assert out.stride(1) == 1 and out.dtype == x.dtype
-        self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), bits, group, out.data_ptr(),
-                                         out.shape[1], out.stride(0))
+        assert out.stride(1) == 1 and out.dtype == x.dtype and packed.shape[-1] == layout.record_bytes
+        self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), layout.bits, layout.group,
+                                         int(layout.sym), out.data_ptr(), out.shape[1], out.stride(0))
 
     def lanes_gemm(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
         """out [M, N] = x [M, K] @ W^T in bf16, W packed by model.prepack.lanes_pack (needs `self.lanes`)."""

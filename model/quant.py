@@ -7,7 +7,7 @@ maps onto it exactly). The loader (model/loader.py) swaps the model's `nn.Linear
 `SplitLinear` of them):
 
   vnni: given the native kernels (model/native.py) with AVX512-VNNI or AVX2, 4- or 8-bit codes in
-        groups of 32 or 16 are packed for model/csrc/vnni_gemv.c (`vnni_pack`): it quantizes each
+        groups of 32 or 16 are packed for model/csrc/vnni_gemv.c (model/vnni_pack.py): it quantizes each
         activation row to int8 per group of 32 and multiplies with integer dot products, as
         llama.cpp does. One decode row ran 3-4x torch's int4 kernel (~5x the bf16 linear on the
         LM head), at ~0.6% relative error against the dequantized weight; 8..512 rows ran
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.prepack import ONEDNN, WeightPacking
+from model.vnni_pack import VNNI_GROUP, VNNI_GROUPS, vnni_pack
 
 log = logging.getLogger("workmem.quant")
 
@@ -51,10 +52,6 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 DEFAULT_INT4_GROUP = 32
 INT4_CODE_OFFSET = 8  # the kernel dequantizes (code - 8) * scale + zero
 INT4_ROW_MULTIPLE = 16  # the int4 packer wants N divisible by this
-VNNI_CODE_OFFSET = 128  # model/csrc/vnni_gemv.c takes 8-bit codes unsigned: code + 128
-VNNI_GROUP = 32  # model/csrc/vnni_gemv.c: activations quantized per 32 columns, one record per 32
-VNNI_GROUPS = (16, 32)  # ... holding one float16 scale and minimum per group of 32 or 16 columns
-VNNI_ROWS = 16  # ... rows packed in blocks of 16 (one per 32-bit lane)
 
 
 @dataclass
@@ -188,29 +185,6 @@ def torch_fits(w: "torch.Tensor | GroupQuant") -> bool:
         w.bits == 8 and w.group == w.shape[1] and not w.minimum.any()))
 
 
-def vnni_pack(w: GroupQuant) -> torch.Tensor:
-    """The layout of model/csrc/vnni_gemv.c: uint8 [ceil(N / 16), K / 32, record] where a
-    record holds 16 rows x 32 columns of unsigned codes (4-bit: two per byte, 8-bit: code +
-    128) interleaved so that a 32-bit lane is one row, then for each of the 32 / group scale
-    sets the 16 rows' scale and minimum as float16 (an 8-bit weight's minimum absorbs the
-    -128 * scale of its unsigned codes)."""
-    n, k = w.shape
-    nb, g, pad, sets = -(-n // VNNI_ROWS), k // VNNI_GROUP, -n % VNNI_ROWS, VNNI_GROUP // w.group
-    codes, scale, minimum = w.codes.to(torch.int32), w.scale.float(), w.minimum.float()
-    if w.bits == 8:
-        codes, minimum = codes + VNNI_CODE_OFFSET, minimum - VNNI_CODE_OFFSET * scale
-    codes = F.pad(codes, (0, 0, 0, pad)).to(torch.uint8)
-    if w.bits == 4:  # chunk c of 8 columns: byte j of a lane = code[8c + j] | code[8c + 4 + j] << 4
-        v = codes.reshape(nb, VNNI_ROWS, g, 4, 2, 4)
-        v = v[..., 0, :] | (v[..., 1, :] << 4)
-    else:  # chunk c of 4 columns: byte j of a lane = code[4c + j]
-        v = codes.reshape(nb, VNNI_ROWS, g, 8, 4)
-    v = v.permute(0, 2, 3, 1, 4).reshape(nb, g, -1)  # [block, group, chunk * lane * byte]
-    dm = torch.stack([F.pad(t, (0, 0, 0, pad)).reshape(nb, VNNI_ROWS, g, sets) for t in (scale, minimum)], -1)
-    dm = dm.permute(0, 2, 3, 4, 1).to(torch.float16).contiguous()  # [block, group, set, (d, m), lane]
-    return torch.cat([v, dm.view(torch.uint8).reshape(nb, g, -1)], -1).contiguous()
-
-
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W held as int4 groups or int8 rows (see module doc).
 
@@ -228,7 +202,8 @@ class QuantLinear(nn.Module):
         self.padded = False  # int4 rows padded to INT4_ROW_MULTIPLE
         self.vnni = None  # model.native.NativeOps when the weight is packed for vnni_gemv.c
         if native is not None and native.vnni and bits == weight.bits and vnni_fits(weight):
-            self.register_buffer("vnni_packed", vnni_pack(weight), persistent=False)
+            packed, self.layout = vnni_pack(weight)
+            self.register_buffer("vnni_packed", packed, persistent=False)
             self.vnni, self.group = native, weight.group
         elif bits == 4:
             self._init_int4(weight)
@@ -284,7 +259,7 @@ class QuantLinear(nn.Module):
             x2 = x2.to(x2.dtype if x2.dtype in self.vnni.dtypes else torch.float32).contiguous()
         y = x2.new_empty(x2.shape[0], self.out_features) if out is None or out.dtype != x2.dtype else out
         if x2.shape[0]:
-            self.vnni.vnni_matmul(x2, self.vnni_packed, self.bits, self.group, y)
+            self.vnni.vnni_matmul(x2, self.vnni_packed, self.layout, y)
         if out is not None and y is not out:
             out.copy_(y)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -319,4 +294,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{self.bits}{', vnni' if self.vnni is not None else ''}, dense_above={self.dense_above}")
+                f"int{self.bits}{f', vnni {self.layout}' if self.vnni is not None else ''}, "
+                f"dense_above={self.dense_above}")

@@ -192,24 +192,26 @@ def test_default_model_auto_vs_none_agreement() -> None:
     assert "4" in llm.tokenizer.decode(answers["auto"][0])  # "What is 2+2?"
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 16), (8, 32), (8, 16)])
-def test_packed_rows_decode_vnni_layout(bits: int, group: int) -> None:
-    """model/packed_embedding.py reads rows back from vnni_pack's records: the weight's own rows,
-    to the float16 rounding of the records' scales."""
-    from model.packed_embedding import packed_rows
-    from model.quant import vnni_pack
+@pytest.mark.parametrize("bits,signed,group,sym", [
+    (4, False, 32, False), (4, False, 16, True), (5, False, 32, True), (5, False, 16, False),
+    (6, True, 16, True), (8, True, 32, True), (8, True, 16, False)])
+def test_packed_rows_decode_vnni_layout(bits: int, signed: bool, group: int, sym: bool) -> None:
+    """model/vnni_pack.py's records, in every layout it picks (4/5/6/8-bit codes, unsigned as
+    Q4_*/Q5_* hold them or signed as Q6_K/Q8_0 do, the minimum stored or implied), read back as
+    the weight's own rows to the float16 rounding of the scales."""
+    from model.vnni_pack import packed_rows, vnni_pack
 
     torch.manual_seed(bits + group)
-    w = torch.randn(77, 96)
-    if bits == 4:
-        gq = quantize_int4(w, group)
-    else:
-        g = w.reshape(77, 96 // group, group)
-        scale = g.abs().amax(-1) / 127
-        gq = GroupQuant((g / scale[..., None]).round().to(torch.int8).reshape(77, 96), scale,
-                        torch.randn(77, 96 // group) * 0.01, 8, group)
+    half = 1 << (bits - 1)
+    codes = torch.randint(-half, half, (77, 96)) + (0 if signed else half)  # the full range
+    scale = torch.rand(77, 96 // group) * 0.01 + 1e-3
+    implied = torch.zeros_like(scale) if signed else -half * scale  # symmetric about 0
+    minimum = implied if sym else torch.randn(77, 96 // group) * 0.01
+    gq = GroupQuant(codes.to(torch.int16), scale, minimum, 4 if bits == 4 else 8, group)
+    packed, layout = vnni_pack(gq)
+    assert (layout.bits, layout.group, layout.sym) == (bits, group, sym)
     ids = torch.tensor([0, 5, 16, 76, 33, 5])
-    got = packed_rows(vnni_pack(gq), gq.bits, gq.group, ids)
+    got = packed_rows(packed, layout, ids)
     want = gq.dequantize()[ids]
     assert got.shape == (6, 96)
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-3

@@ -1,5 +1,5 @@
 """model/csrc/vnni_gemv.c (through model/native.py and model/quant.py): the int8-activation
-matmul on 4/8-bit group weights equals the dequantized reference for odd shapes and 1..11
+matmul on 4/5/6/8-bit group weights (each packed at its narrowest layout) equals the dequantized reference for odd shapes and 1..11
 rows; QuantLinear on it equals QuantLinear on torch's kernels; the default model answers
 through it."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType as QType
 
 from model.gguf_quant import gguf_group_quant
 from model.native import native_kernels
-from model.quant import GroupQuant, QuantLinear, quantize_int4, quantize_int8_rows, vnni_pack
+from model.quant import GroupQuant, QuantLinear, quantize_int4, quantize_int8_rows
+from model.vnni_pack import vnni_pack
 
 # Each activation row is rounded to int8 per group of 32 (|error| <= max|x| / 254 per value),
 # a bf16 linear rounds each value to 8 bits: both land near 1% of the largest output here.
@@ -28,47 +29,53 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
+GGUF_SOURCES = {"q4_0": QType.Q4_0, "q4_1": QType.Q4_1, "q5_0": QType.Q5_0, "q5_1": QType.Q5_1, "q8_0": QType.Q8_0}
+# the layout each weight packs into: (code bits, columns per scale, minimum implied)
+LAYOUTS = {"q4_0": (4, 32, True), "q4_1": (4, 32, False), "q5_0": (5, 32, True), "q5_1": (5, 32, False),
+           "q8_0": (8, 32, True), "g16_4bit": (4, 16, False), "g16_6bit": (6, 16, True), "g16_8bit": (8, 16, False)}
+
+
 def _weights(source: str, n: int, k: int) -> tuple[GroupQuant, int]:
     torch.manual_seed(n + k)
     w = torch.randn(n, k) * 0.05
     if source == "int4":
         return quantize_int4(w), 4
-    if source == "q4_1":
-        return gguf_group_quant(gguf.quants.quantize(w.numpy(), QType.Q4_1), QType.Q4_1, n, k), 4
-    if source == "q8_0":
-        return gguf_group_quant(gguf.quants.quantize(w.numpy(), QType.Q8_0), QType.Q8_0, n, k), 8
-    if source in ("g16_4bit", "g16_8bit"):  # Q2_K/Q3_K and Q6_K's layouts: a scale and minimum per 16
-        bits = 4 if source == "g16_4bit" else 8
-        gq = quantize_int4(w, 16) if bits == 4 else quantize_int8_rows(w)
-        if bits == 8:
-            g = w.reshape(n, k // 16, 16)
-            scale = (g.abs().amax(-1) / 127).clamp_min(1e-8)
-            codes = (g / scale[..., None]).round().clamp(-128, 127).to(torch.int8).reshape(n, k)
-            gq = GroupQuant(codes, scale, torch.randn(n, k // 16) * 0.01, 8, 16)
-        return gq, bits
+    if source in GGUF_SOURCES:
+        gq = gguf_group_quant(gguf.quants.quantize(w.numpy(), GGUF_SOURCES[source]), GGUF_SOURCES[source], n, k)
+        return gq, gq.bits
+    if source == "g16_4bit":  # Q2_K/Q3_K's layout: a scale and minimum per 16
+        return quantize_int4(w, 16), 4
+    if source in ("g16_6bit", "g16_8bit"):  # Q6_K's (signed 6-bit, no minimum); 8-bit with a minimum
+        top = 31 if source == "g16_6bit" else 127
+        g = w.reshape(n, k // 16, 16)
+        scale = (g.abs().amax(-1) / top).clamp_min(1e-8)
+        codes = (g / scale[..., None]).round().clamp(-top - 1, top).to(torch.int8).reshape(n, k)
+        minimum = torch.zeros(n, k // 16) if source == "g16_6bit" else torch.randn(n, k // 16) * 0.01
+        return GroupQuant(codes, scale, minimum, 8, 16), 8
     return quantize_int8_rows(w), 8
 
 
-@pytest.mark.parametrize("source", ["q4_1", "q8_0", "g16_4bit", "g16_8bit"])
+@pytest.mark.parametrize("source", list(LAYOUTS))
 @pytest.mark.parametrize("k", [32, 576, 1536])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 11])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_equals_dequantized_reference(source: str, k: int, m: int, dtype: torch.dtype) -> None:
     n = 77  # odd, not a multiple of the 16-row blocks
     gq, bits = _weights(source, n, k)
-    packed = vnni_pack(gq)
-    sets = 32 // gq.group
-    assert packed.shape == (5, k // 32, (256 if bits == 4 else 512) + 64 * sets)
+    packed, layout = vnni_pack(gq)
+    assert (layout.bits, layout.group, layout.sym) == LAYOUTS[source]
+    code_bytes = {4: 256, 5: 320, 6: 384, 8: 512}[layout.bits]  # nibbles + one 64 B plane per bit above 4
+    assert packed.shape == (5, k // 32, code_bytes + 32 // gq.group * (32 if layout.sym else 64))
     x = torch.randn(m, k).to(dtype)
     wide = torch.full((m, n + 9), float("nan"), dtype=dtype)
     out = wide[:, 4 : 4 + n]  # a column slice: rows written with the wider row stride
-    ops.vnni_matmul(x, packed, bits, gq.group, out)
+    ops.vnni_matmul(x, packed, layout, out)
     want = F.linear(x.float(), gq.dequantize())
     assert _rel_err(out, want) < VNNI_REL_TOL
     assert wide[:, :4].isnan().all() and wide[:, 4 + n :].isnan().all()  # nothing outside the slice
     # each row alone gives the same numbers: rows are quantized independently
     alone = torch.empty(1, n, dtype=dtype)
-    ops.vnni_matmul(x[-1:].contiguous(), packed, bits, gq.group, alone)
+    ops.vnni_matmul(x[-1:].contiguous(), packed, layout, alone)
     assert torch.equal(alone[0], out[-1])
 
 
@@ -79,7 +86,7 @@ def test_kernel_zero_rows_and_groups() -> None:
     x[:, 32:64] = 0
     x[1] = 0
     out = torch.empty(2, 40)
-    ops.vnni_matmul(x, vnni_pack(gq), bits, gq.group, out)
+    ops.vnni_matmul(x, *vnni_pack(gq), out)
     assert torch.isfinite(out).all() and not out[1].any()
     assert _rel_err(out[:1], F.linear(x[:1], gq.dequantize())) < VNNI_REL_TOL
 

@@ -7,7 +7,7 @@
  *
  * A record's 64-byte chunk is two vectors of 8 rows; vpdpbusd is emulated by vpmaddubsw
  * (u8 x s8 -> pairs of int16) + vpmaddwd (-> int32 of 4 products).
- *   4-bit codes: 15 * 127 * 2 fits int16. 8-bit codes (0..255) would not: they are made signed
+ *   4/5/6-bit codes: 63 * 127 * 2 fits int16. 8-bit codes (0..255) would not: they are made signed
  *   (c - 128, |c - 128| * 127 * 2 fits) with the sign moved onto q (vpsignb), and the
  *   -128 * sum q they leave is returned through the minimum: m' = m + 128 d.
  * Speed (one thread, 135M shapes, one row): 1.2x (LM head, memory-bound) to 2.4x the
@@ -62,22 +62,39 @@ static inline __m256i dot4(__m256i acc, __m256i u8, __m256i s8) { /* vpdpbusd wi
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
 }
 
+static inline int64_t code_bytes(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
+
+/* Bits 4.. of nibble vector v's codes from the high planes' halves h0, h1 (as vnni_gemv.c). */
+static inline __m256i high_bits(__m256i h0, __m256i h1, int bits, int v) {
+    const __m256i h = bits == 5 || v < 4 ? h0 : h1;
+    const int shift = bits == 5 ? 4 - v : 4 - 2 * (v % 4);
+    const __m256i moved = shift >= 0 ? _mm256_slli_epi16(h, shift) : _mm256_srli_epi16(h, -shift);
+    return _mm256_and_si256(moved, _mm256_set1_epi8((char)(bits == 5 ? 0x10 : 0x30)));
+}
+
 /* acc [MM][16] = this row block's sums over all K for MM rows of x. */
 static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
-                       int MM, int S, int bits, float *acc) {
+                       int MM, int S, int bits, int sym, float *acc) {
     __m256 a[CM][2];
     for (int m = 0; m < MM; m++) a[m][0] = a[m][1] = _mm256_setzero_ps();
-    const int64_t codes = bits == 4 ? 256 : 512, chunks = bits == 4 ? 4 : 8;
+    const int64_t codes = code_bytes(bits), chunks = bits == 8 ? 8 : 4, set_bytes = sym ? 32 : 64;
+    const float off = (float)(1 << (bits - 1));
     const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80);
-    for (int64_t g = 0; g < G; g++, rec += codes + 64 * S) {
+    for (int64_t g = 0; g < G; g++, rec += codes + set_bytes * S) {
         for (int s = 0; s < S; s++) {
             __m256i ia[CM][2];
             for (int m = 0; m < MM; m++) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
             for (int64_t c = s * chunks / S; c < (s + 1) * chunks / S; c++) {
                 for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 */
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(rec + 64 * c + 32 * h));
-                    if (bits == 4) { /* byte j of a lane: columns 8c + j (low nibble), 8c + 4 + j (high) */
-                        const __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+                    if (bits < 8) { /* byte j of a lane: columns 8c + j (low nibble), 8c + 4 + j (high) */
+                        __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+                        if (bits > 4) {
+                            const __m256i h0 = _mm256_loadu_si256((const __m256i *)(rec + 256 + 32 * h));
+                            const __m256i h1 = bits == 6 ? _mm256_loadu_si256((const __m256i *)(rec + 320 + 32 * h)) : h0;
+                            lo = _mm256_or_si256(lo, high_bits(h0, h1, bits, 2 * (int)c));
+                            hi = _mm256_or_si256(hi, high_bits(h0, h1, bits, 2 * (int)c + 1));
+                        }
                         for (int m = 0; m < MM; m++) {
                             const int32_t *qw = (const int32_t *)(q + m * K + g * CG);
                             ia[m][h] = dot4(ia[m][h], lo, _mm256_set1_epi32(qw[2 * c]));
@@ -92,10 +109,11 @@ static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q
                     }
                 }
             }
-            const uint8_t *dm = rec + codes + 64 * s; /* d[16], m[16] float16 */
+            const uint8_t *dm = rec + codes + set_bytes * s; /* d[16] (, m[16]) float16 */
             for (int h = 0; h < 2; h++) {
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 16 * h)));
-                __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 32 + 16 * h)));
+                __m256 mn = sym ? _mm256_mul_ps(d, _mm256_set1_ps(-off))
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 32 + 16 * h)));
                 if (bits == 8) mn = _mm256_fmadd_ps(d, _mm256_set1_ps((float)CODE_SHIFT), mn);
                 for (int m = 0; m < MM; m++) {
                     const float *sqg = sq + m * 2 * G + 2 * g;
@@ -115,9 +133,9 @@ static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q
 
 #define DEFINE_MATMUL(NAME, T, QUANTIZE, STORE)                                                \
 void NAME(const T *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits, int64_t group, \
-          T *out, int64_t N, int64_t ldo) {                                                    \
+          int64_t sym, T *out, int64_t N, int64_t ldo) {                                       \
     const int64_t G = K / CG, nblocks = (N + CROWS - 1) / CROWS, sets = CG / group;            \
-    const int64_t rec_bytes = (bits == 4 ? 256 : 512) + 64 * sets;                             \
+    const int64_t rec_bytes = code_bytes((int)bits) + (sym ? 32 : 64) * sets;                  \
     int8_t *q = malloc((size_t)(M * K));                                                       \
     float *dx = malloc(sizeof(float) * M * G), *sq = malloc(sizeof(float) * M * 2 * G);        \
     QUANTIZE(x, M, K, q, dx, sq);                                                              \
@@ -128,7 +146,7 @@ void NAME(const T *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits,
             const int mm = M - m0 < CM ? (int)(M - m0) : CM;                                   \
             float acc[CM * CROWS];                                                             \
             block_rows(packed + b * G * rec_bytes, G, K, q + m0 * K, dx + m0 * G, sq + m0 * 2 * G, mm, \
-                       (int)sets, (int)bits, acc);                                             \
+                       (int)sets, (int)bits, (int)sym, acc);                                             \
             for (int m = 0; m < mm; m++)                                                       \
                 for (int64_t r = 0; r < rows; r++)                                             \
                     out[(m0 + m) * ldo + b * CROWS + r] = STORE(acc[m * CROWS + r]);           \
