@@ -7,6 +7,10 @@
  * load serves up to BM rows of x. Row blocks are spread over the threads; a block's
  * weights (K * 32 B) stay in L1/L2 while every tile of BM rows of x passes over them, so
  * each weight byte comes from memory once per call. K even; x, out contiguous.
+ * Each tile of x is first laid out pair-major ([pairs][mm] int32 for its mm <= BM rows: the
+ * rows' pairs of one column pair side by side), so a step's mm broadcasts read one cache line. Read in place,
+ * rows K * 2 bytes apart (4 KiB at K = 2048) fall into the same L1 sets: the tile ran at
+ * ~90 GFLOP/s per core at K = 2048 against ~215 at K = 576.
  * Built where the compiler targets AVX512-BF16, or AVX2 + FMA (below; `lanes_gemm_available` says).
  */
 #include <stdint.h>
@@ -26,7 +30,7 @@
 
 int lanes_gemm_available(void) { return 1; }
 
-static inline __attribute__((always_inline)) void tile(const uint16_t *wb, const uint16_t *x, int64_t K,
+static inline __attribute__((always_inline)) void tile(const uint16_t *wb, const int32_t *xp, int64_t K,
                                                        const int MM, uint16_t *out, int64_t N, __mmask16 mask) {
     __m512 acc[BM];
     for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();
@@ -35,7 +39,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *wb, const
         _mm_prefetch((const char *)(wb + 32 * (p + PREFETCH_PAIRS)), _MM_HINT_T0);
         const __m512bh w = (__m512bh)_mm512_loadu_si512(wb + 32 * p);
         for (int m = 0; m < MM; m++) {
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + m * K + 2 * p));
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[p * MM + m]);
             acc[m] = _mm512_dpbf16_ps(acc[m], w, xv);
         }
     }
@@ -43,8 +47,21 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *wb, const
         _mm256_mask_storeu_epi16(out + m * N, mask, (__m256i)_mm512_cvtneps_pbh(acc[m]));
 }
 
+/* x [M, K] -> per tile of mm = min(BM, M - m0) rows from row m0: [K / 2][mm] int32 pairs at xp + m0 * K / 2. */
+static void pack_x(const uint16_t *x, int64_t M, int64_t K, int32_t *xp) {
+    const int64_t pairs = K / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t m0 = m / BM * BM, mm = M - m0 < BM ? M - m0 : BM;
+        const int32_t *row = (const int32_t *)(x + m * K);
+        int32_t *dst = xp + m0 * pairs + (m - m0);
+        for (int64_t p = 0; p < pairs; p++) dst[p * mm] = row[p];
+    }
+}
+
 void lanes_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *packed, uint16_t *out, int64_t N) {
-    const int64_t nblocks = (N + LROWS - 1) / LROWS;
+    const int64_t nblocks = (N + LROWS - 1) / LROWS, pairs = K / 2;
+    int32_t *xp = malloc(sizeof(int32_t) * (size_t)(M * pairs));
+    pack_x(x, M, K, xp);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         const uint16_t *wb = packed + b * K * LROWS;
@@ -52,7 +69,7 @@ void lanes_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *pa
         const __mmask16 mask = (__mmask16)((1u << rows) - 1);
         for (int64_t m0 = 0; m0 < M; m0 += BM) {
             const int64_t mm = M - m0 < BM ? M - m0 : BM;
-            const uint16_t *xm = x + m0 * K;
+            const int32_t *xm = xp + m0 * pairs;
             uint16_t *om = out + m0 * N + b * LROWS;
             switch (mm) {
 #define CASE(n) case n: tile(wb, xm, K, n, om, N, mask); break;
@@ -63,6 +80,7 @@ void lanes_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *pa
             }
         }
     }
+    free(xp);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
