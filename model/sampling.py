@@ -339,6 +339,14 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow], mask: TokenMas
     return _apply_token_mask(x, mask)
 
 
+def sampling_probs(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Random rows: processed logits [R, V] -> the (unnormalized after min-p) distribution
+    they are sampled from: temperature, top-k, top-p, softmax, min-p."""
+    temps = _tensor([r.params.temperature for r in rows], torch.float32, x.device)
+    x = _top_k_top_p(x / temps[:, None], rows)
+    return _min_p(x.softmax(dim=-1), rows)
+
+
 class Sampler:
     """Batched sampler: `sampler(logits [B, V], rows)` -> SamplerOutput with one host sync.
     Greedy, top-k, top-p and min-p are vectorised over rows; penalties, logit bias,
@@ -383,13 +391,12 @@ class Sampler:
 
     def _sample(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Random rows only. x: [R, V] processed logits -> [R] token ids."""
-        temps = _tensor([r.params.temperature for r in rows], torch.float32, x.device)
-        x = _top_k_top_p(x / temps[:, None], rows)
-        probs = _min_p(x.softmax(dim=-1), rows)
+        probs = sampling_probs(x, rows)
         # exponential race: argmax(p / E), E ~ Exp(1) iid, picks i with probability p_i / sum(p)
-        return probs.div_(self._noise(probs, rows)).argmax(dim=-1)
+        return probs.div_(self.noise(probs, rows)).argmax(dim=-1)
 
-    def _noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """[R, V] Exp(1) draws for the exponential race, each seeded row's from its own generator."""
         q = torch.empty_like(probs)                                           # [R, V]
         if any(r.generator is None for r in rows):
             q.exponential_(generator=self._generator(probs.device))
@@ -399,6 +406,16 @@ class Sampler:
                 q[j] = torch.empty(probs.shape[1], device=g.device).exponential_(generator=g)
         # exponential_ may return 0 on some backends; 0/0 would be NaN and win argmax
         return q.clamp_min_(torch.finfo(torch.float32).tiny)
+
+    def uniform(self, num: int, device: torch.device, rows: list[SamplingRow]) -> torch.Tensor:
+        """[num] U[0, 1) draws, one per row, each seeded row's from its own generator."""
+        u = torch.empty(num, device=device)
+        if any(r.generator is None for r in rows):
+            u.uniform_(generator=self._generator(device))
+        for j, row in enumerate(rows):
+            if row.generator is not None:
+                u[j] = torch.empty(1, device=device).uniform_(generator=row.generator)[0]
+        return u
 
     def _finish(self, logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Gather logprobs of the raw logits, then move everything to the host at once."""

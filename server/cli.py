@@ -34,6 +34,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_MEMORY_FRACTION, DEFAULT_TP_HEARTBEAT_TIMEOUT_S, DEFAULT_TP_TIMEOUT_S,
     )
     from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
+    from server.engine import speculate
     from model.quant import DEFAULT_DENSE_ABOVE, TORCH_DENSE_ABOVE, VNNI_DENSE_ABOVE
 
     parser.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -85,6 +86,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp-heartbeat-timeout", type=float, default=DEFAULT_TP_HEARTBEAT_TIMEOUT_S,
                         help="seconds without a follower's heartbeat before it counts as lost "
                              f"(default {DEFAULT_TP_HEARTBEAT_TIMEOUT_S:.0f})")
+    parser.add_argument("--speculative-method", default=None, choices=list(speculate.SPECULATIVE_METHODS),
+                        help="speculative decoding: ngram = draft the next tokens by matching the latest ones "
+                             "against the sequence's own context (prompt lookup), verify them in the same "
+                             "forward; greedy output unchanged (default: off)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=speculate.DEFAULT_NUM_SPECULATIVE_TOKENS,
+                        help=f"draft tokens per decode step (default {speculate.DEFAULT_NUM_SPECULATIVE_TOKENS})")
+    parser.add_argument("--ngram-min", type=int, default=speculate.DEFAULT_NGRAM_MIN,
+                        help=f"shortest suffix matched for a draft (default {speculate.DEFAULT_NGRAM_MIN})")
+    parser.add_argument("--ngram-max", type=int, default=speculate.DEFAULT_NGRAM_MAX,
+                        help=f"longest suffix matched, tried first (default {speculate.DEFAULT_NGRAM_MAX})")
+    parser.add_argument("--speculative-min-acceptance", type=float, default=speculate.DEFAULT_MIN_ACCEPTANCE,
+                        help="a sequence whose acceptance moving average falls below this pauses drafting "
+                             f"(default {speculate.DEFAULT_MIN_ACCEPTANCE})")
+    parser.add_argument("--speculative-retry-steps", type=int, default=speculate.DEFAULT_RETRY_STEPS,
+                        help=f"decode steps a paused sequence waits before drafting again "
+                             f"(default {speculate.DEFAULT_RETRY_STEPS})")
+    parser.add_argument("--speculative-max-batch", type=int, default=speculate.DEFAULT_MAX_BATCH,
+                        help="no drafting while this many sequences decode (the step is compute-bound there) "
+                             f"(default {speculate.DEFAULT_MAX_BATCH})")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -103,7 +123,10 @@ def engine_config_from_args(args: argparse.Namespace):
         quant_dense_above=args.quant_dense_above, kernel_backend=args.kernel_backend,
         num_threads=args.threads, grammar_cache_size=args.grammar_cache_size,
         tensor_parallel_size=args.tensor_parallel_size, tp_timeout_s=args.tp_timeout,
-        tp_heartbeat_timeout_s=args.tp_heartbeat_timeout,
+        tp_heartbeat_timeout_s=args.tp_heartbeat_timeout, speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens, ngram_min=args.ngram_min, ngram_max=args.ngram_max,
+        speculative_min_acceptance=args.speculative_min_acceptance,
+        speculative_retry_steps=args.speculative_retry_steps, speculative_max_batch=args.speculative_max_batch,
     )
 
 
@@ -119,7 +142,10 @@ def llm_from_args(args: argparse.Namespace):
         max_model_len=c.max_model_len, enable_prefix_caching=c.enable_prefix_caching, seed=c.seed,
         quantization=c.quantization, quant_dense_above=c.quant_dense_above,
         kernel_backend=c.kernel_backend, num_threads=c.num_threads,
-        tensor_parallel_size=c.tensor_parallel_size,
+        tensor_parallel_size=c.tensor_parallel_size, speculative_method=c.speculative_method,
+        num_speculative_tokens=c.num_speculative_tokens, ngram_min=c.ngram_min, ngram_max=c.ngram_max,
+        speculative_min_acceptance=c.speculative_min_acceptance, speculative_retry_steps=c.speculative_retry_steps,
+        speculative_max_batch=c.speculative_max_batch,
     )
 
 

@@ -53,6 +53,7 @@ class _EngineCollector:
             "workmem_engine_idle_seconds", "Engine thread time waiting with no request to run", value=s.idle_seconds
         )
         yield CounterMetricFamily("workmem_session_offloads", "Session KV offloads to disk", value=s.session_offloads)
+        yield from _speculation_metrics(s)
         restores = CounterMetricFamily(
             "workmem_session_restores", "Session turns whose KV was brought back", labels=["source"]
         )
@@ -60,6 +61,19 @@ class _EngineCollector:
                               ("recompute", s.session_restores_recompute)):
             restores.add_metric([source], value)
         yield restores
+
+
+def _speculation_metrics(s: EngineStats):
+    """Speculative decoding (--speculative-method): draft tokens proposed and accepted, and
+    the mean acceptance length (tokens a verifying step gains: accepted + the one sampled)."""
+    yield CounterMetricFamily("workmem_spec_draft_tokens", "Draft tokens proposed by speculative decoding",
+                              value=s.spec_draft_tokens)
+    yield CounterMetricFamily("workmem_spec_accepted_tokens", "Draft tokens accepted by verification",
+                              value=s.spec_accepted_tokens)
+    yield CounterMetricFamily("workmem_spec_verifies", "Sequence-steps that verified a draft", value=s.spec_verifies)
+    mean = 1 + s.spec_accepted_tokens / s.spec_verifies if s.spec_verifies else 0.0
+    yield GaugeMetricFamily("workmem_spec_mean_acceptance_length",
+                            "Tokens per verifying step (1 + accepted / verifies; 0 before any)", value=mean)
 
 
 class Metrics:

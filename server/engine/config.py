@@ -11,6 +11,10 @@ from model.config import ModelConfig
 from model.kv_quant import KV_CACHE_DTYPES, bytes_per_token, resolve_kv_dtype
 from model.quant import DEFAULT_DENSE_ABOVE, QuantConfig
 from server.engine.grammar import DEFAULT_GRAMMAR_CACHE_SIZE
+from server.engine.speculate import (
+    DEFAULT_MAX_BATCH, DEFAULT_MIN_ACCEPTANCE, DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_RETRY_STEPS, SpeculativeConfig,
+)
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_SEQS = 64
@@ -61,6 +65,19 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks holding a model shard each (server/engine/parallel/launch.py)
     tp_timeout_s: float = DEFAULT_TP_TIMEOUT_S
     tp_heartbeat_timeout_s: float = DEFAULT_TP_HEARTBEAT_TIMEOUT_S
+    speculative_method: str | None = None  # None | "ngram" (server/engine/speculate.py)
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS
+    ngram_min: int = DEFAULT_NGRAM_MIN
+    ngram_max: int = DEFAULT_NGRAM_MAX
+    speculative_min_acceptance: float = DEFAULT_MIN_ACCEPTANCE
+    speculative_retry_steps: int = DEFAULT_RETRY_STEPS
+    speculative_max_batch: int = DEFAULT_MAX_BATCH
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig(self.speculative_method, self.num_speculative_tokens, self.ngram_min, self.ngram_max,
+                                 self.speculative_min_acceptance, self.speculative_retry_steps,
+                                 self.speculative_max_batch)
 
     @property
     def quant(self) -> QuantConfig:
@@ -80,6 +97,7 @@ class EngineConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}")
         self.quant  # validates quantization and quant_dense_above
+        self.speculative  # validates the speculative_* settings
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.tensor_parallel_size > 1 and self.quantization in ("int4", "int8"):

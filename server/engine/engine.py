@@ -31,6 +31,7 @@ from server.engine.sequence import Sequence
 from server.engine.sessions.offload import HostKVSwapper, KVSwap, KVSwapper
 from server.engine.parallel.launch import TensorParallel
 from server.engine.sessions.store import SessionStore
+from server.engine.speculate import Speculator
 from server.engine.stats import EngineStats
 from server.engine.sessions import SessionTable, SessionTurn, TurnResult
 
@@ -108,11 +109,22 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.max_prompt_logprob_tokens),
             self.pool, reclaim=self.sessions.reclaim,
+            speculator=self._speculator(config),
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
                                         config.grammar_cache_size)
         self.streams: dict[Sequence, TextStream] = {}
         self.fault_hook = None  # tests only: callable(seq) run as each sequence gets its token
+
+    def _speculator(self, config: EngineConfig) -> Speculator | None:
+        """The drafter, when asked for; an encoder-decoder decoder's context is not its input
+        (the source text is the encoder's), so it does not draft."""
+        if not config.speculative.enabled:
+            return None
+        if self.model_config.is_encoder_decoder:
+            log.warning("speculative decoding is off for encoder-decoder models (nothing to copy from)")
+            return None
+        return Speculator(config.speculative)
 
     def _offload_tier(self) -> KVSwap | None:
         """Where idle sessions' KV goes when it leaves the pool: --session-dir, else host
@@ -245,13 +257,13 @@ class LLMEngine:
         work = zip((dst for _, dst in out.samples), sampled.token_ids, sampled.logprobs)
         if out.scored_only:
             work = itertools.chain(work, ((seq, None, None) for seq in out.scored_only))
-        for seq, token, lp in work:
+        for seq, tokens, lp in work:
             if seq.request_id in failed:
                 continue
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                outputs += [self._advance(seq, token, lp)] if token is not None else self._scored(seq)
+                outputs += [self._advance(seq, tokens, lp)] if tokens is not None else self._scored(seq)
             except Exception as exc:  # noqa: BLE001 - isolated to this request, logged
                 log.exception("request %s failed; the others go on", seq.request_id)
                 failed.add(seq.request_id)
@@ -265,31 +277,42 @@ class LLMEngine:
             final.error = error
         return finals
 
-    def _advance(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> StepOutput:
-        """Text and stop checks for a sequence that just received `token`."""
-        text, stopped = self.streams[seq].add([token])
-        params = seq.params
-        reason = None
-        if stopped:
-            reason = "stop"
-        elif seq.num_output_tokens >= params.min_tokens and (
-            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
-        ):
-            reason = "stop"
-        elif seq.grammar is not None and self._grammar_done(seq):
-            reason = "stop"
-        elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            reason = "length"
-        elif seq.num_tokens >= self.max_model_len:
-            reason = "length"
+    def _advance(self, seq: Sequence, tokens: list[int], logprob: dict[int, float] | None) -> StepOutput:
+        """Text and stop checks for a sequence that just received `tokens` (already appended;
+        more than one after a verified draft: checked one by one, the rest dropped at a stop)."""
+        text, reason, stopped = "", None, False
+        for taken, token in enumerate(tokens, 1):
+            delta, stopped = self.streams[seq].add([token])
+            text += delta
+            reason = "stop" if stopped else self._stop_reason(seq, token, len(tokens) - taken)
+            if reason is not None:
+                break
         if reason is None:
-            return self._output(seq, [token], logprob, text)
+            return self._output(seq, tokens, logprob, text)
+        if taken < len(tokens):
+            self.scheduler.truncate(seq, seq.num_tokens - (len(tokens) - taken))
         tail = "" if stopped else self.streams[seq].flush()  # held back for a stop that never came
         text += tail
         if seq.session_turn is not None:
             self._commit_turn(seq, self.streams[seq].text + tail)
         self.scheduler.finish(seq, reason)
-        return self._final(seq, [token], logprob, text)
+        return self._final(seq, tokens[:taken], logprob, text)
+
+    def _stop_reason(self, seq: Sequence, token: int, ahead: int) -> str | None:
+        """Why `seq` ends at `token` (None: it goes on); `ahead` tokens follow it in token_ids."""
+        params = seq.params
+        num_output, num_tokens = seq.num_output_tokens - ahead, seq.num_tokens - ahead
+        if num_output >= params.min_tokens and (
+            token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        ):
+            return "stop"
+        if seq.grammar is not None and self._grammar_done(seq):  # grammar rows never draft: ahead == 0
+            return "stop"
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return "length"
+        if num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     def _scored(self, seq: Sequence) -> list[StepOutput]:
         """A `max_tokens=0` request whose prompt is computed: it ends ("length") with its
@@ -368,7 +391,15 @@ class LLMEngine:
             session_evictions=sessions.num_evictions, session_restores_recompute=sessions.num_recomputes,
             session_restores_disk=sessions.num_disk_restores, session_restores_memory=sessions.num_memory_restores,
             session_offloads=sessions.num_offloads,
+            **self._speculation_stats(),
         )
+
+    def _speculation_stats(self) -> dict[str, int]:
+        spec = self.scheduler.speculator
+        if spec is None:
+            return {}
+        return {"spec_draft_tokens": spec.stats.drafted, "spec_accepted_tokens": spec.stats.accepted,
+                "spec_verifies": spec.stats.verifies}
 
     def memory_view(self, owner: str | None = None) -> dict:
         """Who holds which KV blocks now, for `owner` (engine thread; server/engine/memory_view.py)."""

@@ -12,6 +12,10 @@ from server.engine.config import (
 )
 from server.engine.engine import LLMEngine
 from server.engine.output import CompletionOutput, RequestOutput
+from server.engine.speculate import (
+    DEFAULT_MAX_BATCH, DEFAULT_MIN_ACCEPTANCE, DEFAULT_NGRAM_MAX, DEFAULT_NGRAM_MIN, DEFAULT_NUM_SPECULATIVE_TOKENS,
+    DEFAULT_RETRY_STEPS,
+)
 
 
 class LLM:
@@ -33,6 +37,12 @@ class LLM:
     compiler builds them, else torch ops; "torch" / "native" force one.
     tensor_parallel_size: N > 1 shards the model over N ranks (this process is rank 0; see
     server/engine/parallel/launch.py); `close()` (or `with LLM(...)`) stops the other ranks.
+    speculative_method: "ngram" drafts up to `num_speculative_tokens` tokens per decode step
+    by matching the last `ngram_max`..`ngram_min` tokens against the sequence's own earlier
+    tokens, verified in the same forward (server/engine/speculate.py; greedy output unchanged,
+    sampled output distributed as without). A sequence whose acceptance moving average falls
+    below `speculative_min_acceptance` pauses drafting for `speculative_retry_steps` steps;
+    nothing drafts while `speculative_max_batch` or more sequences decode.
     """
 
     def __init__(
@@ -55,6 +65,13 @@ class LLM:
         kernel_backend: str = "auto",
         num_threads: int | None = None,
         tensor_parallel_size: int = 1,
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS,
+        ngram_min: int = DEFAULT_NGRAM_MIN,
+        ngram_max: int = DEFAULT_NGRAM_MAX,
+        speculative_min_acceptance: float = DEFAULT_MIN_ACCEPTANCE,
+        speculative_retry_steps: int = DEFAULT_RETRY_STEPS,
+        speculative_max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.engine = LLMEngine(
             EngineConfig(
@@ -65,7 +82,10 @@ class LLM:
                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, seed=seed,
                 quantization=quantization, quant_dense_above=quant_dense_above,
                 kernel_backend=kernel_backend, num_threads=num_threads,
-                tensor_parallel_size=tensor_parallel_size,
+                tensor_parallel_size=tensor_parallel_size, speculative_method=speculative_method,
+                num_speculative_tokens=num_speculative_tokens, ngram_min=ngram_min, ngram_max=ngram_max,
+                speculative_min_acceptance=speculative_min_acceptance,
+                speculative_retry_steps=speculative_retry_steps, speculative_max_batch=speculative_max_batch,
             )
         )
         self.tokenizer = self.engine.tokenizer

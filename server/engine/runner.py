@@ -8,9 +8,14 @@ the prompt rows they score (server/engine/prompt_logprobs.py), after those.
 An encoder-decoder model first encodes the step's newly admitted prompts in one padded
 batch (writing their cross blocks, model/encdec.py); every scheduled sequence's
 cross-attention then reads its cross blocks through `AttentionMetadata.cross`.
+A decode verifying a draft (server/engine/speculate.py) appends its K draft tokens to its
+chunk; each of its 1 + K positions attends as a decode of its own (same block table,
+context lengths growing by one: the decode kernel, causal), and all 1 + K rows' logits go
+to `verify` instead of the sampler.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
@@ -25,27 +30,30 @@ from server.engine.grammar import BitmaskFiller
 from server.engine.prompt_logprobs import PromptLogprob, ScoreSpan, score, score_spans, span_rows
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
+from server.engine.speculate import verify
 
 
 class TokenSlice(Seq[int]):
-    """A read-only window of a token list, made in O(1) (the sampler reads it only when a
-    request uses penalties)."""
+    """A read-only window of a token list, then `extra` tokens (a draft's prefix), made in
+    O(len(extra)) (the sampler reads it only when a request uses penalties)."""
 
-    def __init__(self, tokens: list[int], start: int, stop: int) -> None:
-        self.tokens, self.start, self.stop = tokens, start, stop
+    def __init__(self, tokens: list[int], start: int, stop: int, extra: Seq[int] = ()) -> None:
+        self.tokens, self.start, self.stop, self.extra = tokens, start, stop, list(extra)
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start + len(self.extra)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return self.tokens[self.start : self.stop][i]
+            return (self.tokens[self.start : self.stop] + self.extra)[i]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        return self.tokens[self.start + (i % len(self))]
+        i %= len(self)
+        base = self.stop - self.start
+        return self.tokens[self.start + i] if i < base else self.extra[i - base]
 
     def __iter__(self) -> Iterator[int]:
-        return (self.tokens[i] for i in range(self.start, self.stop))
+        return itertools.chain((self.tokens[i] for i in range(self.start, self.stop)), self.extra)
 
 
 class StepInputs(NamedTuple):
@@ -56,16 +64,17 @@ class StepInputs(NamedTuple):
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     seq_attn: list[SeqAttention]
-    rows: torch.Tensor  # [S + R] int64: flat-batch rows whose logits are sampled, then scored
+    rows: torch.Tensor  # [S + R] int64: flat-batch rows whose logits are sampled (1 + K per draft), then scored
     encoder: EncoderBatch | None = None  # encoder-decoder: prompts to encode before the decoder runs
     cross_attn: list[SeqAttention] | None = None  # encoder-decoder: each sequence's cross blocks
 
 
 class StepResult(NamedTuple):
-    """What one step computed: the sampler's output per sample (token ids, logprobs) and
-    the prompt scores of the sequences that asked for them."""
+    """What one step computed: per sample its new tokens (one, or a verified draft's
+    accepted tokens then one) and logprobs (of its one token), and the prompt scores of the
+    sequences that asked for them."""
 
-    token_ids: list[int]
+    token_ids: list[list[int]]
     logprobs: list[dict[int, float] | None]
     prompt_logprobs: dict[Sequence, list[PromptLogprob]]
 
@@ -96,33 +105,68 @@ class Runner:
         sources = list(dict.fromkeys(src for src, _ in out.samples))
         spans = score_spans(out.scheduled)
         logits = self.forward(self.prepare(out, sources, spans))  # [S + R, vocab] float32, or None
+        num_sampled = len(sources) + sum(len(out.drafts[s]) for s in sources if s in out.drafts)
         scored = {}
         if spans:
-            scored = score(logits[len(sources):], spans)
-            logits = logits[: len(sources)]
+            scored = score(logits[num_sampled:], spans)
+            logits = logits[:num_sampled]
         if not sources:
             return StepResult([], [], scored)
-        sampled = self._sample(out, sources, logits)
-        return StepResult(sampled.token_ids, sampled.logprobs, scored)
+        if not out.drafts:
+            sampled = self._sample(out, sources, logits)
+            return StepResult([[t] for t in sampled.token_ids], sampled.logprobs, scored)
+        return self._sample_and_verify(out, sources, logits, scored)
 
-    def _sample(self, out: SchedulerOutput, sources: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+    def _sample(self, out: SchedulerOutput, sources: list[Sequence], logits: torch.Tensor,
+                samples: list[tuple[Sequence, Sequence]] | None = None) -> SamplerOutput:
+        """Sample `samples` (default: all of `out`'s) from `logits`, one row per source."""
+        samples = out.samples if samples is None else samples
         source_index = {s: i for i, s in enumerate(sources)}
-        expand = [source_index[src] for src, _ in out.samples]
-        if expand != list(range(len(sources))):
+        expand = [source_index[src] for src, _ in samples]
+        if expand != list(range(len(logits))):
             logits = logits[torch.tensor(expand, device=self.device)]
-        dsts = [dst for _, dst in out.samples]
+        dsts = [dst for _, dst in samples]
         mask = self._token_mask(dsts, logits.shape[1])
         return self.sampler(logits, [_sampling_row(dst) for dst in dsts], mask)
+
+    def _sample_and_verify(self, out: SchedulerOutput, sources: list[Sequence], logits: torch.Tensor,
+                           scored: dict) -> StepResult:
+        """A step with drafts: the others are sampled as usual, the drafts verified."""
+        first, row = {}, 0  # each source's first logits row
+        for src in sources:
+            first[src] = row
+            row += 1 + len(out.drafts.get(src, ()))
+        plain = [i for i, (src, _) in enumerate(out.samples) if src not in out.drafts]
+        drafted = [src for src in sources if src in out.drafts]  # samples (src, src): decodes fork nothing
+        tokens: list[list[int]] = [[] for _ in out.samples]
+        logprobs: list[dict[int, float] | None] = [None] * len(out.samples)
+        if plain:
+            plain_sources = [s for s in sources if s not in out.drafts]
+            index = torch.tensor([first[s] for s in plain_sources], device=self.device)
+            sampled = self._sample(out, plain_sources, logits.index_select(0, index),
+                                   [out.samples[i] for i in plain])
+            for i, t, lp in zip(plain, sampled.token_ids, sampled.logprobs):
+                tokens[i], logprobs[i] = [t], lp
+        index = torch.tensor([first[s] + j for s in drafted for j in range(1 + len(out.drafts[s]))],
+                             device=self.device)
+        rows = [_sampling_row(s, out.drafts[s][:j]) for s in drafted for j in range(1 + len(out.drafts[s]))]
+        verified = dict(zip(drafted, verify(self.sampler, logits.index_select(0, index), rows,
+                                            [out.drafts[s] for s in drafted])))
+        for i, (src, _) in enumerate(out.samples):
+            if src in verified:
+                tokens[i] = verified[src]
+        return StepResult(tokens, logprobs, scored)
 
     def prepare(self, out: SchedulerOutput, sources: list[Sequence], spans: Seq[ScoreSpan] = ()) -> StepInputs:
         """The step's model inputs (on the CPU); `sources` are the sequences sampled from,
         `spans` the prompt positions scored."""
-        input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled)
-        last_row, end = {}, 0  # row of each sampled sequence's last token in the flat batch
+        input_ids, positions, slot_mapping, seq_attn = self._prepare(out.scheduled, out.drafts)
+        end_row, end = {}, 0  # row after each sampled sequence's last token in the flat batch
         for seq, num in out.scheduled.items():
             end += num
-            last_row[seq] = end - 1
-        rows = torch.tensor([last_row[s] for s in sources], dtype=torch.int64)
+            end_row[seq] = end
+        rows = torch.tensor([r for s in sources for r in range(end_row[s] - 1 - len(out.drafts.get(s, ())),
+                                                                end_row[s])], dtype=torch.int64)
         if spans:
             rows = torch.cat([rows, span_rows(spans)])
         encoder, cross_attn = self._prepare_cross(out) if self.encoder is not None else (None, None)
@@ -167,19 +211,23 @@ class Runner:
             states.append(dsts[i].grammar)
         return TokenMask(rows, self.fill_bitmasks(states, vocab_size))
 
-    def _prepare(self, scheduled: dict[Sequence, int]):
+    def _prepare(self, scheduled: dict[Sequence, int], drafts: dict[Sequence, list[int]]):
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         seq_attn: list[SeqAttention] = []
         slots: list[torch.Tensor] = []
         for seq, num in scheduled.items():
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + num])
+            draft = drafts.get(seq)
+            ids.extend(seq.token_ids[start : start + num] if draft is None else seq.token_ids[start:] + draft)
             pos = torch.arange(start, start + num)
             positions.append(pos)
             table = torch.tensor(seq.block_table, dtype=torch.int64)  # built once per step, shared
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            seq_attn.append(SeqAttention(num, start + num, table))
+            if draft is None:
+                seq_attn.append(SeqAttention(num, start + num, table))
+            else:  # each position a decode of its own: sees its predecessors, not its successors
+                seq_attn.extend(SeqAttention(1, start + i + 1, table) for i in range(num))
         return (
             torch.tensor(ids, dtype=torch.int64),
             torch.cat(positions),
@@ -188,11 +236,12 @@ class Runner:
         )
 
 
-def _sampling_row(seq: Sequence) -> SamplingRow:
+def _sampling_row(seq: Sequence, draft_prefix: list[int] = ()) -> SamplingRow:
+    """The sampler's view of `seq` (followed by `draft_prefix`, for a draft's later positions)."""
     return SamplingRow(
         params=seq.params,
         prompt_token_ids=TokenSlice(seq.token_ids, 0, seq.prompt_len),
-        output_token_ids=TokenSlice(seq.token_ids, seq.prompt_len, seq.num_tokens),
+        output_token_ids=TokenSlice(seq.token_ids, seq.prompt_len, seq.num_tokens, draft_prefix),
         generator=seq.generator,
         eos_token_ids=seq.eos_token_ids,
     )

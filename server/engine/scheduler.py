@@ -18,6 +18,10 @@ the runner runs its encoder that step); its encoder tokens count against the tok
 (an input longer than the whole budget is admitted first in a step, alone over budget), and
 its cross blocks are freed with its block table at finish, abort and preemption (readmission
 encodes again).
+With a `Speculator`, decoding sequences then draft (server/engine/speculate.py) with the
+budget and free blocks left over (a draft never preempts or delays anyone): such a decode
+computes 1 + K tokens, and `update` keeps the K/V of the accepted ones only, freeing the
+blocks that held nothing but rejected positions.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Callable
 from server.engine.config import DEFAULT_MAX_PROMPT_LOGPROB_TOKENS
 from server.engine.memory import BlockPool, block_hash
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.speculate import Speculator
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class SchedulerOutput:
     samples: list[tuple[Sequence, Sequence]] = field(default_factory=list)
     scored_only: list[Sequence] = field(default_factory=list)  # max_tokens=0: prompt done, nothing to sample
     encode: list[Sequence] = field(default_factory=list)  # encoder-decoder: admitted now, encoder runs first
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)  # decodes verifying a draft (in `scheduled`)
     num_preempted: int = 0
 
     @property
@@ -61,11 +67,13 @@ class Scheduler:
     """Decides which sequences run each step and keeps their blocks; see module doc."""
 
     def __init__(
-        self, config: SchedulerConfig, pool: BlockPool, reclaim: Callable[[], bool] | None = None
+        self, config: SchedulerConfig, pool: BlockPool, reclaim: Callable[[], bool] | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.reclaim = reclaim  # frees some idle memory (a session's pins); False when none is left
+        self.speculator = speculator  # None: no drafting
         self.block_size = pool.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
@@ -126,14 +134,35 @@ class Scheduler:
                 scored -= num if seq.scores_prompt else 0
         if out.num_preempted == 0:
             self._admit(budget, scored, out)
+            if self.speculator is not None:
+                self._add_drafts([s for s in decodes if out.scheduled.get(s) == 1], out)
         for seq, num in out.scheduled.items():
-            if seq.num_computed_tokens + num == seq.num_tokens:
+            if seq.num_computed_tokens + num - len(out.drafts.get(seq, ())) == seq.num_tokens:
                 if seq.params.max_tokens == 0:
                     out.scored_only.append(seq)
                     continue
                 out.samples.append((seq, seq))
                 out.samples.extend((seq, child) for child in seq.fork_children)
         return out
+
+    def _add_drafts(self, decoding: list[Sequence], out: SchedulerOutput) -> None:
+        """Let scheduled decodes draft, within the budget and the allocatable blocks left
+        (no reclaiming of session memory, no preemption)."""
+        budget = self.config.max_num_batched_tokens - sum(out.scheduled.values())
+        for seq in decoding:
+            room = self.config.max_model_len - seq.num_tokens - 1  # the bonus token must fit too
+            if seq.params.max_tokens is not None:
+                room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+            draft = self.speculator.propose(seq, min(budget, room), len(decoding))
+            if not draft:
+                continue
+            needed = self._blocks_needed(seq, 1 + len(draft))
+            if not self.pool.can_allocate(needed):
+                continue
+            seq.block_table.extend(self.pool.allocate(needed))
+            out.scheduled[seq] = 1 + len(draft)
+            out.drafts[seq] = draft
+            budget -= len(draft)
 
     def _blocks_needed(self, seq: Sequence, num: int) -> int:
         total = -(-(seq.num_computed_tokens + num) // self.block_size)
@@ -250,9 +279,13 @@ class Scheduler:
             admitted = True
 
     # -- after the forward ------------------------------------------------------------
-    def update(self, out: SchedulerOutput, token_ids: list[int]) -> None:
-        """Advance counters, hash newly full blocks, fork n > 1 children, append tokens."""
+    def update(self, out: SchedulerOutput, token_ids: list[list[int]]) -> None:
+        """Advance counters, hash newly full blocks, fork n > 1 children, append tokens
+        (per sample: a verified draft's accepted tokens, then the sampled one)."""
+        gained = {dst: toks for (src, dst), toks in zip(out.samples, token_ids) if src in out.drafts}
         for seq, num in out.scheduled.items():
+            if seq in out.drafts:  # the K/V of rejected draft positions does not count
+                num -= len(out.drafts[seq]) - (len(gained[seq]) - 1)
             full_before = seq.num_computed_tokens // self.block_size
             seq.num_computed_tokens += num
             full_after = seq.num_computed_tokens // self.block_size
@@ -260,12 +293,30 @@ class Scheduler:
                 self._extend_hashes(seq, full_after)
                 for i in range(full_before, full_after):
                     self.pool.register(seq.block_table[i], seq.block_hashes[i])
-        for (src, dst), token in zip(out.samples, token_ids):
+        for (src, dst), tokens in zip(out.samples, token_ids):
             if dst.status is SequenceStatus.FORK_PENDING:
                 self._fork(src, dst)
-            dst.token_ids.append(token)
+            dst.token_ids.extend(tokens)
         for seq in out.scheduled:
             seq.fork_children = [c for c in seq.fork_children if c.status is SequenceStatus.FORK_PENDING]
+        for seq, draft in out.drafts.items():
+            self._drop_rejected(seq)
+            self.speculator.record(seq, len(draft), len(gained[seq]) - 1)
+
+    def _drop_rejected(self, seq: Sequence) -> None:
+        """Free the blocks past the computed tokens (they held rejected draft positions only;
+        never hashed, since only computed full blocks are)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop the tokens after the first `num_tokens` of a sequence about to finish there (a
+        verified draft ran past its stop); its K/V counts up to the new last token."""
+        del seq.token_ids[num_tokens:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens - 1)
+        del seq.block_hashes[seq.num_computed_tokens // self.block_size :]
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Child shares every block of the parent's computed prompt (refcounts)."""

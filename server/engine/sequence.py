@@ -58,6 +58,7 @@ class Sequence:
     session_turn: SessionTurn | None = None  # set when this sequence is a session's turn
     resume: tuple[list[int], int] | None = None  # (blocks, n): KV of the first n tokens, held already
     grammar: Any = None  # GrammarState when the output is constrained (server/engine/grammar.py)
+    draft_state: Any = None  # DraftState once it has drafted (server/engine/speculate.py)
     # prompt_logprobs requests (the prompt-computing sequence only): entry i scores prompt token i
     # (entry 0 is None: nothing predicts it); filled chunk by chunk, handed out once complete
     prompt_logprobs: list[PromptLogprob | None] | None = None

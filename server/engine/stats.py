@@ -26,5 +26,8 @@ class EngineStats:
     session_restores_disk: int = 0
     session_restores_memory: int = 0
     session_offloads: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed (server/engine/speculate.py)
+    spec_accepted_tokens: int = 0  # of those, accepted by verification
+    spec_verifies: int = 0  # sequence-steps that verified a draft (tokens per verify = 1 + accepted / this)
     step_seconds: float = 0.0  # engine thread inside LLMEngine.step()
     idle_seconds: float = 0.0  # engine thread blocked on an empty inbox with nothing to run
