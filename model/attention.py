@@ -16,7 +16,8 @@ request's cross blocks, written once when its encoder runs): `AttentionMetadata.
 holds that view, built non-causally (every query sees the whole encoder input).
 
 `TorchPagedAttention` is the reference backend (any device). `NativeCPUPagedAttention`
-runs decode groups on a C kernel (model/csrc/paged_attention.c) that reads K/V in place.
+runs decode groups on a C kernel (model/csrc/paged_attention.c) that reads K/V in place;
+a group given an additive mask (a position bias) always takes the SDPA path.
 `model.native.select_kernels` picks one at start-up.
 """
 from __future__ import annotations
@@ -136,24 +137,29 @@ class TorchPagedAttention:
         k_cache: torch.Tensor,  # [num_blocks, block_size, kvH, d]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        masks: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, H, d]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend_all(q, k_cache, v_cache, meta)
+        return self.attend_all(q, k_cache, v_cache, meta, masks)
 
     def attend_all(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+        masks: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, H, d]
-        """Every group's attention over the pools (this step's K/V already written)."""
+        """Every group's attention over the pools (this step's K/V already written). `masks`:
+        per group an additive float mask [B, H, max_q, L] used instead of the group's own
+        (a position bias with -inf where a key is hidden: T5's relative positions)."""
         out = None if meta.groups[0].whole_batch else q.new_empty(q.shape)
-        for g in meta.groups:
-            o = self.attend(q, g, k_cache, v_cache)  # [B * max_q, H, d]
+        for i, g in enumerate(meta.groups):
+            o = self.attend(q, g, k_cache, v_cache, None if masks is None else masks[i])  # [B * max_q, H, d]
             if g.whole_batch:
                 return o
             out[g.out_rows] = o[g.flat_index]
         return out
 
     def attend(
-        self, q: torch.Tensor, g: AttentionGroup, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self, q: torch.Tensor, g: AttentionGroup, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One group's attention output [B * max_q, H, d] (padded query rows included)."""
         batch, max_q = g.token_index.shape
@@ -161,7 +167,7 @@ class TorchPagedAttention:
         kg = gather_blocks(k_cache, g.block_tables, qg.dtype)  # [B, kvH, L, d]
         vg = gather_blocks(v_cache, g.block_tables, qg.dtype)
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=self.scale,
+            qg, kg, vg, attn_mask=g.mask if mask is None else mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, max_q, d]
         return o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
@@ -177,15 +183,16 @@ class NativeCPUPagedAttention(TorchPagedAttention):
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.ops = ops  # model.native.NativeOps
 
-    def forward(self, q, k, v, k_cache, v_cache, meta):
+    def forward(self, q, k, v, k_cache, v_cache, meta, masks=None):
         if q.is_cpu and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
-            return self.attend_all(q, k_cache, v_cache, meta)  # K/V already written, one C call
-        return super().forward(q, k, v, k_cache, v_cache, meta)
+            return self.attend_all(q, k_cache, v_cache, meta, masks)  # K/V already written, one C call
+        return super().forward(q, k, v, k_cache, v_cache, meta, masks)
 
-    def attend(self, q, g, k_cache, v_cache):
+    def attend(self, q, g, k_cache, v_cache, mask=None):
         batch, max_q = g.token_index.shape
-        if max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu or k_cache.dtype not in (q.dtype, torch.int8):
-            return super().attend(q, g, k_cache, v_cache)
+        if (mask is not None or max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu
+                or k_cache.dtype not in (q.dtype, torch.int8)):
+            return super().attend(q, g, k_cache, v_cache, mask)  # an additive mask: the SDPA path
         rows = q if g.whole_batch else q.index_select(0, g.token_index[:, 0])  # [B, H, d]
         if rows.stride(2) != 1 or rows.stride(1) != self.head_dim:
             rows = rows.contiguous()

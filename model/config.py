@@ -19,8 +19,10 @@ ARCHITECTURES = {
     "qwen3": "llama",
     "gpt2": "gpt2",
     "bart": "bart",
+    "t5": "t5",
 }
-ENCODER_DECODER_TYPES = ("bart",)
+ENCODER_DECODER_TYPES = ("bart", "t5")
+T5_DEFAULT_MAX_LEN = 512  # T5's relative positions have no table size: the served length unless n_positions says
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """The encoder half of an encoder-decoder checkpoint (BART) and what joins the halves; the
-    decoder half is the rest of ModelConfig (its layers, heads and positions size the KV pool)."""
+    """The encoder half of an encoder-decoder checkpoint (BART, T5) and what joins the halves;
+    the decoder half is the rest of ModelConfig (its layers, heads and positions size the KV pool)."""
 
     num_layers: int
     num_heads: int
@@ -46,6 +48,10 @@ class EncoderSpec:
     decoder_start_token_id: int  # the decoder's first token: every output starts after it
     pad_token_id: int
     scale_embedding: bool  # token embeddings times sqrt(hidden)
+    relative_attention_buckets: int = 0  # T5: relative-position buckets (0: learned absolute positions)
+    relative_attention_max_distance: int = 0  # T5: distances beyond share the last bucket
+    gated_ffn: bool = False  # T5 v1.1: wo(act(wi_0 x) * wi_1 x); else wo(act(wi x))
+    scale_decoder_outputs: bool = False  # T5 v1.0: hidden * hidden_size**-0.5 before the head
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class ModelConfig:
             return _gpt2_from_dict(raw)
         if model_type == "bart":
             return _bart_from_dict(raw)
+        if model_type == "t5":
+            return _t5_from_dict(raw)
         if model_type == "mistral" and raw.get("sliding_window") not in (None, 0) and raw.get(
             "use_sliding_window", True
         ) and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
@@ -187,6 +195,46 @@ def _bart_from_dict(raw: dict[str, Any]) -> ModelConfig:
             decoder_start_token_id=int(start if start is not None else _int_tuple(eos)[0]),
             pad_token_id=raw.get("pad_token_id") if raw.get("pad_token_id") is not None else 1,
             scale_embedding=bool(raw.get("scale_embedding", False)),
+        ),
+    )
+
+
+def _t5_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """T5 v1.0 (ReLU, head tied and scaled) and v1.1 / Flan-T5 (gated GELU): pre-RMSNorm blocks,
+    relative-position buckets, unscaled attention. transformers 4 saves v1.1 untied (with
+    `lm_head.weight`); transformers 5 ties it and writes `scale_decoder_outputs`."""
+    proj = raw.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = proj.removeprefix("gated-")
+    act = "gelu_new" if proj == "gated-gelu" else act  # transformers' historical alias
+    tied = raw.get("tie_word_embeddings", True)
+    heads, hidden = raw["num_heads"], raw["d_model"]
+    max_len = raw.get("n_positions") or T5_DEFAULT_MAX_LEN
+    pad = raw.get("pad_token_id") if raw.get("pad_token_id") is not None else 0
+    start = raw.get("decoder_start_token_id")
+    return ModelConfig(
+        model_type="t5",
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=raw["d_ff"],
+        num_layers=raw.get("num_decoder_layers") or raw["num_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=raw["d_kv"],
+        max_position_embeddings=max_len,
+        norm_eps=raw.get("layer_norm_epsilon", 1e-6),
+        tie_word_embeddings=tied,
+        hidden_act=act,
+        torch_dtype=_dtype_name(raw),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_int_tuple(raw.get("eos_token_id", 1)),
+        encoder=EncoderSpec(
+            num_layers=raw["num_layers"], num_heads=heads, intermediate_size=raw["d_ff"],
+            max_position_embeddings=max_len, decoder_start_token_id=int(start if start is not None else pad),
+            pad_token_id=pad, scale_embedding=False,
+            relative_attention_buckets=raw.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=raw.get("relative_attention_max_distance", 128),
+            gated_ffn=gated, scale_decoder_outputs=bool(raw.get("scale_decoder_outputs", tied is not False)),
         ),
     )
 

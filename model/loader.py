@@ -105,6 +105,10 @@ def build_model(config: ModelConfig) -> nn.Module:
             from model.bart import BartForConditionalGeneration
 
             return BartForConditionalGeneration(config)
+        if config.family == "t5":
+            from model.t5 import T5ForConditionalGeneration
+
+            return T5ForConditionalGeneration(config)
         if config.family == "gpt2":
             from model.gpt2 import GPT2LMHeadModel
 

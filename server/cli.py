@@ -8,7 +8,9 @@
              `python -m loadtest.offline`; `workmem bench step` = `python -m loadtest.step_profile`;
              `workmem bench perplexity` = `python -m loadtest.perplexity`, a text file's perplexity
              through any server's completions with echo + logprobs; `workmem bench embed` =
-             `python -m loadtest.embed_bench`, /v1/embeddings vs transformers on one encoder)
+             `python -m loadtest.embed_bench`, /v1/embeddings vs transformers on one encoder;
+             `workmem bench seq2seq` = `python -m loadtest.seq2seq_bench`, encoder-decoder
+             generation vs transformers)
 """
 from __future__ import annotations
 
@@ -410,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tp-worker", help="a tensor-parallel follower rank on another machine (RANK, WORLD_SIZE, "
                                      "MASTER_ADDR, MASTER_PORT from the environment, as torchrun sets them)")
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity|embed [ARGS]` "
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity|embed|seq2seq [ARGS]` "
                                          "(see --help there)")
-    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity", "embed"])
+    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity", "embed", "seq2seq"])
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tp-worker"]:
@@ -439,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.embed_bench import main as embed_main
 
         return embed_main(argv[2:])
+    if argv[:2] == ["bench", "seq2seq"]:
+        from loadtest.seq2seq_bench import main as seq2seq_main
+
+        return seq2seq_main(argv[2:])
     for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)

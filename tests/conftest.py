@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from tests.checkpoints import ARCHS, build_checkpoint  # noqa: E402
-from tests.encdec_checkpoints import build_bart  # noqa: E402
+from tests.encdec_checkpoints import build_bart, build_t5  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +32,24 @@ def tiny_checkpoint(checkpoint_root):
 
 
 @pytest.fixture(scope="session")
-def bart_checkpoint(checkpoint_root) -> Path:
-    """A tiny random BART (tests/encdec_checkpoints.py) with its tokenizer."""
-    return build_bart(checkpoint_root / "bart")
+def encdec_checkpoint(checkpoint_root):
+    """encdec_checkpoint(kind) -> a tiny random encoder-decoder (tests/encdec_checkpoints.py):
+    kind bart, t5-v1.0 or t5-v1.1."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            path = checkpoint_root / kind
+            built[kind] = build_bart(path) if kind == "bart" else build_t5(path, kind.removeprefix("t5-"))
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bart_checkpoint(encdec_checkpoint) -> Path:
+    """The tiny random BART with its tokenizer."""
+    return encdec_checkpoint("bart")
 
 
 __all__ = ["ARCHS"]

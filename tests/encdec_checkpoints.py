@@ -83,3 +83,30 @@ def reference_seq2seq_greedy(model, prompt: list[int], max_new_tokens: int,
     tokens = out.sequences[0, 1:].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
+
+
+T5_WEIGHT_STD = 0.2  # T5 does not scale q.k by 1/sqrt(d): smaller weights keep the logits float32-exact
+T5_VERSIONS = {"v1.0": dict(feed_forward_proj="relu"), "v1.1": dict(feed_forward_proj="gated-gelu",
+                                                                      tie_word_embeddings=False)}
+
+
+def build_t5(path: Path, version: str) -> Path:
+    """A random T5ForConditionalGeneration: v1.0 (ReLU, tied + scaled head) or v1.1 (gated GELU)
+    with 2+2 layers, hidden 64, d_kv 16, and the BART-style tokenizer (T5's pad = decoder start = 0,
+    EOS = 2 here)."""
+    import transformers as tf
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = tf.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2,
+                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, **T5_VERSIONS[version])
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + NORM_STD * noise if "norm" in name else T5_WEIGHT_STD * noise)
+    model.save_pretrained(path)
+    build_bart_tokenizer(path)
+    return path

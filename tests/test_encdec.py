@@ -1,6 +1,6 @@
-"""Encoder-decoder (BART) generation: greedy parity with transformers' `generate` alone, in a
-batch with other requests and under preemption; cross-attention blocks in the pool, returned
-at finish, abort and preemption; what such a model refuses."""
+"""Encoder-decoder generation (BART; T5 v1.0 and v1.1): greedy parity with transformers'
+`generate` alone, in a batch with other requests and under preemption; cross-attention blocks
+in the pool, returned at finish, abort and preemption; what such a model refuses."""
 from __future__ import annotations
 
 import pytest
@@ -15,15 +15,26 @@ from tests.encdec_checkpoints import load_bart_reference, reference_seq2seq_gree
 MAX_NEW = 16
 PROMPT_LENS = (6, 11, 3, 25, 17)
 BLOCK = 4  # small blocks: encoder inputs and outputs span several
+MAX_LEN = 128  # max_model_len: the decoder's context and the longest encoder input
+KINDS = ["bart", "t5-v1.0", "t5-v1.1"]
+
+
+def make_case(path):
+    """(checkpoint, prompts, [(reference tokens, reference logprobs)])."""
+    ref = load_bart_reference(path)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [[0] + torch.randint(4, VOCAB, (n - 2,), generator=gen).tolist() + [2] for n in PROMPT_LENS]
+    return path, prompts, [reference_seq2seq_greedy(ref, p, MAX_NEW) for p in prompts]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def case(request, encdec_checkpoint):
+    return make_case(encdec_checkpoint(request.param))
 
 
 @pytest.fixture(scope="module")
-def case(bart_checkpoint):
-    """(checkpoint, prompts, [(reference tokens, reference logprobs)])."""
-    ref = load_bart_reference(bart_checkpoint)
-    gen = torch.Generator().manual_seed(5)
-    prompts = [[0] + torch.randint(4, VOCAB, (n - 2,), generator=gen).tolist() + [2] for n in PROMPT_LENS]
-    return bart_checkpoint, prompts, [reference_seq2seq_greedy(ref, p, MAX_NEW) for p in prompts]
+def bart_case(bart_checkpoint):
+    return make_case(bart_checkpoint)
 
 
 # min_tokens as transformers' min_new_tokens: EOS is masked until MAX_NEW tokens are out
@@ -43,10 +54,17 @@ def holders(engine):
     return [s.block_table for s in seqs] + [s.cross_blocks for s in seqs]
 
 
-@pytest.mark.parametrize("kernels", ["torch", "auto"])
-def test_greedy_alone(case, kernels):
+def test_greedy_alone(case):
     path, prompts, expected = case
-    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, kernel_backend=kernels)
+    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, max_model_len=MAX_LEN)
+    for prompt, exp in zip(prompts, expected):
+        assert_matches(llm.generate([prompt], GREEDY), [exp])
+    assert llm.engine.pool.num_used == 0
+
+
+def test_greedy_alone_torch_kernels(bart_case):
+    path, prompts, expected = bart_case
+    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, kernel_backend="torch")
     for prompt, exp in zip(prompts, expected):
         assert_matches(llm.generate([prompt], GREEDY), [exp])
     assert llm.engine.pool.num_used == 0
@@ -56,7 +74,7 @@ def test_greedy_in_a_batch_with_other_requests(case):
     """The parity prompts batched together and with sampled, n=2 and early-stopping requests
     admitted between them (several encoders padded into one batch)."""
     path, prompts, expected = case
-    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK)
+    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, max_model_len=MAX_LEN)
     others = [SamplingParams(temperature=1.0, seed=3, max_tokens=5), SamplingParams(temperature=0.7, n=2, seed=1,
               max_tokens=MAX_NEW + 3), SamplingParams(temperature=0, max_tokens=2)]
     batch = [p for pair in zip(prompts, [prompts[1], prompts[0], prompts[3]] + [prompts[2]] * 2) for p in pair]
@@ -72,17 +90,17 @@ def test_greedy_with_preemption_and_chunks(case):
     and recomputes (encoder included); a small token budget chunks the recomputed decoder."""
     path, prompts, expected = case
     llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, num_kv_blocks=64,
-              max_num_batched_tokens=40)
+              max_num_batched_tokens=40, max_model_len=MAX_LEN)
     assert_matches(llm.generate(prompts * 3, GREEDY), expected * 3)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.pool.num_used == 0
     llm.engine.pool.check_invariants([])
 
 
-def test_cross_blocks_return_to_the_pool(case):
+def test_cross_blocks_return_to_the_pool(bart_case):
     """Cross blocks are allocated at admission (one per BLOCK encoder tokens, written once),
     counted as used, and freed at finish, abort and preemption; invariants hold throughout."""
-    path, prompts, _ = case
+    path, prompts, _ = bart_case
     llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK, num_kv_blocks=64)
     engine, pool = llm.engine, llm.engine.pool
     long = prompts[3]  # 25 tokens: 7 cross blocks
@@ -110,10 +128,10 @@ def test_cross_blocks_return_to_the_pool(case):
     pool.check_invariants([])
 
 
-def test_text_prompt_and_natural_stop(case):
+def test_text_prompt_and_natural_stop(bart_case):
     """A text prompt is the encoder's input with the tokenizer's <s> ... </s>; without
     min_tokens the output may end at EOS, as transformers' does."""
-    path, _, _ = case
+    path, _, _ = bart_case
     import transformers as tf
 
     hf_tok = tf.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
@@ -127,8 +145,8 @@ def test_text_prompt_and_natural_stop(case):
     assert out.prompt_token_ids == ids
 
 
-def test_refusals(case):
-    path, prompts, _ = case
+def test_refusals(bart_case):
+    path, prompts, _ = bart_case
     llm = LLM(str(path), dtype="float32", device="cpu")
     engine = llm.engine
     with pytest.raises(ContextLengthError, match="encoder takes at most 128"):
@@ -138,3 +156,14 @@ def test_refusals(case):
     with pytest.raises(RequestError, match="sessions"):
         engine.add_request("s", prompts[0], SamplingParams(max_tokens=2), session_id="x")
     assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+def test_seq2seq_bench_runs(bart_checkpoint, capsys):
+    """The benchmark command end to end on the tiny checkpoint (a smoke run, nothing timed)."""
+    from loadtest.seq2seq_bench import main
+
+    path = bart_checkpoint
+    assert main(["--model", str(path), "--input-len", "5", "--output-len", "2", "--streams", "2", "--rounds", "1",
+                 "--batch1-requests", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| workmem | 2 streams |" in out and "workmem / transformers, 1 stream:" in out

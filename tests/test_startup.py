@@ -34,19 +34,19 @@ def _serve(model_dir: Path, log_path: Path, *extra: str) -> tuple[subprocess.Pop
 
 
 @pytest.fixture
-def t5_dir(tiny_checkpoint, tmp_path) -> Path:
+def unsupported_dir(tiny_checkpoint, tmp_path) -> Path:
     """A checkpoint whose config names an architecture workmem does not run."""
-    model = tmp_path / "t5"
+    model = tmp_path / "mamba"
     shutil.copytree(tiny_checkpoint("llama"), model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
     return model
 
 
 @pytest.mark.parametrize("case", ["unsupported architecture", "missing file", "KV pool too small"])
-def test_serve_logs_the_reason_and_exits_nonzero(case, t5_dir, tiny_checkpoint, tmp_path):
+def test_serve_logs_the_reason_and_exits_nonzero(case, unsupported_dir, tiny_checkpoint, tmp_path):
     model, extra, reason = {
-        "unsupported architecture": (t5_dir, (), "unsupported model_type 't5'"),
+        "unsupported architecture": (unsupported_dir, (), "unsupported model_type 'mamba'"),
         "missing file": (tmp_path / "nowhere.gguf", (), "nowhere.gguf"),
         "KV pool too small": (tiny_checkpoint("llama"), ("--num-kv-blocks", "2"), "cannot hold one sequence"),
     }[case]
@@ -61,8 +61,8 @@ def test_serve_logs_the_reason_and_exits_nonzero(case, t5_dir, tiny_checkpoint, 
     assert "model failed to load" in log and reason in log
 
 
-def test_stay_up_flag_keeps_health_503_with_the_reason(t5_dir, tmp_path):
-    proc, url = _serve(t5_dir, tmp_path / "server.log", "--stay-up-on-load-failure")
+def test_stay_up_flag_keeps_health_503_with_the_reason(unsupported_dir, tmp_path):
+    proc, url = _serve(unsupported_dir, tmp_path / "server.log", "--stay-up-on-load-failure")
     try:
         deadline, body = time.monotonic() + EXIT_TIMEOUT_S, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -77,7 +77,7 @@ def test_stay_up_flag_keeps_health_503_with_the_reason(t5_dir, tmp_path):
                 break
             time.sleep(0.1)
         assert body is not None, (tmp_path / "server.log").read_text(errors="replace")
-        assert "unsupported model_type 't5'" in body["error"]["message"]
+        assert "unsupported model_type 'mamba'" in body["error"]["message"]
         assert proc.poll() is None  # still up for the orchestrator to read
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(EXIT_TIMEOUT_S) == 0

@@ -139,6 +139,7 @@ class KVCachePlan(NamedTuple):
     max_model_len: int
     bytes_per_block: int
     kv_dtype: torch.dtype  # the pool's storage dtype (torch.int8: quantized rows, model/kv_quant.py)
+    max_encoder_len: int | None = None  # encoder-decoder: the longest encoder input (capped by max_model_len)
 
 
 def plan_kv_cache(
@@ -164,8 +165,10 @@ def plan_kv_cache(
             memory = _default_kv_memory(device)
         num_blocks = memory // bytes_per_block
     needed = -(-max_model_len // config.block_size)
+    max_encoder_len = None
     if model.encoder is not None:  # and its cross blocks: one encoder input of the longest kind
-        needed += -(-model.encoder.max_position_embeddings // config.block_size)
+        max_encoder_len = min(model.encoder.max_position_embeddings, max_model_len)
+        needed += -(-max_encoder_len // config.block_size)
     if num_blocks < needed:
         raise ValueError(
             f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one "
@@ -173,7 +176,7 @@ def plan_kv_cache(
             f"{needed * bytes_per_block / 2**20:.1f} MiB); raise num_kv_blocks/kv_cache_memory "
             f"or lower max_model_len"
         )
-    return KVCachePlan(num_blocks, config.block_size, max_model_len, bytes_per_block, kv_dtype)
+    return KVCachePlan(num_blocks, config.block_size, max_model_len, bytes_per_block, kv_dtype, max_encoder_len)
 
 
 def _default_kv_memory(device: torch.device) -> int:

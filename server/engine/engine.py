@@ -91,10 +91,8 @@ class LLMEngine:
         self.plan, self.runner, self.kernel_backend = parts.plan, parts.runner, parts.kernel_backend
         self.kernel_variant = parts.kernel_variant
         self.max_model_len = self.plan.max_model_len
-        encoder = self.model_config.encoder
         self.limits = RequestLimits(self.max_model_len, self.model_config.vocab_size, self.tokenizer.vocab_size,
-                                    self.tokenizer.max_token_chars,
-                                    encoder.max_position_embeddings if encoder is not None else None)
+                                    self.tokenizer.max_token_chars, self.plan.max_encoder_len)
         self.eos_token_ids = tuple(
             dict.fromkeys((*self.tokenizer.eos_token_ids, *self.model_config.eos_token_ids))
         )
