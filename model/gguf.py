@@ -1,7 +1,7 @@
 """GGUF checkpoints: llama.cpp's single-file format -> ModelConfig, HF-named tensors, Tokenizer.
 
-`load_gguf(path)` reads the metadata into a `ModelConfig`, dequantizes every tensor to float32
-under its Hugging Face name and shape (undoing what llama.cpp's `convert_hf_to_gguf.py` did:
+`load_gguf(path)` reads the metadata into a `ModelConfig`, maps every tensor (decoded when it is
+read, so a loader holds one at a time) to float32 or a `GroupQuant` under its Hugging Face name and shape (undoing what llama.cpp's `convert_hf_to_gguf.py` did:
 GGUF's reversed dimension order, the q/k row permutation of Llama, GPT-2's Conv1D transpose),
 and rebuilds a `tokenizers` backend from the `tokenizer.ggml.*` metadata.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gguf
@@ -83,7 +84,7 @@ class GGUFCheckpoint(NamedTuple):
     """What a GGUF file holds, in the shapes the rest of workmem expects."""
 
     config: ModelConfig
-    tensors: dict[str, "torch.Tensor | GroupQuant"]  # HF names and shapes; float32 or GroupQuant
+    tensors: "GGUFTensors"  # HF names and shapes -> float32 or GroupQuant, decoded when read
     tokenizer: "Tokenizer"
 
 
@@ -259,23 +260,37 @@ def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, original: 
 # --------------------------------------------------------------------------------- tensors
 
 
-def read_gguf_tensors(
-    reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False
-) -> dict[str, torch.Tensor | GroupQuant]:
-    """Every tensor under its HF name and in HF layout: dequantized to float32, or with
-    `keep_quantized` a `GroupQuant` for every block type (model/gguf_quant.py; not GPT-2's
-    transposed Conv1D weights). An unsupported type is refused here, before anything runs."""
-    family = config.family
-    tensors: dict[str, torch.Tensor | GroupQuant] = {}
-    for tensor in reader.tensors:
-        if tensor.name in _SKIPPED_TENSORS:
-            continue
-        hf_name, block_key = _hf_name(tensor.name, family)
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        conv1d = family == "gpt2" and block_key in _GPT2_CONV1D and hf_name.endswith(".weight")
-        _check_type(tensor)
-        weight = _group_quant(tensor) if keep_quantized and not conv1d else None
+class GGUFTensors(Mapping):
+    """HF name -> tensor in HF layout, decoded from the memory-mapped file on every read:
+    dequantized to float32, or with `keep_quantized` a `GroupQuant` for every block type
+    (model/gguf_quant.py; not GPT-2's transposed Conv1D weights). Iterating `items()` holds one
+    decoded tensor at a time, so loading a file never holds all of it decoded (the 1B Q4_K_M
+    file: ~2 GB less at peak). Every tensor's type is checked when the mapping is made, so an
+    unsupported type is refused before anything runs."""
+
+    def __init__(self, reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False) -> None:
+        self.config, self.keep_quantized = config, keep_quantized
+        self._entries: dict[str, tuple[Any, str | None]] = {}  # HF name -> (reader tensor, block key)
+        for tensor in reader.tensors:
+            if tensor.name in _SKIPPED_TENSORS:
+                continue
+            hf_name, block_key = _hf_name(tensor.name, config.family)
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            _check_type(tensor)
+            self._entries[hf_name] = (tensor, block_key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __getitem__(self, hf_name: str) -> "torch.Tensor | GroupQuant":
+        tensor, block_key = self._entries[hf_name]
+        config = self.config
+        conv1d = config.family == "gpt2" and block_key in _GPT2_CONV1D and hf_name.endswith(".weight")
+        weight = _group_quant(tensor) if self.keep_quantized and not conv1d else None
         if weight is None:
             weight = _dequantize(tensor)  # [*reversed(ggml shape)]
         if config.model_type == "llama" and block_key in ("attn_q", "attn_k"):  # qwen: not permuted
@@ -286,8 +301,12 @@ def read_gguf_tensors(
                 weight = unpermute_qk(weight, heads)
         if conv1d:
             weight = weight.t().contiguous()  # nn.Linear [out, in] -> Conv1D [in, out]
-        tensors[hf_name] = weight
-    return tensors
+        return weight
+
+
+def read_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig, keep_quantized: bool = False) -> GGUFTensors:
+    """Every tensor under its HF name (see GGUFTensors)."""
+    return GGUFTensors(reader, config, keep_quantized)
 
 
 def _hf_name(name: str, family: str) -> tuple[str, str | None]:

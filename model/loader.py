@@ -52,7 +52,7 @@ def load_model(
 
         ckpt = load_gguf(path, keep_quantized=quant.mode != "none")
         config, tensors, tokenizer = ckpt.config, iter(ckpt.tensors.items()), ckpt.tokenizer
-        del ckpt  # the decoded tensors live only as long as `tensors`
+        del ckpt  # each tensor is decoded as `tensors` reaches it
     elif path.is_dir():
         config = ModelConfig.from_hf(path)
         tensors = iter_safetensors(path)
@@ -60,7 +60,7 @@ def load_model(
     else:
         raise FileNotFoundError(f"model path {str(path)!r} is neither a directory nor a .gguf file")
     model = build_model(config)
-    load_weights(model, tensors, quant, native)
+    load_weights(model, tensors, quant, native, embed_from_vnni_head=shard is None)
     if shard is not None:
         shard(model)
     _embed_from_tied_head(model, dtype)
@@ -77,7 +77,7 @@ def _embed_from_tied_head(model: nn.Module, dtype: torch.dtype) -> None:
     weight (model/packed_embedding.py) instead of a dense copy of the same matrix."""
     head, source = getattr(model, "tied_head", None), getattr(model, "tied_head_source", None)
     if not isinstance(head, QuantLinear) or head.vnni is None or not source:
-        return
+        return  # (load_weights filled the embedding in exactly this case)
     _replace_module(model, source.removesuffix(".weight"), PackedEmbedding(head, dtype))
 
 
@@ -148,10 +148,12 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(
     model: nn.Module, tensors: Iterable[tuple[str, "torch.Tensor | GroupQuant"]],
-    quant: QuantConfig = QuantConfig(), native=None,
+    quant: QuantConfig = QuantConfig(), native=None, embed_from_vnni_head: bool = False,
 ) -> None:
     """Copy checkpoint tensors into `model`'s parameters (casting dtype); linear weights that
-    `quant` picks are packed into QuantLinears instead (shards of a fused one together)."""
+    `quant` picks are packed into QuantLinears instead (shards of a fused one together, as
+    soon as all of them are read). `embed_from_vnni_head`: a tied embedding whose head lands
+    on the VNNI kernel is left unfilled, for `_embed_from_tied_head` to read from the head."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, int]] = getattr(model, "packed", {})
     config: ModelConfig = model.config
@@ -177,20 +179,28 @@ def load_weights(
         if dest.shape != tuple(tensor.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
         layout = _layout(tensor, quant, native) if target in linears or target == tied else None
-        if layout is None or target not in linears:  # dense, or the tied embedding's lookup table
+        if target == tied and layout is not None:
+            model.tied_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
+        embed_from_head = target == tied and embed_from_vnni_head and getattr(model.tied_head, "vnni", None)
+        if (layout is None or target not in linears) and not embed_from_head:  # dense, or the lookup table
             dest.copy_(tensor.dequantize() if isinstance(tensor, GroupQuant) else tensor)
         if target in linears and (layout is not None or shard is not None):
             to_pack.setdefault(target, {})[shard or 0] = tensor
-        if target == tied and layout is not None:
-            model.tied_head = make_quant_linear(tensor, quant.bits_for(tensor), None, quant.dense_above, native)
+        del tensor
         filled[target] = filled.get(target, 0) + 1
+        if target in to_pack and len(to_pack[target]) == _num_shards(target, packed):
+            _pack_shards(model, target, to_pack.pop(target), quant, native)  # packed as soon as whole
     missing = [n for n in params if filled.get(n, 0) < _num_shards(n, packed)]
     if missing:
         raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:8])}")
-    for target, shards in to_pack.items():
-        parts = [shards[i] for i in sorted(shards)]
-        if any(_layout(p, quant, native) is not None for p in parts):  # else the dense param holds them
-            _pack_linear(model, target, parts, quant, native)
+    assert not to_pack, f"linears left unpacked: {list(to_pack)}"
+
+
+def _pack_shards(model: nn.Module, target: str, shards: dict[int, "torch.Tensor | GroupQuant"],
+                 quant: QuantConfig, native) -> None:
+    parts = [shards[i] for i in sorted(shards)]
+    if any(_layout(p, quant, native) is not None for p in parts):  # else the dense param holds them
+        _pack_linear(model, target, parts, quant, native)
 
 
 def linear_weight_names(model: nn.Module) -> set[str]:

@@ -55,10 +55,13 @@ class VnniLayout:
         return self.code_bytes + self.sets * VNNI_ROWS * 2 * (1 if self.sym else 2)
 
 
-def vnni_layout(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int):
-    """The narrowest layout holding a GroupQuant's codes exactly -> (layout, unsigned codes
-    int32 [N, K], minimum float32 with the offset folded in). Unsigned codes in 0..2^b-1 are
-    kept; signed ones in -2^(b-1)..2^(b-1)-1 are shifted by 2^(b-1) (the minimum absorbs it)."""
+PACK_ROWS = 4096  # rows packed per pass: bounds the int32 temporaries (an LM head of 49k rows: ~64 MB, not ~1 GB)
+
+
+def vnni_layout(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group: int) -> tuple[VnniLayout, int]:
+    """The narrowest layout holding a GroupQuant's codes exactly, and the `base` its codes are
+    stored from (code - base unsigned): unsigned codes in 0..2^b-1 keep base 0; signed ones in
+    -2^(b-1)..2^(b-1)-1 take base -2^(b-1), and the minimum absorbs it (m + base * scale)."""
     lo, hi = int(codes.min()), int(codes.max())
     for bits in VNNI_WIDTHS:
         if lo >= 0 and hi < 1 << bits:
@@ -67,16 +70,29 @@ def vnni_layout(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
             base = -(1 << (bits - 1))
         else:
             continue
-        unsigned, minimum = codes.to(torch.int32) - base, minimum.float() + base * scale.float()
-        sym = bool(torch.equal(minimum, -float(1 << (bits - 1)) * scale.float()))
-        return VnniLayout(bits, group, sym), unsigned, minimum
+        half = float(1 << (bits - 1))
+        sym = bool(torch.equal(minimum.float() + base * scale.float(), -half * scale.float()))
+        return VnniLayout(bits, group, sym), base
     raise ValueError(f"codes in {lo}..{hi} fit no 8-bit layout")
 
 
 def vnni_pack(w) -> tuple[torch.Tensor, VnniLayout]:
     """A GroupQuant [N, K] -> (uint8 [ceil(N / 16), K / 32, record], its layout); see the module doc."""
+    layout, base = vnni_layout(w.codes, w.scale, w.minimum, w.group)
     n, k = w.shape
-    layout, codes, minimum = vnni_layout(w.codes, w.scale, w.minimum, w.group)
+    out = torch.empty(-(-n // VNNI_ROWS), k // VNNI_GROUP, layout.record_bytes, dtype=torch.uint8)
+    for start in range(0, n, PACK_ROWS):
+        rows = slice(start, start + PACK_ROWS)
+        scale = w.scale[rows].float()
+        minimum = w.minimum[rows].float() + base * scale
+        out[start // VNNI_ROWS : -(-min(n, start + PACK_ROWS) // VNNI_ROWS)] = _pack_rows(
+            w.codes[rows].to(torch.int32) - base, scale, minimum, layout)
+    return out, layout
+
+
+def _pack_rows(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, layout: VnniLayout) -> torch.Tensor:
+    """Unsigned codes [n, K] (n a multiple of 16 except at the end) + scales -> records [ceil(n / 16), K / 32, record]."""
+    n, k = codes.shape
     nb, g, pad = -(-n // VNNI_ROWS), k // VNNI_GROUP, -n % VNNI_ROWS
     codes = F.pad(codes, (0, 0, 0, pad))
     if layout.bits == 8:  # chunk c of 4 columns: byte j of a lane = code[4c + j]
@@ -94,11 +110,11 @@ def vnni_pack(w) -> tuple[torch.Tensor, VnniLayout]:
             shifts = (torch.arange(per_plane) * extra).view(1, 1, 1, 1, -1, 1)
             planes = (h << shifts).sum(4)  # [block, lane, group, plane, byte]: disjoint bits
             parts.append(planes.permute(0, 2, 3, 1, 4).reshape(nb, g, -1))
-    scales = (w.scale.float(),) if layout.sym else (w.scale.float(), minimum)
+    scales = (scale,) if layout.sym else (scale, minimum)
     dm = torch.stack([F.pad(t, (0, 0, 0, pad)).reshape(nb, VNNI_ROWS, g, layout.sets) for t in scales], -1)
     dm = dm.permute(0, 2, 3, 4, 1).to(torch.float16).contiguous()  # [block, group, set, (d[, m]), lane]
     parts.append(dm.view(torch.uint8).reshape(nb, g, -1))
-    return torch.cat([p.to(torch.uint8) for p in parts], -1).contiguous(), layout
+    return torch.cat([p.to(torch.uint8) for p in parts], -1)
 
 
 def packed_rows(packed: torch.Tensor, layout: VnniLayout, ids: torch.Tensor) -> torch.Tensor:

@@ -215,3 +215,16 @@ def test_packed_rows_decode_vnni_layout(bits: int, signed: bool, group: int, sym
     want = gq.dequantize()[ids]
     assert got.shape == (6, 96)
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
+def test_vnni_pack_in_row_passes_equals_one_pass(monkeypatch) -> None:
+    """vnni_pack packs PACK_ROWS rows at a time (bounded temporaries): three passes of 32
+    rows, the last one short and padded, give the same records as one pass."""
+    from model import vnni_pack as vp
+
+    torch.manual_seed(3)
+    gq = quantize_int4(torch.randn(77, 96), 32)
+    whole, layout = vp.vnni_pack(gq)
+    monkeypatch.setattr(vp, "PACK_ROWS", 32)
+    passes, layout2 = vp.vnni_pack(gq)
+    assert layout2 == layout and torch.equal(passes, whole)
