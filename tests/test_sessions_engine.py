@@ -276,6 +276,37 @@ def test_host_memory_offload_tier_restores_identically(tiny_checkpoint):
     assert engine.sessions.swapper.saved == {}
 
 
+STEP_BOUND = 500  # far more steps than the two turns need: reaching it means the engine is stuck
+
+
+def test_turns_whose_sessions_pin_the_pool_between_them_still_run(tiny_checkpoint, tmp_path):
+    """Two sessions' next turns queued at once, one's KV restored from disk as its turn
+    began: their pins leave fewer free blocks than either turn needs, and neither session is
+    idle (the soak's 120 s hangs). The queued turns give up their pins (the last queued
+    first) and run, with the tokens a fresh engine gives."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), dtype="float32", device="cpu",
+                                    block_size=BS, num_kv_blocks=16, max_model_len=64, session_dir=str(tmp_path)))
+    for sid, seed in (("a", 80), ("b", 81)):
+        engine.sessions.create(Session(sid, ttl=600))
+        conversation(engine, sid, [ids(22, seed)])
+    assert engine.sessions.get("a").tier == "offloaded"  # the pin budget (half the pool) kept b only
+    prompts = {sid: engine.sessions.get(sid).token_ids + ids(8, seed) for sid, seed in (("a", 82), ("b", 83))}
+    for sid, prompt in prompts.items():
+        engine.add_request(sid, prompt, GREEDY, session_id=sid)
+    needed = -(-len(prompts["a"]) // BS) - len(engine.sessions.get("a").block_table) + 1  # + the tail's copy
+    assert engine.pool.num_free < needed and engine.sessions.reclaim() is False  # the stall, as it was
+    out: dict[str, list[int]] = {sid: [] for sid in prompts}
+    for _ in range(STEP_BOUND):
+        if not engine.has_unfinished():
+            break
+        for step in engine.step():
+            out[step.request_id] += step.new_token_ids
+    assert not engine.has_unfinished(), f"stuck: {engine.pool.num_free} blocks free"
+    assert out == {sid: reference(tiny_checkpoint, prompt) for sid, prompt in prompts.items()}
+    assert all(engine.sessions.get(sid).num_turns == 2 for sid in prompts)
+    assert engine.pool.num_used == engine.sessions.num_pinned_blocks
+
+
 def _raise(*_args, **_kwargs):
     raise RuntimeError("injected fault")
 

@@ -106,7 +106,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                             config.max_prompt_logprob_tokens),
-            self.pool, reclaim=self.sessions.reclaim,
+            self.pool, reclaim=self._reclaim,
             speculator=self._speculator(config),
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
@@ -135,6 +135,18 @@ class LLMEngine:
         if self.device.type == "cuda":
             return HostKVSwapper(self.runner.kv_cache)
         return None
+
+    def _reclaim(self) -> bool:
+        """What the scheduler calls when blocks run short, before it waits or preempts: an idle
+        session's pins (least recently used first), else those of a session whose turn is
+        queued or preempted (the last queued first; see SessionTable.release_waiting)."""
+        if self.sessions.reclaim():
+            return True
+        for seq in reversed(self.scheduler.waiting):
+            if seq.session_turn is not None and self.sessions.release_waiting(seq.session_turn.session):
+                seq.resume = None  # those blocks are no longer held for it: found by hash, or recomputed
+                return True
+        return False
 
     def close(self, between_steps: bool = True) -> None:
         """Stop the tensor-parallel followers (nothing to do otherwise). Between steps they are
@@ -368,6 +380,10 @@ class LLMEngine:
     def read_session_files(self) -> list:
         """The session store's readable files (SessionTable.read_files; any thread)."""
         return self.sessions.read_files()
+
+    def read_session_expiries(self, prefix: str) -> dict[str, float]:
+        """When the store's sessions named `prefix...` expire (SessionTable.read_expiries; any thread)."""
+        return self.sessions.read_expiries(prefix)
 
     def save_sessions(self) -> int:
         """At graceful shutdown: write resident sessions' KV to disk (see SessionTable.save_all)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from server.engine.sessions.record import SessionError
+from server.engine.sessions.record import Session, SessionError
 
 
 class Upkeep:
@@ -37,10 +37,12 @@ class Upkeep:
         return gone
 
 
-    def trim(self, prefix: str, keep: int) -> list[str]:
+    def trim(self, prefix: str, keep: int, files: dict[str, float] | None = None) -> list[str]:
         """Delete idle sessions whose ids start with `prefix`, the soonest to expire first,
-        until at most `keep` are left here and in the store; returns their ids."""
-        ranked = sorted(self.disk.expiries(prefix, self.sessions).items(), key=lambda kv: kv[1])
+        until at most `keep` are left here and in the store; returns their ids. `files`: the
+        store's expiries (`read_expiries(prefix)`), read off the engine thread beforehand, else
+        read here; a file another replica wrote since is counted at the next trim."""
+        ranked = sorted(self.disk.expiries(prefix, self.sessions, files).items(), key=lambda kv: kv[1])
         excess, gone = len(ranked) - keep, []
         for session_id, _ in ranked:
             if excess <= 0:
@@ -50,7 +52,8 @@ class Upkeep:
                 continue
             try:
                 self.delete(session_id)
-            except SessionError:  # a turn runs on another replica
+            except SessionError as exc:  # a turn runs on another replica, or it is gone already
+                excess -= exc.code == "session_not_found"
                 continue
             gone.append(session_id)
             excess -= 1
@@ -83,3 +86,16 @@ class Upkeep:
                 self._evict(session)
                 return True
         return False
+
+    def release_waiting(self, session: Session) -> bool:
+        """Unpin a busy session whose turn is not running (queued, or preempted); False if it
+        pins nothing. Such pins only spare the turn a recompute, and a turn that waits must
+        not hold memory admission needs: turns of sessions whose pins together fill the pool
+        would otherwise wait for one another for ever. The blocks become cached-free, so the
+        turn still finds its full blocks by hash unless something evicts them first. Counted
+        as an eviction; the caller drops the turn's `Sequence.resume`."""
+        if not session.block_table:
+            return False
+        self._release(session)
+        self.num_evictions += 1
+        return True
