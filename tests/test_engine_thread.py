@@ -1,6 +1,7 @@
 """Nothing a request causes that can wait runs on the engine thread while other streams
-decode: listing sessions reads and parses the store's files in a worker, and a new grammar
-is compiled in a worker before its request is admitted. Each test records which thread ran
+decode: listing sessions reads and parses the store's files in a worker, a new grammar
+is compiled in a worker before its request is admitted, and storing a response past the
+budget reads the stored responses' file heads in a worker. Each test records which thread ran
 the operation (not how long anything took) while a stream decodes."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from server.engine import grammar
 from server.engine.sessions.store import SessionStore
 from server.engine.sessions import Session
-from tests.server_fixtures import make_app, start_engine
+from tests.server_fixtures import MODEL_NAME, make_app, start_engine
 
 pytestmark = pytest.mark.asyncio
 ENGINE_THREAD = "workmem-engine"
@@ -79,4 +80,18 @@ async def test_a_new_grammar_compiles_off_the_engine_thread(engine, monkeypatch)
         r = await _while_decoding(client, lambda: client.post("/v1/completions", json=body))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].startswith('{"n": ')  # the grammar was applied
+    assert threads and ENGINE_THREAD not in threads
+
+
+async def test_trimming_stored_responses_reads_the_store_off_the_engine_thread(engine, monkeypatch, tmp_path):
+    keep = 2
+    app = make_app(engine, max_stored_responses=keep)
+    body = {"model": MODEL_NAME, "input": "hello there", "max_output_tokens": 4}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as client:
+        for _ in range(keep):
+            assert (await client.post("/v1/responses", json=body)).status_code == 200
+        threads = _record_threads(monkeypatch, SessionStore, "ids")
+        r = await _while_decoding(client, lambda: client.post("/v1/responses", json=body))
+    assert r.status_code == 200, r.text
+    assert len(list(tmp_path.glob("resp_*.session.json"))) == keep  # one stored response was trimmed
     assert threads and ENGINE_THREAD not in threads

@@ -12,7 +12,7 @@ The session's metadata holds what the API shows: {"kind": "response", "instructi
 "response": the response object, "input_items": this request's items}. At most
 `max_stored_responses` response sessions exist (memory and directory): creating one past
 that deletes those expiring soonest. Everything here runs on the engine thread
-(`AsyncEngine.call`).
+(`AsyncEngine.call`) but `read_stored_responses`, which a worker runs first.
 """
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def _response_session(engine, response_id: str, owner: str | None) -> Session:
 
 
 def open_response(engine, response_id: str, previous_id: str | None, owner: str | None, ttl: float,
-                  keep: int, store: bool) -> Previous | None:
+                  keep: int, store: bool, files: dict[str, float] | None = None) -> Previous | None:
     """Read the previous response (if any) and, with `store`, make this response's session:
-    a fork of the previous one's, or a new empty one. PreviousResponseError for a previous
-    response this caller cannot continue."""
+    a fork of the previous one's, or a new empty one, trimming the stored responses to `keep`
+    (`files`: the store's response files and expiries, `read_stored_responses`, read off the
+    engine thread). PreviousResponseError for a previous response this caller cannot continue."""
     previous = None
     if previous_id is not None:
         try:
@@ -78,15 +79,23 @@ def open_response(engine, response_id: str, previous_id: str | None, owner: str 
         previous = Previous(list(prev.token_ids), list(prev.messages), prev.metadata.get("instructions"))
     if not store:
         return previous
-    engine.sessions.trim(PREFIX, max(keep - 1, 1))
+    gone = engine.sessions.trim(PREFIX, max(keep - 1, 1), files)
+    files = None if files is None else {sid: t for sid, t in files.items() if sid not in gone}
     metadata = {"kind": KIND}
     if previous_id is not None:
         child = engine.sessions.fork(previous_id, response_id, ttl, owner)
         engine.sessions.update(response_id, metadata, child.messages)
     else:
         engine.sessions.create(Session(response_id, ttl, metadata=metadata, owner=owner))
-    engine.sessions.trim(PREFIX, keep)
+    engine.sessions.trim(PREFIX, keep, files)
     return previous
+
+
+def read_stored_responses(engine) -> dict[str, float]:
+    """The store's response files and when each expires, read from their first bytes (any
+    thread: files only), for `open_response`: a directory of them read on the engine thread
+    would stall every stream."""
+    return engine.read_session_expiries(PREFIX)
 
 
 def save_response(engine, response_id: str, response: dict, input_items: list[dict], instructions: str | None,

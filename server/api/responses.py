@@ -97,9 +97,10 @@ class ResponseRun:
         plan = await off_loop(tool_plan, tools, choice, engine.tokenizer, self.state.settings.tool_call_parser,
                               body.parallel_tool_calls is not False)
         settings = self.state.settings
+        files = await off_loop(store.read_stored_responses, engine.engine) if body.store else None
         previous = await _call(self.request, lambda e: store.open_response(
             e, self.id, body.previous_response_id, self.owner, settings.session_ttl_s,
-            settings.max_stored_responses, body.store))
+            settings.max_stored_responses, body.store, files))
         try:
             return await self._start_turn(previous, plan, grammar)
         except BaseException:

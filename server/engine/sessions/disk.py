@@ -149,14 +149,23 @@ class SessionDisk:
             found.append(held[sid] if current else stored.session)
         return found
 
-    def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:
-        """When each session whose id starts with `prefix` expires, held here or only in the
-        directory (read from its file's first bytes; 0 when unknown)."""
-        found = {sid: s.last_used + s.ttl for sid, s in held.items() if sid.startswith(prefix)}
+    def file_expiries(self, prefix: str) -> dict[str, float]:
+        """When each session file whose id starts with `prefix` expires, from its first bytes
+        (0 when unknown). Any thread: it reads files only, and no state of the table."""
+        found = {}
         for sid in self.store.ids():
-            if sid.startswith(prefix) and sid not in found:
+            if sid.startswith(prefix):
                 head = self.store.head(sid)
                 found[sid] = head.expires_at if head is not None and head.expires_at is not None else 0.0
+        return found
+
+    def expiries(self, prefix: str, held: Mapping[str, Session],
+                 files: dict[str, float] | None = None) -> dict[str, float]:
+        """When each session whose id starts with `prefix` expires, held here or only in the
+        directory (`files`: `file_expiries(prefix)`, read beforehand off the engine thread;
+        else read now). The copies held here stand for their files."""
+        found = self.file_expiries(prefix) if files is None else dict(files)
+        found.update((sid, s.last_used + s.ttl) for sid, s in held.items() if sid.startswith(prefix))
         return found
 
 
@@ -198,5 +207,9 @@ class MemoryOnly:
     def every(self, held: Mapping[str, Session], files: list[Stored] | None = None) -> list[Session]:
         return list(held.values())
 
-    def expiries(self, prefix: str, held: Mapping[str, Session]) -> dict[str, float]:
+    def file_expiries(self, prefix: str) -> dict[str, float]:
+        return {}
+
+    def expiries(self, prefix: str, held: Mapping[str, Session],
+                 files: dict[str, float] | None = None) -> dict[str, float]:
         return {sid: s.last_used + s.ttl for sid, s in held.items() if sid.startswith(prefix)}

@@ -153,6 +153,10 @@ class SessionTable(KVTiers, Upkeep):
         """The store's readable session files, for `listing` (any thread: files only)."""
         return self.disk.read_files()
 
+    def read_expiries(self, prefix: str) -> dict[str, float]:
+        """When the store's sessions named `prefix...` expire, for `trim` (any thread: files only)."""
+        return self.disk.file_expiries(prefix)
+
     def listing(self, owner: str | None, limit: int, after: str | None = None,
                 files: "list[Stored] | None" = None) -> tuple[list[dict[str, Any]], bool]:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after
