@@ -8,8 +8,9 @@ on its first write) and prefills only the new tokens.
 Tiers: "resident" (blocks pinned) or "dropped" (no pins; the transcript is kept and its
 KV recomputed at the next turn, often partly from the prefix cache). Idle sessions may
 pin at most `max_pinned_blocks`; over that, or when running requests need blocks, the
-least recently used idle sessions are dropped first. A session with a running turn is
-`busy` and is never dropped mid-turn. Everything here runs on the engine thread.
+least recently used idle sessions are dropped first. A session with a turn is `busy` and is
+never dropped mid-turn; while that turn waits for admission its pins may be released
+(`release_waiting`: the turn's own sequence takes the blocks it needs when admitted). Everything here runs on the engine thread.
 
 With a store (`--session-dir`), memory is a cache of the directory, which replicas may
 share: every door first asks disk.py whether the session's file changed (`_sync`)
