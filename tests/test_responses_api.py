@@ -203,10 +203,29 @@ def test_another_keys_response_does_not_exist(client, server, engine):
     assert client.responses.retrieve(mine.id).id == mine.id
 
 
-def test_cancel_a_running_response(server, client):
+HOLD_S = 30.0  # the longest the engine holds a response for the test's cancel (never reached when it passes)
+
+
+def test_cancel_a_running_response(server, client, engine, monkeypatch):
+    """The response is held mid-answer (the engine thread waits in its fault hook, text
+    already sent) until the cancel's abort is queued: it cannot finish first, however slow
+    the machine (it did under load, and /cancel answered response_not_running)."""
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     events: list[dict] = []
     started = threading.Event()
+    aborted = threading.Event()
+    real_abort = engine.abort
+
+    def abort(request_id: str) -> None:
+        real_abort(request_id)
+        aborted.set()
+
+    def hold(seq) -> None:
+        if engine.engine.streams[seq].text:
+            aborted.wait(HOLD_S)
+
+    monkeypatch.setattr(engine, "abort", abort)
+    monkeypatch.setattr(engine.engine, "fault_hook", hold)
 
     def stream() -> None:
         body = {"model": MODEL_NAME, "input": "a long answer please", "max_output_tokens": 200, "stream": True}
@@ -223,6 +242,8 @@ def test_cancel_a_running_response(server, client):
     rid = events[0]["response"]["id"]
     cancelled = httpx.post(f"{server}/v1/responses/{rid}/cancel", headers=headers, timeout=30).json()
     reader.join(30)
+    assert not reader.is_alive()
+    monkeypatch.setattr(engine.engine, "fault_hook", None)
     assert cancelled["status"] == "cancelled" and events[-1]["response"]["status"] == "cancelled"
     assert client.responses.retrieve(rid).status == "cancelled"
     again = httpx.post(f"{server}/v1/responses/{rid}/cancel", headers=headers, timeout=30)
