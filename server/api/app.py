@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api import embeddings, messages, misc_routes, openai_routes, responses, session_routes
+from server.api import chat, completions, embeddings, messages, misc_routes, responses, session_routes
 from server.api.errors import error_body, install_error_handlers
 from server.api.openapi import install_openapi
 from server.api.state import AppState, ServerSettings
@@ -47,7 +47,8 @@ def create_app(
     app.state.workmem = state
     install_error_handlers(app)
     install_openapi(app)
-    app.include_router(openai_routes.router)
+    app.include_router(completions.router)
+    app.include_router(chat.router)
     app.include_router(session_routes.router)
     app.include_router(responses.router)
     app.include_router(messages.router)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.limits import RequestError
+from server.engine.sessions import SessionError
 
 log = logging.getLogger("workmem.api")
 
@@ -73,6 +74,15 @@ def bad_request(exc: ValueError) -> APIError:
 def request_error(exc: RequestError) -> APIError:
     """The engine's refusal as a 400 (the engine owns the rule, its field and its code)."""
     return APIError(400, exc.api_message, param=exc.param, code=exc.code)
+
+
+SESSION_ERROR_STATUS = {"session_not_found": 404, "session_busy": 409, "too_many_sessions": 429,
+                        "session_exists": 409, "session_corrupt": 422}
+
+
+def session_error(exc: SessionError) -> APIError:
+    """The session table's refusal, by its code."""
+    return APIError(SESSION_ERROR_STATUS.get(exc.code, 400), str(exc), code=exc.code)
 
 
 def install_error_handlers(app: FastAPI) -> None:

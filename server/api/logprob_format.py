@@ -1,4 +1,4 @@
-"""Logprobs in the legacy completions shape, and vLLM's `prompt_logprobs`.
+"""Logprobs in the legacy completions shape, vLLM's `prompt_logprobs`, and chat's `logprobs`.
 
 Legacy (OpenAI `/v1/completions`, as vLLM answers it): parallel lists over the tokens of
 the choice's text, `tokens`, `token_logprobs`, `top_logprobs` (token text -> logprob: the
@@ -63,3 +63,14 @@ def vllm_prompt_logprobs(text: TokenText, prompt: list[int], scores: list[Prompt
         entry[str(token)] = {"logprob": s.logprobs[token], "rank": s.rank, "decoded_token": text(token)}
         out.append(entry)
     return out
+
+
+def chat_logprobs(text: TokenText, tokens: list[int], logprobs: list[dict[int, float]], k: int | None) -> dict:
+    """Chat's `logprobs` object: per token its text, logprob, UTF-8 bytes and the top `k` alternatives."""
+    content = []
+    for t, lp in zip(tokens, logprobs):
+        top = sorted(lp.items(), key=lambda kv: -kv[1])[: k or 0]
+        content.append({"token": text(t), "logprob": lp[t], "bytes": list(text(t).encode()),
+                        "top_logprobs": [{"token": text(i), "logprob": v, "bytes": list(text(i).encode())}
+                                         for i, v in top]})
+    return {"content": content}

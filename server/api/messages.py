@@ -19,17 +19,17 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 
 from model.sampling import SamplingParams
-from server.api.core import CoreEvent, ReasoningDelta, TextDelta, ToolCallDone, Turn, TurnEnd, TurnSpec
+from server.api.core import GenerationSpec, Usage
 from server.api.errors import APIError, error_body
-from server.api.openai_routes import STREAMED
 from server.api.protocol_messages import (
     CountTokensRequest, MessagesBase, MessagesRequest, chat_messages, chat_tool_choice, chat_tools,
 )
 from server.api.reasoning import opens_thinking, reasoning_parser
 from server.api.responses_input import text_grammar
-from server.api.serving import Usage, check_text_fits, fit_max_tokens, off_loop, serving_engine
-from server.api.sse import EventStream, sse, until_disconnect
+from server.api.serving import check_text_fits, fit_max_tokens, off_loop, serving_engine
+from server.api.sse import STREAMED, EventStream, sse, until_disconnect
 from server.api.tools import ToolPlan, forced_tool_params, tool_plan
+from server.api.turn import ReasoningDelta, TextDelta, ToolCallDone, Turn, TurnEnd, TurnEvent
 
 router = APIRouter()
 STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens", "abort": "end_turn"}
@@ -94,8 +94,9 @@ async def create_message(body: MessagesRequest, request: Request):
         params = dataclasses.replace(params, structured=None)
     params = forced_tool_params(params, plan)
     single = bool(body.tool_choice and body.tool_choice.disable_parallel_tool_use)
-    turn = Turn(state, TurnSpec("msg_" + secrets.token_hex(12), prompt, params, plan, single_call=single,
-                                thinking=thinking))
+    spec = GenerationSpec("msg_" + secrets.token_hex(12), [prompt], [params], plan, single_call=single,
+                          thinking=thinking)
+    turn = Turn(state, spec)
     await until_disconnect(request, turn.start())
     message = MessageBuilder(turn.spec.request_id, settings.served_model_name)
     if body.stream:
@@ -142,7 +143,7 @@ class MessageBuilder:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": _usage(usage, 0)}
 
-    def add(self, ev: CoreEvent) -> list[tuple[str, dict]]:
+    def add(self, ev: TurnEvent) -> list[tuple[str, dict]]:
         if isinstance(ev, ReasoningDelta):
             return self._thinking(ev.text)
         if isinstance(ev, TextDelta):

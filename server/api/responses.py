@@ -22,17 +22,17 @@ from fastapi import APIRouter, Query, Request
 
 from model.sampling import SamplingParams
 from server.api import response_store as store
-from server.api.core import Turn, TurnEnd, TurnSpec
-from server.api.errors import APIError, bad_request, error_body
-from server.api.openai_routes import STREAMED
+from server.api.core import GenerationSpec
+from server.api.errors import APIError, bad_request, session_error
 from server.api.protocol_responses import ResponseCreateRequest
 from server.api.reasoning import opens_thinking, reasoning_parser, template_kwargs
 from server.api.responses_input import chat_tool_choice, chat_tools, parse_input, text_grammar
 from server.api.responses_output import LIFECYCLE, STATUS, OutputItems, usage_object
-from server.api.serving import check_text_fits, fit_max_tokens, off_loop, ready_engine, serving_engine, session_error
+from server.api.serving import check_text_fits, fit_max_tokens, off_loop, ready_engine, serving_engine
 from server.api.session_routes import turn_prompt
-from server.api.sse import EventStream, sse, until_disconnect
+from server.api.sse import STREAMED, EventStream, sse, until_disconnect
 from server.api.tools import forced_tool_params, tool_plan
+from server.api.turn import Turn, TurnEnd
 from server.engine.sessions import SessionError
 
 router = APIRouter()
@@ -149,9 +149,9 @@ class ResponseRun:
             params = dataclasses.replace(params, structured=None)
         params = forced_tool_params(params, plan)
         thinks = reasoning_parser(engine.tokenizer.chat_template, settings.reasoning_parser) is not None
-        spec = TurnSpec(self.id, prompt, params, plan, self.id if body.store else None, self.parsed.messages,
-                        single_call=body.parallel_tool_calls is False,
-                        thinking=opens_thinking(engine.tokenizer, prompt) if thinks else None)
+        spec = GenerationSpec(self.id, [prompt], [params], plan, self.id if body.store else None,
+                              self.parsed.messages, single_call=body.parallel_tool_calls is False,
+                              thinking=opens_thinking(engine.tokenizer, prompt) if thinks else None)
         turn = Turn(self.state, spec)
         await turn.start()
         self.state.responses[self.id] = Running(turn, self.owner, self.snapshot("in_progress"))

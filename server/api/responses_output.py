@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from server.api.core import ReasoningDelta, TextDelta, ToolCallDone
+from server.api.core import Usage
 from server.api.responses_input import item_id
-from server.api.serving import Usage
+from server.api.turn import ReasoningDelta, TextDelta, ToolCallDone
 
 
 class OutputItems:

@@ -1,55 +1,20 @@
-"""Generation for the OpenAI routes: prompts -> engine -> choices, streamed or whole.
-
-A request with P prompts and n completions each has P*n choices, indexed
-`prompt_index * n + completion_index`, as OpenAI does. Each prompt is one engine request
-(`{request_id}-{prompt_index}`); closing the stream aborts all of them.
-"""
+"""What every adapter checks before the core runs a request: the engine serves the model
+and the task, the text and max_tokens fit the context, the sampling fields are valid and
+their logprobs bounded. Each check raises the APIError that says why (400 naming the field,
+404 for another model, 503 while the engine is not ready)."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from model.sampling import SamplingParams
 from server.api.errors import APIError, bad_request, request_error
 from server.api.state import AppState
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShutdownError, SlowReaderError
-from server.engine import StepOutput
+from server.async_engine import AsyncEngine
 from server.engine.limits import RequestError
-from server.engine.sessions import SessionError
 from server.sampling_defaults import OPENAI_DEFAULTS, SamplingDefaults
 
-log = logging.getLogger("workmem.api")
 T = TypeVar("T")
-
-
-@dataclass
-class Choice:
-    """One completion being assembled."""
-
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
-    last_token_time: float | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-    def as_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
 
 
 def ready_engine(state: AppState, task: str = "generate") -> AsyncEngine:
@@ -110,15 +75,6 @@ async def off_loop(fn: Callable[..., T], *args) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-SESSION_ERROR_STATUS = {"session_not_found": 404, "session_busy": 409, "too_many_sessions": 429,
-                        "session_exists": 409, "session_corrupt": 422}
-
-
-def session_error(exc: SessionError) -> APIError:
-    return APIError(SESSION_ERROR_STATUS.get(exc.code, 400), str(exc), code=exc.code)
-
-
-MERGE_BUFFER = 64  # outputs of a request's prompts waiting for its writer
 MAX_LOGPROB_VALUES = 200_000  # logprob values in one prompt's choices (n x tokens x (k + 1)): bounds the response
 
 
@@ -139,141 +95,3 @@ def make_params(body, max_tokens: int, logprobs: int | None, defaults: SamplingD
                        f"is {params.n * per_choice} values, over this server's {MAX_LOGPROB_VALUES} per prompt; "
                        f"ask for fewer tokens or alternatives", param="logprobs")
     return params
-
-
-class Generation:
-    """Runs a request's prompts in the engine and yields (choice index, StepOutput)."""
-
-    def __init__(self, state: AppState, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                 session_id: str | None = None, new_messages: list[dict] | None = None,
-                 cache_salt: str | None = None):
-        self.state, self.engine = state, ready_engine(state)
-        self.session_id, self.new_messages, self.cache_salt = session_id, new_messages, cache_salt
-        self.request_id, self.prompts, self.params = request_id, prompts, params
-        self.n = params[0].n
-        self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
-        self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, once computed
-        self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
-        self.start = time.monotonic()
-
-    async def start_streams(self) -> list[AsyncIterator[StepOutput]]:
-        """Submit every prompt and wait for its first event, so that a rejected request
-        fails before any response bytes are sent. Returns the live streams."""
-        streams, firsts = [], []
-        try:
-            for i, (prompt, params) in enumerate(zip(self.prompts, self.params)):
-                stream = self.engine.generate(f"{self.request_id}-{i}", prompt, params,
-                                              self.session_id, self.new_messages, self.cache_salt)
-                streams.append(stream)
-                firsts.append(await anext(stream))
-        except SessionError as exc:
-            await _close_all(streams)
-            raise session_error(exc) from None
-        except RequestError as exc:
-            await _close_all(streams)
-            raise request_error(exc) from None
-        except ValueError as exc:
-            await _close_all(streams)
-            raise bad_request(exc) from None
-        except QueueFullError as exc:
-            await _close_all(streams)
-            raise APIError(429, f"server busy: {exc}", code="queue_full",
-                           headers={"Retry-After": str(self.state.settings.retry_after_s)}) from None
-        except EngineDeadError as exc:
-            await _close_all(streams)
-            raise APIError(503, str(exc), code="engine_dead") from None
-        except BaseException:
-            await _close_all(streams)
-            raise
-        self._firsts = firsts
-        return streams
-
-    async def events(self) -> AsyncIterator[tuple[Choice, StepOutput]]:
-        """All prompts' outputs, merged; records metrics; closing it aborts everything."""
-        streams = await self.start_streams()
-        merged: asyncio.Queue = asyncio.Queue(MERGE_BUFFER)  # full: the backlog stays in the engine's bounded queues
-        done = object()
-
-        async def pump(i: int, stream: AsyncIterator[StepOutput]) -> None:
-            try:
-                await merged.put((i, self._firsts[i]))
-                async for out in stream:
-                    await merged.put((i, out))
-            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-                await merged.put((i, exc))
-            finally:
-                await merged.put((i, done))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                i, item = await merged.get()
-                if item is done:
-                    remaining -= 1
-                    continue
-                if isinstance(item, SlowReaderError):
-                    raise APIError(408, str(item), code="reader_too_slow")
-                if isinstance(item, (ShutdownError, EngineDeadError)):
-                    raise APIError(503, str(item), code="server_shutting_down"
-                                   if isinstance(item, ShutdownError) else "engine_dead")
-                if isinstance(item, BaseException):
-                    raise APIError(500, f"generation failed: {item}")
-                if item.error is not None:  # the engine failed this request alone
-                    raise APIError(500, f"the request failed: {item.error}", code="request_failed")
-                choice = self.choices[i * self.n + item.index]
-                self._record(choice, item)
-                yield choice, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all(streams)
-
-    def _record(self, choice: Choice, out: StepOutput) -> None:
-        metrics, now = self.state.metrics, time.monotonic()
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs[choice.index // self.n] = out.prompt_logprobs
-        if choice.last_token_time is None and not out.new_token_ids and out.finish_reason == "length":
-            self._count_prompt(choice, out)  # max_tokens=0: the prompt alone was computed
-        if out.new_token_ids:
-            if choice.last_token_time is None:
-                metrics.ttft.observe(now - self.start)
-                metrics.queue_time.observe(out.queue_time)
-                self._count_prompt(choice, out)
-            else:
-                metrics.itl.observe(now - choice.last_token_time)
-            choice.last_token_time = now
-            metrics.generation_tokens.inc(len(out.new_token_ids))
-        choice.token_ids += out.new_token_ids
-        choice.text += out.text
-        if out.new_logprobs:
-            choice.logprobs += out.new_logprobs
-        self.usage.completion_tokens += len(out.new_token_ids)
-        if out.finished:
-            choice.finish_reason = out.finish_reason
-            metrics.request_success.labels(finished_reason=out.finish_reason).inc()
-            if all(c.finish_reason for c in self.choices):
-                metrics.e2e.observe(now - self.start)
-                log.info("request_id=%s event=finished prompt_tokens=%d completion_tokens=%d "
-                         "cached_tokens=%d seconds=%.3f", self.request_id, self.usage.prompt_tokens,
-                         self.usage.completion_tokens, self.usage.cached_tokens, now - self.start)
-
-    def _count_prompt(self, choice: Choice, out: StepOutput) -> None:
-        """A prompt's usage and prefix-cache counters, once (on its first choice's first output)."""
-        if choice.index % self.n == 0:
-            metrics = self.state.metrics
-            self.usage.cached_tokens += out.num_cached_tokens
-            metrics.prefix_queries.inc(out.num_prompt_tokens)
-            metrics.prefix_hits.inc(out.num_cached_tokens)
-            metrics.prompt_tokens.inc(out.num_prompt_tokens)
-
-    async def run_to_end(self) -> list[Choice]:
-        async for _ in self.events():
-            pass
-        return self.choices
-
-
-async def _close_all(streams: list) -> None:
-    for stream in streams:
-        await stream.aclose()

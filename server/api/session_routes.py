@@ -19,13 +19,14 @@ import secrets
 from fastapi import APIRouter, Query, Request
 
 from model.tokenizer import Tokenizer
-from server.api.errors import APIError
-from server.api.openai_routes import STREAMED, chat_response, chat_template_kwargs
+from server.api.chat import chat_response, chat_template_kwargs
+from server.api.errors import APIError, session_error
 from server.api.tools import request_tools
 from server.api.protocol_sessions import (
     SessionChatRequest, SessionCreateRequest, SessionForkRequest, SessionUpdateRequest, bounded_metadata,
 )
-from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine, session_error
+from server.api.serving import check_model, check_text_fits, off_loop, ready_engine, serving_engine
+from server.api.sse import STREAMED
 from server.engine.limits import RequestLimits
 from server.engine.sessions import ForkPoint, Session, SessionError
 

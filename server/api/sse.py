@@ -20,6 +20,7 @@ from server.api.errors import APIError
 
 T = TypeVar("T")
 DONE = b"data: [DONE]\n\n"
+STREAMED = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}  # a route's answer: JSON, or SSE with stream
 
 
 def sse(data: Any) -> bytes:

@@ -268,27 +268,3 @@ def tool_message(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[
         if plan.generic is not None:  # the envelope's answer
             return {"role": "assistant", "content": content or ""}, finish_reason
     return {"role": "assistant", "content": text}, finish_reason
-
-
-class ToolCallDeltas:
-    """Rewrites a chat stream's choice deltas: content outside calls as content, each call
-    as one `tool_calls` delta once it closes, finish_reason "tool_calls" if the choice called."""
-
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self._streams: dict[int, ToolCallStream | EnvelopeStream] = {}
-
-    def __call__(self, chunk_choice: dict) -> dict:
-        index = chunk_choice["index"]
-        stream = self._streams.get(index) or self._streams.setdefault(index, self.plan.splitter())
-        content, calls = stream.feed(chunk_choice["delta"].get("content", ""))
-        finish = chunk_choice["finish_reason"]
-        if finish is not None:
-            tail, more = stream.flush()
-            content, calls = content + tail, calls + more
-            if stream.num_calls and finish == "stop":
-                finish = "tool_calls"
-        delta = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = calls
-        return {**chunk_choice, "delta": delta, "finish_reason": finish}
