@@ -98,11 +98,20 @@ class _RankLost:
 
 
 @dataclass(frozen=True)
+class _Sweep:
+    """The store's sessions expired by `now`, read by the sweep worker: the engine thread
+    deletes those it holds no copy of."""
+
+    now: float
+    expired: list[str]
+
+
+@dataclass(frozen=True)
 class _Wake:
     """Only wakes the thread (shutdown)."""
 
 
-_Message = _Add | _Call | _Abort | _FailAll | _RankLost | _Wake
+_Message = _Add | _Call | _Abort | _FailAll | _RankLost | _Sweep | _Wake
 
 
 class AsyncEngine:
@@ -118,6 +127,7 @@ class AsyncEngine:
         self._requests: dict[str, _Request] = {}  # engine thread's table of live requests
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None  # reads the store for the periodic sweep
         self.error: BaseException | None = None
         self.step_listeners: list = []  # callables(list[StepOutput]) run on the engine thread
         self._step_seconds = 0.0  # engine thread only; published in `stats`
@@ -252,7 +262,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished():
                     self._step()
                 if time.monotonic() >= next_expiry:
-                    self.engine.expire_sessions()
+                    self.engine.expire_sessions(sweep=False)
+                    self._begin_sweep()
                     next_expiry = time.monotonic() + SESSION_EXPIRY_INTERVAL_S
                 self._publish_stats()
         except RankLostError as exc:  # the group is broken for good: stop serving
@@ -261,6 +272,23 @@ class AsyncEngine:
         except BaseException as exc:  # the engine is broken: fail everyone, report unhealthy
             log.exception("engine thread died")
             self._die(exc)
+
+    def _begin_sweep(self) -> None:
+        """When the store's sweep is due: a worker lists the directory and reads each file's
+        first bytes (a shared directory read here would stall every stream), then posts the
+        expired ones back (_Sweep); this thread deletes those it still holds no copy of."""
+        now = time.time()
+        if (self._sweeper is not None and self._sweeper.is_alive()) or not self.engine.sessions.sweep_due(now):
+            return
+
+        def read() -> None:
+            try:
+                self._inbox.put(_Sweep(now, self.engine.read_expired_sessions(now)))
+            except Exception:  # noqa: BLE001 - this sweep is skipped; the next one reads again
+                log.exception("reading the session store for its sweep failed")
+
+        self._sweeper = threading.Thread(target=read, name="workmem-sweep", daemon=True)
+        self._sweeper.start()
 
     def _die(self, exc: BaseException) -> None:
         self.error = exc
@@ -328,6 +356,8 @@ class AsyncEngine:
         elif isinstance(message, _Abort):
             self._deliver(self.engine.abort(message.request_id))
             self._requests.pop(message.request_id, None)
+        elif isinstance(message, _Sweep):
+            self.engine.sweep_sessions(message.now, message.expired)
         elif isinstance(message, _RankLost):
             raise RankLostError(message.reason)
         elif isinstance(message, _FailAll):

@@ -1,11 +1,14 @@
 """Nothing a request causes that can wait runs on the engine thread while other streams
 decode: listing sessions reads and parses the store's files in a worker, a new grammar
-is compiled in a worker before its request is admitted, and storing a response past the
-budget reads the stored responses' file heads in a worker. Each test records which thread ran
-the operation (not how long anything took) while a stream decodes."""
+is compiled in a worker before its request is admitted, storing a response past the
+budget reads the stored responses' file heads in a worker, and so does the store's periodic
+sweep. Each test records which thread ran the operation (not how long anything took) while
+a stream decodes."""
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import httpx
 import pytest
@@ -95,3 +98,33 @@ async def test_trimming_stored_responses_reads_the_store_off_the_engine_thread(e
     assert r.status_code == 200, r.text
     assert len(list(tmp_path.glob("resp_*.session.json"))) == keep  # one stored response was trimmed
     assert threads and ENGINE_THREAD not in threads
+
+
+async def test_the_store_sweep_reads_file_heads_off_the_engine_thread(engine, monkeypatch, tmp_path):
+    """Another replica's sessions in the shared directory: one expired, two not. The sweep
+    deletes the expired one; the listing and every file's head are read in a worker, and the
+    engine thread reads at most the head of the file it deletes (again, under its lock: a turn
+    elsewhere may have renewed it)."""
+    other = SessionStore(tmp_path)  # another replica's view of the directory
+    other.save(Session("expired", ttl=1, last_used=time.time() - 10))
+    for sid in ("fresh-a", "fresh-b"):
+        other.save(Session(sid, ttl=600))
+    listed = _record_threads(monkeypatch, SessionStore, "ids")
+    heads: list[tuple[str, str]] = []
+    real_head = SessionStore.head
+    monkeypatch.setattr(SessionStore, "head", lambda store, sid: heads.append(
+        (threading.current_thread().name, sid)) or real_head(store, sid))
+    table = engine.engine.sessions  # test setup: two floats the engine thread reads
+    table.sweep_interval_s, table._next_sweep = 0.0, 0.0  # sweep at every expiry check (twice a second)
+
+    async def swept() -> None:
+        while other.path("expired").exists():
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=make_app(engine)), base_url="http://t",
+                                 timeout=60) as client:
+        await _while_decoding(client, lambda: asyncio.wait_for(swept(), 30))
+    assert sorted(p.name for p in tmp_path.glob("*.session.json")) == ["fresh-a.session.json", "fresh-b.session.json"]
+    assert listed and ENGINE_THREAD not in listed
+    assert {sid for thread, sid in heads if thread != ENGINE_THREAD} >= {"expired", "fresh-a", "fresh-b"}
+    assert {sid for thread, sid in heads if thread == ENGINE_THREAD} <= {"expired"}

@@ -375,8 +375,17 @@ class LLMEngine:
         seq.prompt_logprobs = None
         return scores
 
-    def expire_sessions(self, now: float | None = None) -> list[str]:
-        return self.sessions.expire(now)
+    def expire_sessions(self, now: float | None = None, sweep: bool = True) -> list[str]:
+        """SessionTable.expire (`sweep` False: the store's sweep is left to `sweep_sessions`)."""
+        return self.sessions.expire(now, sweep)
+
+    def read_expired_sessions(self, now: float) -> list[str]:
+        """The store's sessions expired by `now` (SessionTable.read_expired; any thread)."""
+        return self.sessions.read_expired(now)
+
+    def sweep_sessions(self, now: float, expired: list[str]) -> list[str]:
+        """SessionTable.sweep of `expired` (read by `read_expired_sessions` off this thread)."""
+        return self.sessions.sweep(now, expired)
 
     def read_session_files(self) -> list:
         """The session store's readable files (SessionTable.read_files; any thread)."""

@@ -6,7 +6,8 @@ the session, or a copy was never held: lookup on miss), and wraps the per-sessio
 (locks.py): a turn holds its session's lock from start to commit or abort, and
 deletes and KV writes take it too, so two replicas never write one session at once.
 `sweep` deletes the expired sessions that no copy here stands for (their replica may be
-gone, or a copy left memory), reading only each file's first bytes.
+gone, or a copy left memory), reading only each file's first bytes; `expired_files`, the
+directory-wide part of that reading, may run in a worker first.
 `MemoryOnly` is the same interface without a store (nothing to read, lock or write).
 """
 from __future__ import annotations
@@ -109,12 +110,19 @@ class SessionDisk:
         finally:
             self.store.locks.release(session_id)
 
-    def sweep(self, now: float, held: Container[str]) -> list[str]:
-        """Delete the files of the expired sessions not `held` here, each under its lock and
-        checked again there (a turn elsewhere may have renewed it); returns their ids."""
+    def expired_files(self, now: float) -> list[str]:
+        """The sessions whose files say they expired by `now`, from their first bytes (an older
+        file without an expiry is read whole), for `sweep`. Any thread: it reads files only,
+        and no state of the table."""
+        return [sid for sid in self.store.ids() if self._expired(sid, self.store.head(sid), now)]
+
+    def sweep(self, now: float, held: Container[str], expired: list[str] | None = None) -> list[str]:
+        """Delete the files of the expired sessions not `held` here (`expired`:
+        `expired_files(now)`, read beforehand off the engine thread; else read now), each under
+        its lock and checked again there (a turn elsewhere may have renewed it); returns their ids."""
         gone = []
-        for sid in self.store.ids():
-            if sid in held or not self._expired(sid, self.store.head(sid), now):
+        for sid in self.expired_files(now) if expired is None else expired:
+            if sid in held:  # held now: a copy here stands for it (restored since `expired` was read)
                 continue
             if not self.store.locks.acquire(sid):  # a turn is running somewhere
                 continue
@@ -198,7 +206,10 @@ class MemoryOnly:
     def current(self, session_id: str) -> contextlib.nullcontext[bool]:
         return contextlib.nullcontext(True)
 
-    def sweep(self, now: float, held: Container[str]) -> list[str]:
+    def expired_files(self, now: float) -> list[str]:
+        return []
+
+    def sweep(self, now: float, held: Container[str], expired: list[str] | None = None) -> list[str]:
         return []
 
     def read_files(self) -> list[Stored]:

@@ -158,6 +158,11 @@ class SessionTable(KVTiers, Upkeep):
         """When the store's sessions named `prefix...` expire, for `trim` (any thread: files only)."""
         return self.disk.file_expiries(prefix)
 
+    def read_expired(self, now: float) -> list[str]:
+        """The store's sessions whose files say they expired by `now`, for `sweep` (any thread:
+        files only)."""
+        return self.disk.expired_files(now)
+
     def listing(self, owner: str | None, limit: int, after: str | None = None,
                 files: "list[Stored] | None" = None) -> tuple[list[dict[str, Any]], bool]:
         """What the API shows of up to `limit` of `owner`'s sessions, oldest first, after

@@ -13,9 +13,11 @@ from server.engine.sessions.record import Session, SessionError
 class Upkeep:
     """Table-wide housekeeping (see module doc)."""
 
-    def expire(self, now: float | None = None) -> list[str]:
-        """Delete idle sessions whose TTL passed, and every `sweep_interval_s` those in the
-        store that no copy here stands for; returns their ids."""
+    def expire(self, now: float | None = None, sweep: bool = True) -> list[str]:
+        """Delete idle sessions whose TTL passed, and with `sweep` every `sweep_interval_s`
+        those in the store that no copy here stands for, reading the store here; returns their
+        ids. AsyncEngine passes `sweep` False and reads the store in a worker instead
+        (`sweep_due`, then `read_expired` there, then `sweep` back on the engine thread)."""
         now = time.time() if now is None else now
         gone = []
         for session_id in [s.session_id for s in self.sessions.values() if not s.busy and now > s.last_used + s.ttl]:
@@ -28,12 +30,27 @@ class Upkeep:
             except SessionError:  # a turn began on another replica
                 continue
             gone.append(session_id)
-        if now >= self._next_sweep:
-            self._next_sweep = now + self.sweep_interval_s
-            for session_id in self.disk.sweep(now, self.sessions):
-                if self.swapper is not None:
-                    self.swapper.discard(session_id)
-                gone.append(session_id)
+        if sweep and self.sweep_due(now):
+            gone += self.sweep(now)
+        return gone
+
+    def sweep_due(self, now: float | None = None) -> bool:
+        """Whether the store's sweep is due (every `sweep_interval_s`, with a store only);
+        True counts it as begun."""
+        now = time.time() if now is None else now
+        if not self.disk.keeps_files or now < self._next_sweep:
+            return False
+        self._next_sweep = now + self.sweep_interval_s
+        return True
+
+    def sweep(self, now: float, expired: list[str] | None = None) -> list[str]:
+        """Delete the store's sessions expired by `now` that no copy here stands for at this
+        moment, each under its lock and checked again there; returns their ids. `expired`: the
+        candidates (`read_expired(now)`), read off the engine thread beforehand, else read here."""
+        gone = self.disk.sweep(now, self.sessions, expired)
+        if self.swapper is not None:
+            for session_id in gone:
+                self.swapper.discard(session_id)
         return gone
 
 
