@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model id (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
-                   help="/v1/completions or /v1/chat/completions (sessions always chat)")
-    p.add_argument("--workload", choices=c.WORKLOADS, default="random")
+                   help="/v1/completions or /v1/chat/completions (sessions and copy always chat)")
+    p.add_argument("--workload", choices=c.WORKLOADS, default="random",
+                   help="copy: instructions whose answer repeats the prompt's text (for speculative decoding)")
     add_load_args(p.add_argument_group("load shape"))
     add_request_args(p.add_argument_group("requests"))
     add_output_args(p.add_argument_group("output"))
@@ -90,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     num = args.num_requests if args.num_requests is not None else (None if args.duration else c.DEFAULT_NUM_REQUESTS)
     cfg = BenchConfig(
         url=args.url.rstrip("/"), model=args.model, api_key=args.api_key,
-        endpoint="chat" if args.workload == "sessions" else args.endpoint, workload=args.workload,
+        endpoint="chat" if args.workload in ("sessions", "copy") else args.endpoint, workload=args.workload,
         concurrency=args.concurrency, request_rate=args.request_rate, burstiness=args.burstiness,
         num_requests=num, duration_s=args.duration, input_len=args.input_len, output_len=args.output_len,
         range_ratio=args.range_ratio, shared_prefix_len=args.shared_prefix_len,

@@ -21,7 +21,7 @@ DEFAULT_SCRAPE_INTERVAL_S = 0.5  # /metrics polling period during the run
 DEFAULT_SEED = 0
 
 Endpoint = Literal["completions", "chat"]
-WORKLOADS = ("random", "shared-prefix", "sessions", "sharegpt-like")
+WORKLOADS = ("random", "shared-prefix", "sessions", "sharegpt-like", "copy")
 SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
 
 

@@ -83,6 +83,51 @@ def _sharegpt_like(cfg: BenchConfig, rng: random.Random) -> Iterator[Job]:
         yield Job((Turn(prompt, lognormal_len(rng, cfg.output_len, SHAREGPT_SIGMA_OUT)),))
 
 
+# Copy-heavy prompts (`copy` workload): the answer repeats spans of the prompt, as chat edits,
+# summaries that quote and RAG answers do. Plain sentences a small model copies reliably.
+SENTENCES = (
+    "The river runs past the old mill and turns west at the stone bridge.",
+    "Every block in the pool has a reference count and a hash of its tokens.",
+    "The train to the coast leaves at seven and arrives a little after noon.",
+    "A session keeps its memory between turns, so the next turn reads only its new words.",
+    "She wrote the letter twice, because the first copy was lost in the rain.",
+    "The garden has three apple trees, a pear tree and a row of tall sunflowers.",
+    "When the cache is full, the least recently used blocks are freed first.",
+    "The library opens at nine on weekdays and at ten on Saturday mornings.",
+    "He measured the table, cut the wood, and fixed the broken leg with glue.",
+    "The server answers every request with a status code and a short message.",
+    "In winter the lake freezes, and children skate across it after school.",
+    "The report lists the costs of each project and the month it was finished.",
+)
+CODE_TEMPLATES = (
+    "def {f}(items, limit={n}):\n    total = 0\n    for item in items:\n        if item > limit:\n"
+    "            total += item\n    return total\n",
+    "def {f}(text):\n    words = text.split()\n    counts = {{}}\n    for word in words:\n"
+    "        counts[word] = counts.get(word, 0) + {n}\n    return counts\n",
+    "class {c}:\n    def __init__(self, size={n}):\n        self.size = size\n        self.items = []\n\n"
+    "    def {f}(self, item):\n        if len(self.items) < self.size:\n            self.items.append(item)\n",
+)
+NAMES = ("load", "scan", "merge", "count", "store", "fetch", "check", "build", "parse", "index")
+
+
+def _copy(cfg: BenchConfig, rng: random.Random) -> Iterator[Job]:
+    """Chat prompts whose answer is mostly text from the prompt: repeat a passage, rewrite code
+    with one change, quote a document (in turn). `input_len` is unused: the texts set it."""
+    for i in itertools.count():
+        passage = " ".join(rng.sample(SENTENCES, 5))
+        if i % 3 == 0:
+            prompt = f"Repeat this passage exactly, word for word:\n\n{passage}"
+        elif i % 3 == 1:
+            old, new = rng.sample(NAMES, 2)
+            code = rng.choice(CODE_TEMPLATES).format(f=old, c=old.title() + "Box", n=rng.randint(2, 99))
+            prompt = (f"Rewrite this Python code with the function `{old}` renamed to `{new}`. "
+                      f"Change nothing else and return the whole code.\n\n```python\n{code}```")
+        else:
+            prompt = (f"Document:\n{passage}\n\nAnswer by quoting the document: what does it say? "
+                      "Quote every sentence.")
+        yield Job((Turn(prompt, around(rng, cfg.output_len, cfg.range_ratio)),))
+
+
 def _sessions(cfg: BenchConfig, rng: random.Random) -> Iterator[Job]:
     while True:
         turns = tuple(Turn(f"Turn {t + 1}: {words(rng, around(rng, cfg.input_len, cfg.range_ratio))}",
@@ -91,7 +136,7 @@ def _sessions(cfg: BenchConfig, rng: random.Random) -> Iterator[Job]:
 
 
 GENERATORS = {"random": _random, "shared-prefix": _shared_prefix, "sharegpt-like": _sharegpt_like,
-              "sessions": _sessions}
+              "sessions": _sessions, "copy": _copy}
 
 
 def jobs(cfg: BenchConfig, seed: int) -> Iterator[Job]:

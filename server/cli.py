@@ -412,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tp-worker", help="a tensor-parallel follower rank on another machine (RANK, WORLD_SIZE, "
                                      "MASTER_ADDR, MASTER_PORT from the environment, as torchrun sets them)")
 
-    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity|embed|seq2seq [ARGS]` "
+    bench = sub.add_parser("bench", help="benchmarks: `workmem bench serve|offline|step|perplexity|embed|seq2seq|speculative [ARGS]` "
                                          "(see --help there)")
-    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity", "embed", "seq2seq"])
+    bench.add_argument("which", choices=["serve", "offline", "step", "perplexity", "embed", "seq2seq",
+                                          "speculative"])
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tp-worker"]:
@@ -445,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.seq2seq_bench import main as seq2seq_main
 
         return seq2seq_main(argv[2:])
+    if argv[:2] == ["bench", "speculative"]:
+        from loadtest.speculative_bench import main as speculative_main
+
+        return speculative_main(argv[2:])
     for subparser in (serve, chat, gen):
         apply_env_defaults(subparser)
     args = parser.parse_args(argv)

@@ -78,6 +78,23 @@ def test_workloads_are_seeded_and_shaped():
     assert len([next(endless) for _ in range(500)]) == 500
 
 
+def test_copy_workload_asks_for_text_the_prompt_holds():
+    from loadtest.workloads import SENTENCES
+
+    cfg = BenchConfig(workload="copy", num_requests=9, output_len=200)
+    a = list(jobs(cfg, 3))
+    assert a == list(jobs(cfg, 3)) and a != list(jobs(cfg, 4))
+    repeat, rewrite, quote = a[0::3], a[1::3], a[2::3]
+    for job in a:
+        assert job.turns[0].max_tokens == 200 and not job.conversation
+    for job in repeat + quote:  # five whole sentences of the passage to give back
+        assert sum(s in job.turns[0].prompt for s in SENTENCES) == 5
+    for job in rewrite:  # the function to rename is in the code block
+        prompt = job.turns[0].prompt
+        old = prompt.split("`")[1]
+        assert prompt.startswith("Rewrite") and f"def {old}(" in prompt.split("```python")[1]
+
+
 def test_arrivals():
     gaps = arrival_gaps(4.0, 1.0, 0)
     mean = sum(next(gaps) for _ in range(4000)) / 4000

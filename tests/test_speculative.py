@@ -328,3 +328,19 @@ def test_default_gguf_greedy_is_token_identical():
     llm.engine.scheduler.speculator = speculator
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     assert speculator.stats.accepted > 0
+
+
+def test_bench_speculative_runs_both_servers(capsys):
+    """`workmem bench speculative` end to end, shortest shape: two real servers on the default
+    model, the copy workload, one pair; the speculating server's counters reach the table."""
+    from loadtest.speculative_bench import main as bench_main
+    from tests.server_fixtures import free_port
+
+    assert bench_main(["--pairs", "1", "--streams", "1", "--workloads", "copy", "--requests-per-stream", "1",
+                       "--copy-max-tokens", "40", "--port", str(free_port())]) == 0
+    out = capsys.readouterr().out
+    assert "pair 1 copy x1 plain:" in out and "pair 1 copy x1 ngram:" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("| copy | 1 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    drafted, accepted = float(cells[5]), float(cells[6])
+    assert 0 < accepted <= drafted and float(cells[7]) > 1
