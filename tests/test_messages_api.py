@@ -10,6 +10,7 @@ import anthropic
 import httpx
 import pytest
 
+from server.api.protocol_messages import UNSUPPORTED, UNSUPPORTED_CREATE
 from tests.server_fixtures import MODEL_NAME, live_server, make_app, running_engine
 from tests.test_structured_api import HERMES_TEMPLATE, WEATHER
 
@@ -92,11 +93,49 @@ def test_tool_use_and_tool_result_round_trip(client):
     ({"max_tokens": 4, "messages": USER, "thinking": {"type": "enabled", "budget_tokens": 100}}, 400,
      "invalid_request_error", "thinking"),
     ({"max_tokens": 4, "messages": USER, "model": "claude-nope"}, 404, "not_found_error", "claude-nope"),
+    ({"max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error",
+     "messages[0].role"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f",
+                                                                  "input": {}}]}]},
+     400, "invalid_request_error", "messages[0].content[0].type"),
+    ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
+                                                                  "content": [{"type": "image"}]}]}]},
+     400, "invalid_request_error", "messages[0].content[0].content"),
+    ({"max_tokens": 4, "messages": USER, "system": [{"type": "image"}]}, 400, "invalid_request_error", "system[0]"),
+    ({"max_tokens": 4, "messages": USER, "tools": [{"name": "f"}]}, 400, "invalid_request_error",
+     "tools[0].input_schema"),
+    ({"max_tokens": 4, "messages": USER, "thinking": {"type": "between_tools"}}, 400, "invalid_request_error",
+     "thinking.type"),
+    ({"max_tokens": 4, "messages": USER, "output_config": {"format": {"type": "xml"}}}, 400,
+     "invalid_request_error", "output_config.format.type"),
+    ({"max_tokens": 4, "messages": USER, "temperature": 1.5}, 400, "invalid_request_error", "temperature"),
 ])
 def test_errors_are_anthropic_shaped(server, body, status, kind, words):
     r = httpx.post(server + "/v1/messages", json={"model": MODEL_NAME, **body}, headers={"x-api-key": KEY}, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == kind and words in r.json()["error"]["message"]
+
+
+# a value for each field this server does not implement: each is a 400 naming it (count_tokens:
+# those it takes too); service_tier, speed and output_config only with the values named here
+REFUSED = {"container": "container_1", "mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}],
+           "context_management": {"edits": []}, "diagnostics": {"previous_message_id": "msg_1"},
+           "compaction": {"type": "enabled"}, "fallbacks": [{"model": "other"}], "thread": {"type": "create"},
+           "inference_geo": "eu", "service_tier": "priority", "speed": "fast", "output_config": {"effort": "low"}}
+NAMED = {"output_config": "output_config.effort"}
+BOTH = (*UNSUPPORTED, "service_tier", "speed", "output_config")
+
+
+@pytest.mark.parametrize("path, name", [("/v1/messages", n) for n in sorted(REFUSED)] +
+                         [("/v1/messages/count_tokens", n) for n in BOTH])
+def test_unsupported_fields_are_400_naming_them(server, path, name):
+    assert set(REFUSED) == {*BOTH, *UNSUPPORTED_CREATE}
+    body = {"model": MODEL_NAME, "max_tokens": 4, "messages": USER, name: REFUSED[name]}
+    r = httpx.post(server + path, json=body, headers={"x-api-key": KEY}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert r.json()["type"] == "error" and error["type"] == "invalid_request_error"
+    assert error["message"] == f"{NAMED.get(name, name)} is not supported by this server"
 
 
 def test_x_api_key_and_bearer_auth(server):

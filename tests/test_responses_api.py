@@ -15,6 +15,7 @@ import openai
 import pydantic
 import pytest
 
+from server.api.protocol_responses import UNSUPPORTED
 from tests.server_fixtures import MODEL_NAME, live_server, make_app, running_engine
 from tests.test_structured_api import HERMES_TEMPLATE, WEATHER
 
@@ -163,12 +164,53 @@ def _error(server: str, body: dict, key: str = KEYS[0]) -> dict:
     ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [FN_WEATHER]}, "tool_choice"),
     ({"input": "x", "max_output_tokens": 100000}, "max_output_tokens"),
     ({"input": "x", "temperature": 3}, "temperature"),
+    ({"input": []}, "input"),
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, "input[0].content[0].type"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}]}, "input[0].arguments"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]},
+     "input[0].output"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": 3}]}, "tools[0].parameters"),
+    ({"input": "x", "tool_choice": "any", "tools": [FN_WEATHER]}, "tool_choice"),
+    ({"input": "x", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}, "tools": [FN_WEATHER]},
+     "tool_choice"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"input": "x", "text": {"format": {"type": "grammar"}}}, "text.format.type"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format"),
+    ({"input": "x", "truncation": "sometimes"}, "truncation"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"input": "x", "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
 ])
 def test_bad_requests_are_400_naming_the_field_and_keep_nothing(server, engine, body, param):
     before = sessions(engine)
     err = _error(server, body)
     assert err["status"] == 400 and err["param"] == param and err["type"] == "invalid_request_error", err
     assert sessions(engine) == before
+
+
+# a value for each field this server does not implement (UNSUPPORTED): each is a 400 naming it
+REFUSED = {"background": True, "conversation": "conv_1", "prompt": {"id": "pmpt_1"}, "max_tool_calls": 3,
+           "top_logprobs": 2, "context_management": [{"type": "compaction"}], "prompt_cache_retention": "24h",
+           "prompt_cache_options": {"ttl": "30m"}, "service_tier": "flex",
+           "background_options": {"completion_window": "2h"}, "moderation": {"model": "omni-moderation-latest"},
+           "image": {"context_compression": "auto"}, "access_programs": {"cyber": "standard"}}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_fields_are_400_naming_them(server, engine, name):
+    before = sessions(engine)
+    err = _error(server, {"input": "x", name: REFUSED[name]})
+    assert err["status"] == 400 and err["param"] == name and err["code"] == "unsupported_parameter", err
+    assert err["message"].startswith(name) and sessions(engine) == before
+
+
+def test_the_unused_values_of_unsupported_fields_are_accepted(client):
+    r = client.responses.create(model=MODEL_NAME, input="x", max_output_tokens=1, background=False, top_logprobs=0,
+                                service_tier="default", store=False)
+    assert r.status in ("completed", "incomplete")
 
 
 def test_what_codex_sends_is_accepted(engine):

@@ -10,7 +10,9 @@ translation into what the core takes: chat messages and chat-shaped tools.
       "auto" | "any" | "tool" | "none", "name", "disable_parallel_tool_use"}
 
 Blocks are checked one by one so that a 400 names `messages[1].content[0].type`; fields
-Anthropic defines that this server does not implement (UNSUPPORTED) are a 400 naming them.
+Anthropic defines that this server does not implement (UNSUPPORTED, UNSUPPORTED_CREATE,
+service_tier / speed but the values listed) are a 400 naming them. docs/agent-apis.md has
+the field-by-field list.
 """
 from __future__ import annotations
 
@@ -21,7 +23,12 @@ from pydantic import Field
 from server.api.protocol import MAX_STOP, MAX_STOP_LEN, _Body
 
 UNSUPPORTED = ("container", "mcp_servers", "context_management")  # given at all: 400
+# create only (Anthropic's count_tokens takes none of them but compaction, which it ignores):
+# diagnostics asks for output not given here, compaction / fallbacks / thread for server-side
+# summaries, other models and server-held threads, inference_geo for a region to run in
+UNSUPPORTED_CREATE = ("diagnostics", "compaction", "fallbacks", "thread", "inference_geo")
 SERVICE_TIERS = ("auto", "standard_only")
+SPEEDS = ("standard",)  # "fast" (a faster inference mode) is not one this server has
 DROPPED_BLOCKS = ("thinking", "redacted_thinking")
 
 
@@ -48,6 +55,8 @@ class MessagesBase(_Body):
     mcp_servers: Any = None
     context_management: Any = None
     service_tier: str | None = None
+    speed: str | None = None
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema"}}; no "effort"
 
     def unsupported(self) -> str | None:
         for name in UNSUPPORTED:
@@ -55,6 +64,10 @@ class MessagesBase(_Body):
                 return name
         if self.service_tier is not None and self.service_tier not in SERVICE_TIERS:
             return "service_tier"
+        if self.speed is not None and self.speed not in SPEEDS:
+            return "speed"
+        if self.output_config and self.output_config.get("effort") is not None:
+            return "output_config.effort"
         return None
 
 
@@ -66,11 +79,17 @@ class MessagesRequest(MessagesBase):
     top_k: int | None = Field(None, ge=1)
     metadata: dict[str, Any] | None = None  # {"user_id"}: accepted, not used
     stream: bool = False
-    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema"}}; no "effort"
+    # not implemented: their 400 names them
+    diagnostics: Any = None
+    compaction: Any = None
+    fallbacks: Any = None
+    thread: Any = None
+    inference_geo: Any = None
 
     def unsupported(self) -> str | None:
-        if self.output_config and self.output_config.get("effort") is not None:
-            return "output_config.effort"
+        for name in UNSUPPORTED_CREATE:
+            if getattr(self, name) is not None:
+                return name
         return super().unsupported()
 
     def stops(self) -> list[str]:

@@ -29,6 +29,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "prompt_cache_retention": (),
     "prompt_cache_options": (),
     "service_tier": ("auto", "default"),
+    "background_options": (),
+    "moderation": (),  # no moderation runs here: a policy asked for would silently not apply
+    "image": (),
+    "access_programs": (),
 }
 # `include` values accepted: reasoning items never carry encrypted content here (a client that
 # asks for it, as Codex does, gets items without it; reasoning items it sends back are dropped)
@@ -45,7 +49,7 @@ class ResponseCreateRequest(_Body):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked in responses_input.chat_tool_choice
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
     store: bool = True
@@ -70,6 +74,10 @@ class ResponseCreateRequest(_Body):
     prompt_cache_retention: Any = None
     prompt_cache_options: Any = None
     service_tier: Any = None
+    background_options: Any = None
+    moderation: Any = None
+    image: Any = None
+    access_programs: Any = None
 
     @field_validator("metadata")
     @classmethod

@@ -148,10 +148,13 @@ def chat_tools(tools: list[dict] | None, drop_hosted: bool = False) -> list[dict
     return out or None
 
 
+TOOL_CHOICES = ("none", "auto", "required")
+
+
 def chat_tool_choice(choice: str | dict | None) -> str | dict | None:
-    if choice is None or isinstance(choice, str):
+    if choice is None or choice in TOOL_CHOICES:
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise ValueError(f"tool_choice {choice!r} is not supported: give none, auto, required or "
                      '{"type": "function", "name": ...}')
