@@ -66,7 +66,12 @@ VARIANTS = (
     # Zen 4/5, Sapphire Rapids and later, Cooper Lake: VNNI int8 and BF16 dot products
     Variant("avx512", "x86_64", ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mprefer-vector-width=512"),
             _X86_V4 | {"avx512_vnni", "avx512_bf16"}),
-    # Haswell .. Alder Lake client CPUs, Zen 1-3, and AVX-512 CPUs without BF16 (Skylake-X, Ice Lake)
+    # AVX-VNNI (vpdpbusd on 256-bit, VEX-encoded) without AVX-512: Intel client CPUs from Alder
+    # Lake on (Raptor, Meteor, Arrow, Lunar Lake), Alder Lake-N, Sierra Forest. Zen 5 also has
+    # AVX-VNNI, but with AVX512-VNNI/BF16 too: it takes avx512 (Zen 4 has no AVX-VNNI)
+    Variant("avx2vnni", "x86_64", ("-march=x86-64-v3", "-mavxvnni"), _X86_V3 | {"avx_vnni"}),
+    # Haswell .. Comet Lake client CPUs, Zen 1-3, and AVX-512 CPUs without BF16 (Skylake-X,
+    # Cascade Lake, Ice/Tiger/Rocket Lake)
     Variant("avx2", "x86_64", ("-march=x86-64-v3",), _X86_V3),
     Variant("portable", "x86_64", ("-march=x86-64", "-mtune=generic"), frozenset()),
     Variant("portable", "aarch64", ("-march=armv8-a",), frozenset(), ("-lm",)),  # NEON is part of armv8-a

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import native_build
 from model.native import KernelVariantError, choose_variant, cpu_flags, load_variant, runnable_variants
@@ -19,11 +20,14 @@ from model.native_build import VARIANTS, Variant
 
 X86_AVX512 = next(v for v in VARIANTS if v.name == "avx512" and v.machine == "x86_64").needs
 X86_AVX2 = next(v for v in VARIANTS if v.name == "avx2" and v.machine == "x86_64").needs
+X86_AVX2VNNI = next(v for v in VARIANTS if v.name == "avx2vnni" and v.machine == "x86_64").needs
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_best_variant_the_cpu_reports():
-    assert choose_variant(None, X86_AVX512 | X86_AVX2, "x86_64").name == "avx512"
+    assert choose_variant(None, X86_AVX512 | X86_AVX2VNNI, "x86_64").name == "avx512"  # Sapphire Rapids, Zen 5
+    assert choose_variant(None, X86_AVX2 | {"avx_vnni"}, "x86_64").name == "avx2vnni"  # Alder Lake
+    assert choose_variant(None, X86_AVX2, "x86_64").name == "avx2"  # Zen 3
     assert choose_variant(None, X86_AVX2 | {"avx512f"}, "x86_64").name == "avx2"  # AVX-512 without VNNI/BF16
     assert choose_variant(None, frozenset({"sse2"}), "x86_64").name == "portable"
     assert choose_variant(None, frozenset({"neon", "asimd"}), "aarch64").name == "portable"
@@ -32,6 +36,8 @@ def test_best_variant_the_cpu_reports():
 def test_forced_variant_the_cpu_cannot_run_is_refused():
     with pytest.raises(KernelVariantError, match=r"lacks .*avx512_bf16.*it can run: avx2, portable"):
         choose_variant("avx512", X86_AVX2, "x86_64")
+    with pytest.raises(KernelVariantError, match=r"'avx2vnni': this CPU lacks avx_vnni .*it can run: avx2, portable"):
+        choose_variant("avx2vnni", X86_AVX2 | {"avx512f", "avx512_vnni"}, "x86_64")  # Cascade Lake: VNNI, EVEX only
     with pytest.raises(KernelVariantError, match=r"lacks avx2"):
         choose_variant("avx2", X86_AVX2 - {"avx2"}, "x86_64")
     with pytest.raises(KernelVariantError, match=r"'avx512': unknown on aarch64; known: portable, native"):
@@ -99,3 +105,38 @@ def test_every_runnable_variant_matches_torch(name):
     want = mlp(x)
     mlp.native = ops
     assert (mlp(x).float() - want.float()).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not {"avx2", "avx2vnni"} <= set(runnable_variants()), reason="CPU without AVX-VNNI")
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_avx2vnni_matmul_equals_avx2(bits):
+    """vpdpbusd and its maddubs/madd emulation sum the same integers (the emulation never
+    saturates int16: vnni_gemv_avx2.c), here on the codes and activations that reach the pair
+    sums' bounds (codes 0 and 2^bits - 1, q = +-127): 4/5/6-bit outputs are identical; 8-bit
+    codes take another (exact) integer form under AVX-VNNI, so equal up to float rounding."""
+    from model.quant import GroupQuant
+    from model.vnni_pack import vnni_pack
+
+    ops = {name: load_variant(choose_variant(name, cpu_flags())) for name in ("avx2", "avx2vnni")}
+    assert all(o is not None and o.vnni for o in ops.values())
+    g = torch.Generator().manual_seed(bits)
+    n, k = 45, 576
+    extremes = torch.tensor([0, (1 << bits) - 1])[torch.randint(0, 2, (n, k), generator=g)]
+    codes = torch.where(torch.rand(n, k, generator=g) < 0.5, extremes, torch.randint(0, 1 << bits, (n, k), generator=g))
+    scale = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3
+    gq = GroupQuant(codes.to(torch.int16), scale, torch.randn(n, k // 32, generator=g) * 0.01, bits, 32)
+    packed, layout = vnni_pack(gq)
+    assert layout.bits == bits
+    x = torch.randn(5, k, generator=g).clamp(-3, 3)
+    x[:, ::2] = x[:, ::2].sign() * 3  # every group's max: q = +-127 in every other column
+    for dtype in (torch.float32, torch.bfloat16):
+        out = {name: torch.empty(5, n, dtype=dtype) for name in ops}
+        for name, o in ops.items():
+            o.vnni_matmul(x.to(dtype), packed, layout, out[name])
+        got, want = out["avx2vnni"].float(), out["avx2"].float()
+        if bits < 8:
+            assert torch.equal(got, want)
+        else:
+            assert (got - want).abs().max() <= (1e-6 if dtype == torch.float32 else 8e-3) * want.abs().max()
+        ref = F.linear(x.to(dtype).float(), gq.dequantize())
+        assert (want - ref).abs().max() < 3e-2 * ref.abs().max()
