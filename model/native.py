@@ -1,7 +1,7 @@
 """Native CPU kernels (model/csrc/*.c), loaded with ctypes. No torch headers.
 
 The kernels are built ahead of time, one shared library per ISA variant (model/native_build.py:
-avx512, avx2, portable on x86-64; portable on aarch64), by the package build (the wheel and the
+avx512, avx2vnni, avx2, portable on x86-64; portable on aarch64), by the package build (the wheel and the
 Docker image carry them) or `make kernels` in a checkout. At start-up `native_kernels()` picks
 the best variant the CPU reports (Linux /proc/cpuinfo flags) and returns it as `NativeOps`
 (`.variant` names it), or None with one warning (torch ops then).

@@ -91,5 +91,5 @@ async def get_version(request: Request):
     except PackageNotFoundError:
         v = "unknown"
     engine = request.app.state.workmem.engine
-    # kernels: {"backend": "native" | "torch", "variant": "avx512" | "avx2" | "portable" | null}; null while loading
+    # kernels: {"backend": "native" | "torch", "variant": "avx512" | "avx2vnni" | "avx2" | "portable" | null}; null while loading
     return {"version": v, "time": int(time.time()), "kernels": engine.kernels if engine else None}

@@ -34,7 +34,7 @@ class RankParts(NamedTuple):
     plan: KVCachePlan
     runner: Runner
     kernel_backend: str  # "native" or "torch"
-    kernel_variant: str | None  # the native kernels' ISA variant (avx512 | avx2 | portable), None for torch
+    kernel_variant: str | None  # the native kernels' ISA variant (avx512 | avx2vnni | avx2 | portable), None for torch
 
 
 def build_rank(
