@@ -109,6 +109,17 @@ def test_tool_use_and_tool_result_round_trip(client):
     ({"max_tokens": 4, "messages": USER, "output_config": {"format": {"type": "xml"}}}, 400,
      "invalid_request_error", "output_config.format.type"),
     ({"max_tokens": 4, "messages": USER, "temperature": 1.5}, 400, "invalid_request_error", "temperature"),
+    ({"max_tokens": 4, "messages": USER, "top_k": 0}, 400, "invalid_request_error", "top_k"),
+    ({"max_tokens": 4, "messages": USER, "stop_sequences": ["a" * 300]}, 400, "invalid_request_error",
+     "stop_sequences"),
+    ({"max_tokens": 100000, "messages": USER}, 400, "invalid_request_error", "max_tokens=100000"),
+    ({"max_tokens": 4, "messages": USER, "tools": [TOOL], "tool_choice": {"type": "tool"}}, 400,
+     "invalid_request_error", "tool_choice"),
+    ({"max_tokens": 4, "messages": USER, "tool_choice": {"type": "any"}}, 400, "invalid_request_error",
+     "tool_choice needs tools"),
+    ({"max_tokens": 4, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f",
+                                                                       "input": []}]}]},
+     400, "invalid_request_error", "messages[0].content[0].input"),
 ])
 def test_errors_are_anthropic_shaped(server, body, status, kind, words):
     r = httpx.post(server + "/v1/messages", json={"model": MODEL_NAME, **body}, headers={"x-api-key": KEY}, timeout=30)

@@ -6,6 +6,7 @@ and the bounded store (memory and --session-dir)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from typing import Literal
@@ -231,6 +232,28 @@ def test_what_codex_sends_is_accepted(engine):
                 assert '"response.completed"' in r.text or '"response.incomplete"' in r.text
             else:
                 assert r.json()["error"]["param"] == "tools[1].type"
+
+
+def test_truncation_auto_drops_old_turns_disabled_answers_400(client, server, engine):
+    first = client.responses.create(model=MODEL_NAME, input=" ".join(["hello"] * 25), max_output_tokens=4)
+    longer = " ".join(["again"] * 35)  # fits alone, not after the first turn (256 tokens of context)
+    before = sessions(engine)
+    err = _error(server, {"input": longer, "previous_response_id": first.id})
+    assert (err["status"], err["code"], err["param"]) == (400, "context_length_exceeded", "input"), err
+    assert sessions(engine) == before
+    cut = client.responses.create(model=MODEL_NAME, input=longer, previous_response_id=first.id,
+                                  truncation="auto", max_output_tokens=4)
+    whole = int(re.search(r"has (\d+) tokens", err["message"]).group(1))  # the untruncated prompt
+    assert cut.truncation == "auto" and cut.usage.input_tokens < whole - first.usage.input_tokens // 2
+    roles = [m["role"] for m in engine.engine.sessions.sessions[cut.id].messages]
+    assert roles.count("user") == 2  # the transcript keeps both turns; only the prompt dropped turn 1
+
+
+def test_input_items_after_an_unknown_item_is_400(client, server):
+    r = client.responses.create(model=MODEL_NAME, input="hi", max_output_tokens=2)
+    got = httpx.get(f"{server}/v1/responses/{r.id}/input_items", params={"after": "msg_nope"},
+                    headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=30)
+    assert got.status_code == 400 and got.json()["error"]["param"] == "after"
 
 
 def test_another_keys_response_does_not_exist(client, server, engine):
