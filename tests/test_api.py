@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import httpx
@@ -257,3 +258,58 @@ async def test_health_503_while_loading_and_after_load_failure():
         state.load_in_background(never_ready).join()
         r = await c.get("/health")
         assert r.status_code == 503 and "weights are corrupt" in r.json()["error"]["message"]
+
+
+STREAM_BODIES = {  # each streaming protocol's path and a long body
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60,
+                             "ignore_eos": True, "stream": True},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 60, "store": False, "stream": True},
+    "/v1/messages": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 60, "stream": True},
+}
+
+
+@pytest.mark.parametrize("path", list(STREAM_BODIES))
+async def test_a_client_leaving_while_a_chunk_is_sent_leaves_no_failed_task(engine, path):
+    """The client leaves while the server writes its third chunk: the write is cancelled with
+    the stream's body generator suspended at a `yield`, so the body and the generators under
+    it are closed by garbage collection. Closing them must still abort the request, and no
+    task may fail ('aclose(): asynchronous generator is already running', which the soak saw
+    once per vanished client)."""
+    app, loop = make_app(engine), asyncio.get_running_loop()
+    failures: list[dict] = []
+    old_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    chunks, left = 0, asyncio.Event()
+
+    async def receive() -> dict:
+        if not getattr(receive, "sent", False):
+            receive.sent = True
+            return {"type": "http.request", "body": json.dumps(STREAM_BODIES[path]).encode(), "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal chunks
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunks += 1
+            if chunks == 3:
+                left.set()
+                await asyncio.Event().wait()  # the write never finishes: cancelled by the disconnect
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    try:
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        assert chunks == 3
+        for _ in range(50):  # let the finaliser tasks run
+            gc.collect()
+            await asyncio.sleep(0.01)
+            if not engine.stats.num_running and not engine.stats.num_waiting:
+                break
+    finally:
+        loop.set_exception_handler(old_handler)
+    assert (engine.stats.num_running, engine.stats.num_waiting) == (0, 0)  # the request was aborted
+    assert not failures, [f.get("message") + ": " + repr(f.get("exception")) for f in failures]

@@ -132,14 +132,19 @@ class Generation:
         self.prompt_logprobs: list[list | None] = [None] * len(spec.prompts)  # per prompt, once computed
         self.usage = Usage(prompt_tokens=sum(len(p) for p in spec.prompts))
         self.start_time = time.monotonic()
-        self._merged: AsyncIterator[Delta] | None = None
+        self._pump: _Pump | None = None  # set by start()
         self._first: Delta | None = None
+        self._closing: asyncio.Future | None = None  # the pump's close, once begun
 
     async def start(self) -> None:
         """Submit every prompt and wait for its first output: a refused request raises its
         APIError here, before the adapter answers anything."""
-        self._merged = self._merge()
-        self._first = await anext(self._merged)
+        self._pump = _Pump(*await self._submit())
+        try:
+            self._first = await self._next()
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def events(self) -> AsyncIterator[Delta]:
         """Every choice's Deltas, in arrival order (after `start`); closing it aborts the request."""
@@ -147,14 +152,20 @@ class Generation:
             item = self._first
             while item is not None:
                 yield item
-                item = await anext(self._merged, None)
+                item = await self._next()
         finally:
             await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the request if it still runs (its engine requests aborted); idempotent."""
-        if self._merged is not None:
-            await self._merged.aclose()
+        """Stop the request if it still runs (its engine requests aborted); idempotent. Closers
+        may race: a client that leaves mid-write leaves the adapter's body and the generators
+        under it to garbage collection, which closes each in a task of its own. The first
+        closes the pump; the others wait for that."""
+        if self._pump is None:
+            return
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._pump.close())
+        await asyncio.shield(self._closing)
 
     def cancel(self) -> None:
         """Abort the engine requests; each choice ends with finish_reason "abort"."""
@@ -202,39 +213,16 @@ class Generation:
             return APIError(503, str(exc), code="engine_dead")
         return exc
 
-    async def _merge(self) -> AsyncIterator[Delta]:
-        """All prompts' outputs, merged and parsed; records metrics; closing it aborts everything."""
-        streams, firsts = await self._submit()
-        merged: asyncio.Queue = asyncio.Queue(MERGE_BUFFER)  # full: the backlog stays in the engine's bounded queues
-        done = object()
-
-        async def pump(i: int, stream: AsyncIterator[StepOutput]) -> None:
-            try:
-                await merged.put((i, firsts[i]))
-                async for out in stream:
-                    await merged.put((i, out))
-            except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-                await merged.put((i, exc))
-            finally:
-                await merged.put((i, done))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                i, item = await merged.get()
-                if item is done:
-                    remaining -= 1
-                    continue
-                _raise_failure(item)
-                choice = self.choices[i * self.n + item.index]
-                self._record(choice, item)
-                yield self._delta(choice, item)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await _close_all(streams)
+    async def _next(self) -> Delta | None:
+        """The next output of any prompt, recorded and parsed; None once all have ended."""
+        item = await self._pump.next()
+        if item is None:
+            return None
+        i, out = item
+        _raise_failure(out)
+        choice = self.choices[i * self.n + out.index]
+        self._record(choice, out)
+        return self._delta(choice, out)
 
     def _delta(self, choice: Choice, out: StepOutput) -> Delta:
         reasoning = text = ""
@@ -297,6 +285,48 @@ def _raise_failure(item: StepOutput | BaseException) -> None:
         raise APIError(500, f"generation failed: {item}")
     if item.error is not None:  # the engine failed this request alone
         raise APIError(500, f"the request failed: {item.error}", code="request_failed")
+
+
+class _Pump:
+    """A request's engine streams (one per prompt) pumped into one bounded queue, in arrival
+    order. A plain object rather than an async generator, so garbage collection never closes
+    it behind Generation.aclose's back: `close` runs once."""
+
+    def __init__(self, streams: list[AsyncIterator[StepOutput]], firsts: list[StepOutput]) -> None:
+        self.streams = streams
+        self.queue: asyncio.Queue = asyncio.Queue(MERGE_BUFFER)  # full: the backlog stays in the engine's queues
+        self.remaining = len(streams)
+        self.tasks = [asyncio.create_task(self._pump(i, s, f)) for i, (s, f) in enumerate(zip(streams, firsts))]
+
+    async def _pump(self, i: int, stream: AsyncIterator[StepOutput], first: StepOutput) -> None:
+        try:
+            await self.queue.put((i, first))
+            async for out in stream:
+                await self.queue.put((i, out))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await self.queue.put((i, exc))
+        finally:
+            await self.queue.put((i, _ENDED))
+
+    async def next(self) -> tuple[int, StepOutput | BaseException] | None:
+        """(prompt index, its next output or failure); None once every stream has ended."""
+        while self.remaining:
+            i, item = await self.queue.get()
+            if item is _ENDED:
+                self.remaining -= 1
+                continue
+            return i, item
+        return None
+
+    async def close(self) -> None:
+        """Stop the pumps and close the streams (each aborts its engine request if unfinished)."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await _close_all(self.streams)
+
+
+_ENDED = object()  # a pump's last item
 
 
 async def _close_all(streams: list) -> None:
