@@ -68,6 +68,16 @@ def test_offline_tp2_matches_tp1(tiny_checkpoint):
     _assert_same(ref, out)
 
 
+def test_stopped_followers_exit_zero(tiny_checkpoint):
+    """STOP ends a spawned follower cleanly: its heartbeat is stopped before rank 0's store
+    goes away, so the follower neither reports a lost store nor aborts at exit."""
+    llm = LLM(str(tiny_checkpoint("llama")), tensor_parallel_size=2, **ENGINE)
+    with llm:
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))
+        procs = list(llm.engine.tp.procs.values())
+    assert procs and [p.exitcode for p in procs] == [0] * len(procs)
+
+
 def test_tied_embeddings_and_qkv_bias_shard(tiny_checkpoint):
     """qwen2: the tied LM head reads the vocab shard of the embedding; q/k/v biases split by head."""
     model = tiny_checkpoint("qwen2")

@@ -90,17 +90,29 @@ def local_device(device_type: str, rank: int) -> torch.device:
     return torch.device("cuda", index)
 
 
-def start_heartbeat(rdv: Rendezvous, timeout: datetime.timedelta) -> threading.Thread:
+class Heartbeat(NamedTuple):
+    """A follower's running heartbeat; `stop` ends it before the follower exits (its store
+    client then goes away on its own thread, not under a still-waiting call at exit)."""
+    thread: threading.Thread
+    stopping: threading.Event
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(HEARTBEAT_INTERVAL_S * 4)
+
+
+def start_heartbeat(rdv: Rendezvous, timeout: datetime.timedelta) -> Heartbeat:
     """A daemon thread bumping this follower's counter; it ends the process when the store
     (hosted by rank 0) is gone, so a follower never outlives rank 0, and when rank 0
-    publishes a failed start (the follower may be anywhere in its own start-up then)."""
+    publishes a failed start (the follower may be anywhere in its own start-up then).
+    After `Heartbeat.stop` (the follower got STOP) a store that goes away is no failure."""
     store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, False, timeout)
-    stop = threading.Event()
+    stopping = threading.Event()
 
     def beat() -> None:
         started = False
         try:
-            while not stop.wait(HEARTBEAT_INTERVAL_S):
+            while not stopping.wait(HEARTBEAT_INTERVAL_S):
                 store.add(heartbeat_key(rdv.rank), 1)
                 if not started and store.check([START_KEY]):
                     outcome = store.get(START_KEY).decode()
@@ -110,12 +122,14 @@ def start_heartbeat(rdv: Rendezvous, timeout: datetime.timedelta) -> threading.T
                         os._exit(1)
                     started = True
         except Exception as exc:  # noqa: BLE001 - rank 0 is gone: nothing left to serve
+            if stopping.is_set():
+                return  # told to stop: rank 0 may close its store as soon as it has STOP sent
             log.error("rank %d: lost rank 0's store (%s); exiting", rdv.rank, exc)
             os._exit(1)
 
     thread = threading.Thread(target=beat, name=f"workmem-heartbeat-{rdv.rank}", daemon=True)
     thread.start()
-    return thread
+    return Heartbeat(thread, stopping)
 
 
 def publish_config(store: dist.Store, config: EngineConfig, device: torch.device) -> None:

@@ -184,8 +184,10 @@ class TensorParallel:
                 send_stop(self.group, self.device)
             except RuntimeError as exc:
                 log.warning("tensor parallel stop: %s", exc)
-            for proc in self.procs.values():
+            for rank, proc in self.procs.items():
                 proc.join(STOP_JOIN_S)
+                if proc.exitcode not in (0, None):  # told to stop, it should exit 0
+                    log.warning("tensor parallel: rank %d exited with code %d after STOP", rank, proc.exitcode)
         self._kill_followers()
         if self._monitor is not threading.current_thread():
             # its TCPStore client must be gone before the interpreter exits: a store torn down

@@ -34,7 +34,7 @@ def run_follower(rdv: Rendezvous) -> None:
     if config.tensor_parallel_size != rdv.world:
         raise ValueError(f"WORLD_SIZE {rdv.world} but rank 0 runs tensor_parallel_size {config.tensor_parallel_size}")
     timeout = datetime.timedelta(seconds=config.tp_timeout_s)
-    start_heartbeat(rdv, timeout)
+    heartbeat = start_heartbeat(rdv, timeout)
     device = local_device(device_type, rdv.rank)
     set_rank_threads(config, device)
     group = make_group(store, rdv.rank, rdv.world, backend_for(device), timeout, FOLLOWER_IDLE_TIMEOUT)
@@ -45,6 +45,9 @@ def run_follower(rdv: Rendezvous) -> None:
         logits = runner.forward(step)
         if logits is not None:
             group.gather_last_dim(logits)
+    # STOP: end the heartbeat before rank 0 closes its store (on a failure the heartbeat stays
+    # on: it is what reports rank 0's failed start, and the process exits 1 anyway)
+    heartbeat.stop()
     log.info("rank %d stopped", rdv.rank)
 
 
