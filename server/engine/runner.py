@@ -16,6 +16,8 @@ to `verify` instead of the sampler.
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
@@ -31,6 +33,21 @@ from server.engine.prompt_logprobs import PromptLogprob, ScoreSpan, score, score
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.speculate import verify
+
+
+def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros(shape), except that on the CPU its pages are committed as they are first
+    written: an anonymous mapping, which the OS hands out zero-filled page by page (on huge
+    pages where the kernel allows). The pool is sized for the whole KV budget; resident memory
+    grows with the blocks actually used (the prefix cache keeps filling fresh blocks before it
+    evicts, so a long-running server reaches the whole budget)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps `pages` alive
 
 
 class TokenSlice(Seq[int]):
@@ -91,9 +108,9 @@ class Runner:
         self.block_size = block_size
         self.device = device
         kv_dtype = kv_dtype or dtype
-        self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row_width(config.head_dim, kv_dtype),
-            dtype=kv_dtype, device=device,
+        self.kv_cache = zeroed_pool(
+            (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row_width(config.head_dim, kv_dtype)),
+            kv_dtype, device,
         )
         # per layer (k_cache, v_cache) views, made once: what the model indexes each step
         self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]
