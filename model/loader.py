@@ -46,7 +46,7 @@ def load_model(
     `shard` (tensor parallelism, model/parallel.py) cuts the full model down to one rank's
     part before it is moved."""
     path = Path(path)
-    quant = quant.for_device(device, dtype)
+    quant = quant.for_device(device, dtype, native)
     if path.suffix == ".gguf":
         from model.gguf import load_gguf
 

@@ -58,6 +58,8 @@ def test_loader_prepacks_every_dense_linear_and_the_tied_head(tiny_checkpoint, m
 
 @pytest.mark.parametrize("packing", [ONEDNN, pytest.param(LANES, marks=needs_lanes)], ids=["onednn", "lanes"])
 def test_quant_linear_dense_copy_is_prepacked(packing) -> None:
+    if packing is ONEDNN and not prepack_available(CPU, torch.bfloat16):
+        pytest.skip("no oneDNN bf16 here (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
     torch.manual_seed(0)
     layer = QuantLinear(quantize_int4(torch.randn(64, 128)), 4, None, dense_above=2).to(torch.bfloat16)
     dense = layer.dense.clone()
@@ -68,6 +70,8 @@ def test_quant_linear_dense_copy_is_prepacked(packing) -> None:
 
 
 @needs_lanes
+@pytest.mark.skipif(not prepack_available(CPU, torch.bfloat16),
+                    reason="the loader packs bf16 only where oneDNN bf16 runs (its fallback layout)")
 def test_loader_packs_bf16_for_lanes_gemm(tiny_checkpoint) -> None:
     """A bf16 model loaded with the native kernels runs every dense linear (tied head
     included) on lanes_gemm.c, and gives the logits of the oneDNN-packed model."""

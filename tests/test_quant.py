@@ -3,6 +3,8 @@ equals its dequantized reference, the loader packs what `--quantization` says, a
 default model's greedy answers with `auto` stay close to the dense ones."""
 from __future__ import annotations
 
+import types
+
 from pathlib import Path
 
 import gguf
@@ -111,6 +113,10 @@ def test_quant_config_validates_and_falls_back_off_cpu_bf16() -> None:
     cpu = torch.device("cpu")
     assert QuantConfig("auto").for_device(cpu, torch.bfloat16).mode == "auto"
     assert QuantConfig("int4").for_device(cpu, torch.float32).mode == "none"
+    # float32 (what an AVX2 CPU gets by default) keeps the weights quantized on the VNNI kernels
+    native = types.SimpleNamespace(vnni=True)
+    assert QuantConfig("auto").for_device(cpu, torch.float32, native).mode == "auto"
+    assert QuantConfig("auto").for_device(cpu, torch.float32, types.SimpleNamespace(vnni=False)).mode == "none"
     assert QuantConfig("auto").for_device(torch.device("cuda"), torch.bfloat16).mode == "none"
 
 
@@ -139,6 +145,25 @@ def test_loader_packs_what_the_mode_says(tmp_path: Path, mode: str) -> None:
     assert _rel_err(got.compute_logits(x), dense.compute_logits(x)) < tol
     ref_qkv = dense.model.layers[0].self_attn.qkv_proj
     assert _rel_err(layer(x), ref_qkv(x)) < tol
+
+
+def test_float32_keeps_a_gguf_quantized_on_the_native_kernels(tmp_path: Path) -> None:
+    """float32, what `--dtype auto` gives a CPU without native bf16 (AVX2), still runs a GGUF
+    at its own precision on the VNNI matmul rather than as a dense float32 copy (4x the bytes)."""
+    from model.loader import load_model
+    from model.native import native_kernels
+
+    native = native_kernels()
+    if native is None or not native.vnni:
+        pytest.skip("no native VNNI kernels on this machine (they are built by `make install-test`)")
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama", tied=True), "llama", qtype=QType.Q8_0)
+    cpu = torch.device("cpu")
+    dense = load_model(path, torch.float32, cpu, QuantConfig("none")).model
+    got = load_model(path, torch.float32, cpu, QuantConfig("auto", dense_above=0), native=native).model
+    assert set(_linears(got).values()) == {"QuantLinear"}
+    assert all(m.vnni is not None for n, m in got.named_modules() if isinstance(m, QuantLinear))
+    x = torch.randn(3, got.config.hidden_size)
+    assert _rel_err(got.compute_logits(x), dense.compute_logits(x)) < BF16_REL_TOL  # int8 activations
 
 
 PASSAGE = (
