@@ -107,8 +107,8 @@ class QuantConfig:
         """The kernels run on the CPU with bfloat16 activations, or float32 ones given the
         native VNNI matmul (`native`: model.native.NativeOps; torch's own float32 int4 path is
         ~30x slower than a dense linear). float32 is what `--dtype auto` picks on CPUs without
-        native bf16 (AVX2 ones): a 1B Q4_0 file there decodes 26.6 tok/s on the VNNI kernels
-        against 4.5 dense. Elsewhere weights load dense, with a warning if asked."""
+        native bf16 (AVX2 ones; README "Which CPUs get which kernels" has their figures).
+        Elsewhere weights load dense, with a warning if asked."""
         cpu_kernels = dtype == torch.bfloat16 or (dtype == torch.float32 and native is not None and native.vnni)
         if self.mode == "none" or (device.type == "cpu" and cpu_kernels):
             return self

@@ -3,8 +3,6 @@ equals its dequantized reference, the loader packs what `--quantization` says, a
 default model's greedy answers with `auto` stay close to the dense ones."""
 from __future__ import annotations
 
-import types
-
 from pathlib import Path
 
 import gguf
@@ -113,10 +111,6 @@ def test_quant_config_validates_and_falls_back_off_cpu_bf16() -> None:
     cpu = torch.device("cpu")
     assert QuantConfig("auto").for_device(cpu, torch.bfloat16).mode == "auto"
     assert QuantConfig("int4").for_device(cpu, torch.float32).mode == "none"
-    # float32 (what an AVX2 CPU gets by default) keeps the weights quantized on the VNNI kernels
-    native = types.SimpleNamespace(vnni=True)
-    assert QuantConfig("auto").for_device(cpu, torch.float32, native).mode == "auto"
-    assert QuantConfig("auto").for_device(cpu, torch.float32, types.SimpleNamespace(vnni=False)).mode == "none"
     assert QuantConfig("auto").for_device(torch.device("cuda"), torch.bfloat16).mode == "none"
 
 
@@ -150,14 +144,21 @@ def test_loader_packs_what_the_mode_says(tmp_path: Path, mode: str) -> None:
 def test_float32_keeps_a_gguf_quantized_on_the_native_kernels(tmp_path: Path) -> None:
     """float32, what `--dtype auto` gives a CPU without native bf16 (AVX2), still runs a GGUF
     at its own precision on the VNNI matmul rather than as a dense float32 copy (4x the bytes)."""
+    from model import native_build
     from model.loader import load_model
-    from model.native import native_kernels
+    from model.native import load_variant, native_kernels
 
     native = native_kernels()
     if native is None or not native.vnni:
         pytest.skip("no native VNNI kernels on this machine (they are built by `make install-test`)")
-    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama", tied=True), "llama", qtype=QType.Q8_0)
+    portable = load_variant(next(v for v in native_build.variants_for() if v.name == "portable"))
     cpu = torch.device("cpu")
+    # the portable library has no VNNI matmul: float32 there loads dense, as without kernels
+    assert portable is not None and not portable.vnni
+    assert QuantConfig("auto").for_device(cpu, torch.float32, portable).mode == "none"
+    assert QuantConfig("auto").for_device(cpu, torch.float32).mode == "none"
+    assert QuantConfig("auto").for_device(cpu, torch.float32, native).mode == "auto"
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama", tied=True), "llama", qtype=QType.Q8_0)
     dense = load_model(path, torch.float32, cpu, QuantConfig("none")).model
     got = load_model(path, torch.float32, cpu, QuantConfig("auto", dense_above=0), native=native).model
     assert set(_linears(got).values()) == {"QuantLinear"}
