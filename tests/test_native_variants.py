@@ -140,3 +140,33 @@ def test_avx2vnni_matmul_equals_avx2(bits):
             assert (got - want).abs().max() <= (1e-6 if dtype == torch.float32 else 8e-3) * want.abs().max()
         ref = F.linear(x.to(dtype).float(), gq.dequantize())
         assert (want - ref).abs().max() < 3e-2 * ref.abs().max()
+
+
+VNNI_VARIANTS = [name for name in runnable_variants() if load_variant(choose_variant(name, cpu_flags())).vnni]
+
+
+@pytest.mark.parametrize("name", VNNI_VARIANTS)
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 16), (5, 32), (6, 16), (8, 32)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_matmul_at_its_integer_bounds(name, bits, group, sign):
+    """Every code at its largest value and every activation at +-127 after quantization: the
+    integer sums reach their bounds (the AVX2 kernel adds int16 products in runs sized so they
+    cannot saturate), so any overflow shows as a wrong output. 7 rows of x: a 4-row tile and a
+    3-row tail, over 45 rows (a padded row block)."""
+    from model.quant import GroupQuant
+    from model.vnni_pack import vnni_pack
+
+    ops = load_variant(choose_variant(name, cpu_flags()))
+    n, k = 45, 512
+    g = torch.Generator().manual_seed(bits * group)
+    codes = torch.full((n, k), (1 << bits) - 1, dtype=torch.int16)
+    scale = (torch.rand(n, k // group, generator=g) * 0.01 + 1e-3).half().float()  # as packed: float16
+    minimum = (torch.randn(n, k // group, generator=g) * 0.01).half().float()
+    gq = GroupQuant(codes, scale, minimum, bits, group)
+    packed, layout = vnni_pack(gq)
+    assert (layout.bits, layout.group) == (bits, group)
+    x = torch.full((7, k), 3.0 * sign)  # q = +-127 everywhere, dx = 3 / 127
+    out = torch.empty(7, n)
+    ops.vnni_matmul(x, packed, layout, out)
+    ref = F.linear(x, gq.dequantize())
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()  # float rounding; an int16 wrap is ~1e-1

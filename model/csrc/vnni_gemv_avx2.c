@@ -7,13 +7,16 @@
  * of the AVX-512 kernel's output, relative to its largest value).
  *
  * A record's 64-byte chunk is two vectors of 8 rows; vpdpbusd is AVX-VNNI's (VEX-encoded, the
- * avx2vnni variant: -mavxvnni) or emulated by vpmaddubsw (u8 x s8 -> pairs of int16) + vpmaddwd
- * (-> int32 of 4 products), which must not saturate int16:
- *   4/5/6-bit codes: 63 * 127 * 2 fits int16. 8-bit codes (0..255) would not: they are made signed
- *   (c - 128, |c - 128| * 127 * 2 fits) with the sign moved onto q (vpsignb), and the
- *   -128 * sum q they leave is returned through the minimum: m' = m + 128 d (not with AVX-VNNI).
- * Speed (one thread, 135M shapes, one row): 1.2x (LM head, memory-bound) to 2.4x the
- * AVX512-VNNI kernel's time. Other builds (x86-64 baseline, armv8-a) have no such matmul
+ * avx2vnni variant: -mavxvnni) or emulated by vpmaddubsw (u8 x s8 -> int16 sums of 2 products),
+ * whose int16 outputs are added up as far as they cannot saturate (pairs16) before one vpmaddwd
+ * widens them to int32. 8-bit codes (0..255) x 127 would not fit int16: they are made signed
+ * (c - 128) with the sign moved onto q (vpsignb), and the -128 * sum q they leave is returned
+ * through the minimum: m' = m + 128 d (not with AVX-VNNI).
+ * Tiles: 16 rows x 32 columns x up to CM = 4 rows of x per pass, the loops unrolled with the
+ * layout as constants so the accumulators stay in registers. On a 2-core Zen 3, 1B shapes, 4-bit,
+ * against the earlier 2-row form that widened every product: 128 rows of x 1.9x faster, one row
+ * 1.6x from L3 (from DRAM one row is bandwidth-bound). Other builds (x86-64 baseline, armv8-a)
+ * have no such matmul
  * (`vnni_available` 0, from vnni_gemv.c): plain C loops took ~1.2 ms for 3072 x 576, where
  * torch's int4 kernel, which then serves, takes ~70 us.
  */
@@ -30,7 +33,7 @@
 
 #define CG 32      /* columns per activation group and record */
 #define CROWS 16   /* output rows per block */
-#define CM 2       /* rows of x per pass over a block's weights */
+#define CM 4       /* rows of x per pass over a block's weights */
 #define CODE_SHIFT 128 /* 8-bit codes are stored + 128 (model/quant.py VNNI_CODE_OFFSET) */
 
 int vnni_available(void) { return 1; }
@@ -60,21 +63,15 @@ static void NAME(const T *x, int64_t M, int64_t K, int8_t *q, float *dx, float *
 DEFINE_QUANTIZE(quantize_f32, float, f32_load)
 DEFINE_QUANTIZE(quantize_bf16, uint16_t, bf16_load)
 
-/* acc + per 32-bit lane the sum of its 4 products u8 x s8. vpmaddubsw saturates each pair sum
- * to int16, which no record reaches: |q| <= 127 (quantize rounds |x| / dx <= 127), codes u8 <= 63
- * (4/5/6 bits) or |c - 128| <= 128 (8 bits, SIGNED8), so |pair| <= 2 * 128 * 127 = 32512 < 32767.
- * Both give identical integers: on 4/5/6-bit weights the avx2vnni and avx2 variants give
- * identical outputs. vpdpbusd sums in int32, so with it 8-bit codes are used as they are
- * (as vnni_gemv.c; ~10% faster on Q8_0 than the signed form), and the outputs differ from avx2's
- * by float rounding only (measured: 2e-7 relative to the largest). */
+/* With AVX-VNNI, vpdpbusd sums u8 x s8 products straight into int32, so 8-bit codes are used as
+ * they are (as vnni_gemv.c; ~10% faster on Q8_0 than the signed form) and its outputs differ from
+ * avx2's by float rounding only (measured: 2e-7 relative to the largest). Without it, vpmaddubsw
+ * gives int16 sums of 2 products (saturating, which no record reaches: see pairs16) and vpmaddwd
+ * widens them; on 4/5/6-bit weights both give identical integers. */
 #ifdef __AVXVNNI__
 #define SIGNED8 0
-static inline __m256i dot4(__m256i acc, __m256i u8, __m256i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
-#else /* vpdpbusd emulated */
+#else
 #define SIGNED8 1
-static inline __m256i dot4(__m256i acc, __m256i u8, __m256i s8) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
-}
 #endif
 
 static inline int64_t code_bytes(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
@@ -87,54 +84,84 @@ static inline __m256i high_bits(__m256i h0, __m256i h1, int bits, int v) {
     return _mm256_and_si256(moved, _mm256_set1_epi8((char)(bits == 5 ? 0x10 : 0x30)));
 }
 
-/* acc [MM][16] = this row block's sums over all K for MM rows of x. */
-static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
-                       int MM, int S, int bits, int sym, float *acc) {
+/* Sums of 2 products u8 x s8 that one int16 lane of vpmaddubsw's output can add up before it is
+ * widened to int32: |q| <= 127 and codes <= 15 (4 bits), 31 (5), 63 (6), |c - 128| <= 128 (8,
+ * SIGNED8) give |pair| <= 3810, 7874, 16002, 32512, so 8, 4, 2, 1 of them stay under 32767. */
+static inline int pairs16(int bits) { return bits == 4 ? 8 : bits == 5 ? 4 : bits == 6 ? 2 : 1; }
+
+/* acc [MM][16] = this row block's sums over all K for MM rows of x. MM, S and BITS are
+ * compile-time constants at every call (block_rows dispatches), so the loops unroll and the
+ * accumulators stay in registers. Per 32-column group g, scale set s and half h (rows 8h ..
+ * 8h + 7): int32 sums ia[m] of codes x q, then acc += dx * (d * ia + m * sum q). */
+static inline __attribute__((always_inline)) void block_rows_t(
+        const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
+        const int MM, const int S, const int BITS, const int sym, float *acc) {
     __m256 a[CM][2];
     for (int m = 0; m < MM; m++) a[m][0] = a[m][1] = _mm256_setzero_ps();
-    const int64_t codes = code_bytes(bits), chunks = bits == 8 ? 8 : 4, set_bytes = sym ? 32 : 64;
-    const float off = (float)(1 << (bits - 1));
+    const int64_t codes = code_bytes(BITS), set_bytes = sym ? 32 : 64;
+    const int chunks = BITS == 8 ? 8 : 4, per_set = chunks / S;
+    const float off = (float)(1 << (BITS - 1));
     const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int64_t g = 0; g < G; g++, rec += codes + set_bytes * S) {
         for (int s = 0; s < S; s++) {
-            __m256i ia[CM][2];
-            for (int m = 0; m < MM; m++) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
-            for (int64_t c = s * chunks / S; c < (s + 1) * chunks / S; c++) {
-                for (int h = 0; h < 2; h++) { /* rows 8h .. 8h + 7 */
+            const uint8_t *dm = rec + codes + set_bytes * s; /* d[16] (, m[16]) float16 */
+            __m256i ia[CM][2], i16[CM][2];
+            for (int m = 0; m < MM; m++) ia[m][0] = ia[m][1] = i16[m][0] = i16[m][1] = _mm256_setzero_si256();
+            int n16 = 0; /* maddubs outputs summed in i16 since the last widening */
+            for (int c = s * per_set; c < (s + 1) * per_set; c++) {
+                __m256i u[2][2]; /* [half][v]: unsigned codes of nibble vectors 2c, 2c + 1, or 8-bit chunk c */
+                for (int h = 0; h < 2; h++) {
                     const __m256i w = _mm256_loadu_si256((const __m256i *)(rec + 64 * c + 32 * h));
-                    if (bits < 8) { /* byte j of a lane: columns 8c + j (low nibble), 8c + 4 + j (high) */
-                        __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
-                        if (bits > 4) {
+                    if (BITS < 8) { /* byte j of a lane: columns 8c + j (low nibble), 8c + 4 + j (high) */
+                        u[h][0] = _mm256_and_si256(w, nib);
+                        u[h][1] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+                        if (BITS > 4) {
                             const __m256i h0 = _mm256_loadu_si256((const __m256i *)(rec + 256 + 32 * h));
-                            const __m256i h1 = bits == 6 ? _mm256_loadu_si256((const __m256i *)(rec + 320 + 32 * h)) : h0;
-                            lo = _mm256_or_si256(lo, high_bits(h0, h1, bits, 2 * (int)c));
-                            hi = _mm256_or_si256(hi, high_bits(h0, h1, bits, 2 * (int)c + 1));
+                            const __m256i h1 = BITS == 6 ? _mm256_loadu_si256((const __m256i *)(rec + 320 + 32 * h)) : h0;
+                            u[h][0] = _mm256_or_si256(u[h][0], high_bits(h0, h1, BITS, 2 * c));
+                            u[h][1] = _mm256_or_si256(u[h][1], high_bits(h0, h1, BITS, 2 * c + 1));
                         }
-                        for (int m = 0; m < MM; m++) {
-                            const int32_t *qw = (const int32_t *)(q + m * K + g * CG);
-                            ia[m][h] = dot4(ia[m][h], lo, _mm256_set1_epi32(qw[2 * c]));
-                            ia[m][h] = dot4(ia[m][h], hi, _mm256_set1_epi32(qw[2 * c + 1]));
-                        }
-                    } else if (!SIGNED8) { /* byte j of a lane: column 4c + j */
-                        for (int m = 0; m < MM; m++) {
-                            const int32_t *qw = (const int32_t *)(q + m * K + g * CG);
-                            ia[m][h] = dot4(ia[m][h], w, _mm256_set1_epi32(qw[c]));
-                        }
-                    } else { /* byte j of a lane: column 4c + j, code c - 128 signed */
-                        const __m256i ws = _mm256_xor_si256(w, flip), aw = _mm256_abs_epi8(ws);
-                        for (int m = 0; m < MM; m++) {
-                            const int32_t *qw = (const int32_t *)(q + m * K + g * CG);
-                            ia[m][h] = dot4(ia[m][h], aw, _mm256_sign_epi8(_mm256_set1_epi32(qw[c]), ws));
+                    } else {
+                        u[h][0] = w; /* signed below */
+                    }
+                }
+                for (int m = 0; m < MM; m++) {
+                    const int32_t *qw = (const int32_t *)(q + m * K + g * CG);
+                    for (int v = 0; v < (BITS < 8 ? 2 : 1); v++) { /* 4 columns of q per lane: word (c, v) */
+                        const __m256i qv = _mm256_set1_epi32(qw[BITS < 8 ? 2 * c + v : c]);
+                        for (int h = 0; h < 2; h++) {
+#ifdef __AVXVNNI__
+                            ia[m][h] = _mm256_dpbusd_avx_epi32(ia[m][h], u[h][v], qv);
+#else
+                            __m256i cu = u[h][v], s8 = qv;
+                            if (BITS == 8) { /* code - 128, its sign moved onto q */
+                                const __m256i ws = _mm256_xor_si256(cu, flip);
+                                cu = _mm256_abs_epi8(ws);
+                                s8 = _mm256_sign_epi8(qv, ws);
+                            }
+                            i16[m][h] = _mm256_add_epi16(i16[m][h], _mm256_maddubs_epi16(cu, s8));
+#endif
                         }
                     }
                 }
+#ifndef __AVXVNNI__
+                n16 += BITS < 8 ? 2 : 1;
+                if (n16 == pairs16(BITS) || c == (s + 1) * per_set - 1) {
+                    for (int m = 0; m < MM; m++)
+                        for (int h = 0; h < 2; h++) {
+                            ia[m][h] = _mm256_add_epi32(ia[m][h], _mm256_madd_epi16(i16[m][h], ones));
+                            i16[m][h] = _mm256_setzero_si256();
+                        }
+                    n16 = 0;
+                }
+#endif
             }
-            const uint8_t *dm = rec + codes + set_bytes * s; /* d[16] (, m[16]) float16 */
             for (int h = 0; h < 2; h++) {
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 16 * h)));
                 __m256 mn = sym ? _mm256_mul_ps(d, _mm256_set1_ps(-off))
                                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 32 + 16 * h)));
-                if (bits == 8 && SIGNED8) mn = _mm256_fmadd_ps(d, _mm256_set1_ps((float)CODE_SHIFT), mn);
+                if (BITS == 8 && SIGNED8) mn = _mm256_fmadd_ps(d, _mm256_set1_ps((float)CODE_SHIFT), mn);
                 for (int m = 0; m < MM; m++) {
                     const float *sqg = sq + m * 2 * G + 2 * g;
                     const float sum_q = S == 1 ? sqg[0] + sqg[1] : sqg[s];
@@ -149,6 +176,20 @@ static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q
         _mm256_storeu_ps(acc + m * CROWS, a[m][0]);
         _mm256_storeu_ps(acc + m * CROWS + 8, a[m][1]);
     }
+}
+
+/* block_rows_t with MM (1 .. CM), S (1, 2) and bits (4, 5, 6, 8) as constants. */
+static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
+                       int MM, int S, int bits, int sym, float *acc) {
+#define ROWS_CASE(B, SS, M) \
+    if (bits == B && S == SS && MM == M) { block_rows_t(rec, G, K, q, dx, sq, M, SS, B, sym, acc); return; }
+#define ROWS_CASES_M(B, SS) ROWS_CASE(B, SS, 1) ROWS_CASE(B, SS, 2) ROWS_CASE(B, SS, 3) ROWS_CASE(B, SS, 4)
+#define ROWS_CASES(B) ROWS_CASES_M(B, 1) ROWS_CASES_M(B, 2)
+    ROWS_CASES(4) ROWS_CASES(5) ROWS_CASES(6) ROWS_CASES(8)
+#undef ROWS_CASES
+#undef ROWS_CASES_M
+#undef ROWS_CASE
+    abort(); /* unreachable: vnni_pack makes no other layout */
 }
 
 #define DEFINE_MATMUL(NAME, T, QUANTIZE, STORE)                                                \
