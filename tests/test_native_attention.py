@@ -139,6 +139,34 @@ def test_fused_silu_and_mul_equals_torch(dtype):
     assert (got.float() - want.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def test_long_prompt_mlp_runs_in_row_chunks(monkeypatch):
+    """A prompt longer than the MLP's chunk runs chunk by chunk (smaller activations) and gives
+    the rows the whole-batch MLP gives, on torch's linears and on the quantized native ones."""
+    from model import layers
+    from model.quant import QuantLinear, quantize_int4
+
+    g = torch.Generator().manual_seed(3)
+    mlp = layers.GatedMLP(64, 96, "silu")
+    x = torch.randn(300, 64, generator=g)
+    want = mlp(x)  # 300 rows of 2 * 96 float32: one chunk
+    calls = []
+    forward = mlp._forward
+    monkeypatch.setattr(mlp, "_forward", lambda rows: calls.append(rows.shape[0]) or forward(rows))
+    monkeypatch.setattr(layers, "MLP_CHUNK_BYTES", 64 * 2 * 96 * 4)  # 64 rows a chunk
+    got = mlp(x)
+    assert calls == [64, 64, 64, 64, 44]
+    assert (got - want).abs().max() < 1e-5
+    ops = native_kernels()
+    if ops is not None and ops.vnni:
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(mlp, name).weight.data
+            setattr(mlp, name, QuantLinear(quantize_int4(w), 4, None, 0, native=ops))
+        calls.clear()
+        got = mlp(x)
+        monkeypatch.setattr(layers, "MLP_CHUNK_BYTES", 1 << 30)
+        assert len(calls) == 5 and torch.equal(got, mlp(x))  # the kernel's rows are independent
+
+
 def test_loading_the_kernels_keeps_ieee_subnormals():
     """The library is built without crtfastmath.o (whose constructor would turn on
     flush-to-zero for every float op in the process, torch's included)."""

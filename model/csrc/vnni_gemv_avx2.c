@@ -34,34 +34,60 @@
 #define CG 32      /* columns per activation group and record */
 #define CROWS 16   /* output rows per block */
 #define CM 4       /* rows of x per pass over a block's weights */
+/* Rows of x per pass over all row blocks: the chunk's int8 rows (chunk x K bytes) stay in each
+ * core's L2 while every weight block reads them (measured, 1B down projection 2048 x 8192 at
+ * 1750 rows: 1.5x the time per row of 256 rows without chunks). */
+#define M_CHUNK_BYTES (256 * 1024)
 #define CODE_SHIFT 128 /* 8-bit codes are stored + 128 (model/quant.py VNNI_CODE_OFFSET) */
 
 int vnni_available(void) { return 1; }
 
-/* Row i of x [M, K] -> int8 q, per 32 columns dx and sq[2] = dx * sum(q) over each half. */
-#define DEFINE_QUANTIZE(NAME, T, LOAD)                                                         \
+static inline __m256 load8_f32(const float *x) { return _mm256_loadu_ps(x); }
+static inline __m256 load8_bf16(const uint16_t *x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16));
+}
+
+static inline int32_t hsum8(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* One group of 32 floats v[4][8] -> 32 int8 codes at q (round to nearest even, as lrintf),
+ * returns dx; sq[h] = dx * sum(q) over half h. */
+static inline float quantize_group(const __m256 *v, int8_t *q, float *sq) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                    _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    const float dx = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
+    __m256i i[4];
+    for (int j = 0; j < 4; j++) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+    /* packs work per 128-bit lane: dwords come out as i0 i1 i2 i3 (columns 0..3 of each) then
+     * the same for columns 4..7; the permutation puts each vector's 8 bytes back in order */
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    sq[0] = dx * (float)hsum8(_mm256_add_epi32(i[0], i[1]));
+    sq[1] = dx * (float)hsum8(_mm256_add_epi32(i[2], i[3]));
+    return dx;
+}
+
+/* x [M, K] -> int8 q [M, K], per 32 columns dx and sq[2] (quantize_group); threads share
+ * the rows when there are enough of them to pay for it. */
+#define DEFINE_QUANTIZE(NAME, T, LOAD8)                                                        \
 static void NAME(const T *x, int64_t M, int64_t K, int8_t *q, float *dx, float *sq) {          \
     const int64_t G = K / CG;                                                                  \
+    _Pragma("omp parallel for schedule(static) if (M * K >= 65536)")                           \
     for (int64_t i = 0; i < M * G; i++) {                                                      \
-        float v[CG], mx = 0.f;                                                                 \
-        for (int k = 0; k < CG; k++) {                                                         \
-            v[k] = LOAD(x[i * CG + k]);                                                        \
-            mx = fabsf(v[k]) > mx ? fabsf(v[k]) : mx;                                          \
-        }                                                                                      \
-        const float inv = mx > 0.f ? 127.f / mx : 0.f;                                         \
-        dx[i] = mx / 127.f;                                                                    \
-        int32_t s[2] = {0, 0};                                                                 \
-        for (int k = 0; k < CG; k++) {                                                         \
-            const int32_t c = (int32_t)lrintf(v[k] * inv);                                     \
-            q[i * CG + k] = (int8_t)c;                                                         \
-            s[k / (CG / 2)] += c;                                                              \
-        }                                                                                      \
-        sq[2 * i] = dx[i] * (float)s[0];                                                       \
-        sq[2 * i + 1] = dx[i] * (float)s[1];                                                   \
+        const __m256 v[4] = {LOAD8(x + i * CG), LOAD8(x + i * CG + 8), LOAD8(x + i * CG + 16), \
+                             LOAD8(x + i * CG + 24)};                                          \
+        dx[i] = quantize_group(v, q + i * CG, sq + 2 * i);                                     \
     }                                                                                          \
 }
-DEFINE_QUANTIZE(quantize_f32, float, f32_load)
-DEFINE_QUANTIZE(quantize_bf16, uint16_t, bf16_load)
+DEFINE_QUANTIZE(quantize_f32, float, load8_f32)
+DEFINE_QUANTIZE(quantize_bf16, uint16_t, load8_bf16)
 
 /* With AVX-VNNI, vpdpbusd sums u8 x s8 products straight into int32, so 8-bit codes are used as
  * they are (as vnni_gemv.c; ~10% faster on Q8_0 than the signed form) and its outputs differ from
@@ -200,17 +226,22 @@ void NAME(const T *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits,
     int8_t *q = malloc((size_t)(M * K));                                                       \
     float *dx = malloc(sizeof(float) * M * G), *sq = malloc(sizeof(float) * M * 2 * G);        \
     QUANTIZE(x, M, K, q, dx, sq);                                                              \
-    _Pragma("omp parallel for schedule(static)")                                               \
-    for (int64_t b = 0; b < nblocks; b++) {                                                    \
-        const int64_t rows = N - b * CROWS < CROWS ? N - b * CROWS : CROWS;                    \
-        for (int64_t m0 = 0; m0 < M; m0 += CM) {                                               \
-            const int mm = M - m0 < CM ? (int)(M - m0) : CM;                                   \
-            float acc[CM * CROWS];                                                             \
-            block_rows(packed + b * G * rec_bytes, G, K, q + m0 * K, dx + m0 * G, sq + m0 * 2 * G, mm, \
-                       (int)sets, (int)bits, (int)sym, acc);                                             \
-            for (int m = 0; m < mm; m++)                                                       \
-                for (int64_t r = 0; r < rows; r++)                                             \
-                    out[(m0 + m) * ldo + b * CROWS + r] = STORE(acc[m * CROWS + r]);           \
+    const int64_t chunk = M_CHUNK_BYTES / K / CM * CM > CM ? M_CHUNK_BYTES / K / CM * CM : CM; \
+    _Pragma("omp parallel")                                                                    \
+    for (int64_t c0 = 0; c0 < M; c0 += chunk) { /* every thread; the row blocks shared */     \
+        const int64_t c1 = M - c0 < chunk ? M : c0 + chunk;                                    \
+        _Pragma("omp for schedule(static)")                                                    \
+        for (int64_t b = 0; b < nblocks; b++) {                                                \
+            const int64_t rows = N - b * CROWS < CROWS ? N - b * CROWS : CROWS;                \
+            for (int64_t m0 = c0; m0 < c1; m0 += CM) {                                         \
+                const int mm = c1 - m0 < CM ? (int)(c1 - m0) : CM;                             \
+                float acc[CM * CROWS];                                                         \
+                block_rows(packed + b * G * rec_bytes, G, K, q + m0 * K, dx + m0 * G, sq + m0 * 2 * G, mm, \
+                           (int)sets, (int)bits, (int)sym, acc);                                         \
+                for (int m = 0; m < mm; m++)                                                   \
+                    for (int64_t r = 0; r < rows; r++)                                         \
+                        out[(m0 + m) * ldo + b * CROWS + r] = STORE(acc[m * CROWS + r]);       \
+            }                                                                                  \
         }                                                                                      \
     }                                                                                          \
     free(q);                                                                                   \
