@@ -50,21 +50,22 @@ def test_native_decode_equals_sdpa(dtype, tol, heads, kv_heads, num_new, context
     assert (got.float() - want.float()).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 1), (4, 4), (10, 1)])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 1), (4, 4), (10, 1), (20, 1)])
 @pytest.mark.parametrize("context", [[1, 7, 300], [700]])
-def test_native_bf16_decode_head_dims_and_groups(head_dim, heads, kv_heads, context):
-    """bf16 at the head sizes of real models: the AVX512-BF16 path (groups of up to 8 query
-    heads per kv head, heads summed in register chunks) and the generic one (a group of 10),
-    long contexts split into pieces across threads."""
+def test_native_decode_head_dims_and_groups(dtype, tol, head_dim, heads, kv_heads, context):
+    """At the head sizes of real models: bf16 on the AVX512-BF16 path (groups of up to 8 query
+    heads per kv head, heads summed in register chunks) and the generic one (groups of 10 and
+    20), float32 on the generic kernel; long contexts split into pieces across threads."""
     lib = native_kernels()
     assert lib is not None, "the C compiler is part of the test environment"
-    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, [1] * len(context), context, torch.bfloat16, head_dim)
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, [1] * len(context), context, dtype, head_dim)
     ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
     native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
     want = ref.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
     got = native.forward(q, k, v, k_cache, v_cache, meta)
-    assert (got.float() - want.float()).abs().max().item() < 2e-2
+    assert (got.float() - want.float()).abs().max().item() < tol
 
 
 def test_backend_selection(tiny_checkpoint):
