@@ -15,12 +15,11 @@
  * Tiles: 16 rows x 32 columns x up to CM = 4 rows of x per pass, the loops unrolled with the
  * layout as constants so the accumulators stay in registers. On a 2-core Zen 3, 1B shapes, 4-bit,
  * against the earlier 2-row form that widened every product: 128 rows of x 1.9x faster, one row
- * 1.6x from L3 (from DRAM one row is bandwidth-bound). Other builds (x86-64 baseline, armv8-a)
- * have no such matmul
- * (`vnni_available` 0, from vnni_gemv.c): plain C loops took ~1.2 ms for 3072 x 576, where
- * torch's int4 kernel, which then serves, takes ~70 us.
+ * ~2x from L3 (from DRAM one row is bandwidth-bound).
+ * Other builds (x86-64 baseline, armv8-a) have no such matmul (`vnni_available` 0, from
+ * vnni_gemv.c): plain C loops took ~1.2 ms for 3072 x 576, where torch's int4 kernel, which
+ * then serves, takes ~70 us.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,8 +116,9 @@ static inline int pairs16(int bits) { return bits == 4 ? 8 : bits == 5 ? 4 : bit
 
 /* acc [MM][16] = this row block's sums over all K for MM rows of x. MM, S and BITS are
  * compile-time constants at every call (block_rows dispatches), so the loops unroll and the
- * accumulators stay in registers. Per 32-column group g, scale set s and half h (rows 8h ..
- * 8h + 7): int32 sums ia[m] of codes x q, then acc += dx * (d * ia + m * sum q). */
+ * accumulators stay in registers. Per 32-column group g and scale set s: chunk by chunk, each
+ * weight vector unpacked once serves the MM rows of x; int32 sums ia[m][h] of codes x q (h: rows
+ * 8h .. 8h + 7), then acc += dx * (d * ia + m * sum q). */
 static inline __attribute__((always_inline)) void block_rows_t(
         const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
         const int MM, const int S, const int BITS, const int sym, float *acc) {
