@@ -134,6 +134,7 @@ class RotaryEmbedding(nn.Module):
 # at a time; same result): bigger blocks come fresh from mmap, and the kernel zeroes their pages
 # again at every layer (1B shape, a 1750-token prompt: 115 MB per layer).
 MLP_CHUNK_BYTES = 16 << 20
+MLP_MIN_CHUNK_ROWS = 64
 
 
 class GatedMLP(nn.Module):
@@ -143,18 +144,20 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.intermediate = intermediate  # the full model's (a TP shard's is smaller: its chunks too)
         self.act = activation(act)
         self.act_name = act
         self.native = None  # NativeOps (model/native.py), given only for silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = max(64, MLP_CHUNK_BYTES // (self.gate_up_proj.out_features * x.element_size()))
-        if x.dim() != 2 or x.shape[0] <= rows:
-            return self._forward(x)
-        out = torch.empty_like(x)  # [T, hidden]
-        for i in range(0, x.shape[0], rows):  # a long prompt's rows a chunk at a time
-            out[i : i + rows] = self._forward(x[i : i + rows])
-        return out
+        if x.shape[0] > MLP_MIN_CHUNK_ROWS and x.dim() == 2:  # never true at decode
+            rows = max(MLP_MIN_CHUNK_ROWS, MLP_CHUNK_BYTES // (2 * self.intermediate * x.element_size()))
+            if x.shape[0] > rows:
+                out = torch.empty_like(x)  # [T, hidden]
+                for i in range(0, x.shape[0], rows):  # a long prompt's rows a chunk at a time
+                    out[i : i + rows] = self._forward(x[i : i + rows])
+                return out
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]

@@ -112,11 +112,10 @@ class NativeOps:
         """out [M, N] = x [M, K] @ W^T, W packed by model.vnni_pack.vnni_pack in `layout` (needs
         `self.vnni`); x contiguous, out's rows contiguous with any row stride (a column slice)."""
         m, k = x.shape
-        n, ldo = out.shape[1], out.stride(0)
         if out.stride(1) != 1 or out.dtype != x.dtype or packed.shape[-1] != layout.record_bytes:
             raise ValueError("vnni_matmul: out must match x's dtype with contiguous rows, packed must be in layout")
         self.fns["vnni_matmul", x.dtype](x.data_ptr(), m, k, packed.data_ptr(), layout.bits, layout.group,
-                                         layout.sym, out.data_ptr(), n, ldo)
+                                         int(layout.sym), out.data_ptr(), out.shape[1], out.stride(0))
 
     def lanes_gemm(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
         """out [M, N] = x [M, K] @ W^T in bf16, W packed by model.prepack.lanes_pack (needs `self.lanes`)."""

@@ -258,12 +258,6 @@ class QuantLinear(nn.Module):
         return 1
 
     def _vnni_forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if out is None and x.dim() == 2 and x.dtype in self.vnni.dtypes and x.is_contiguous():
-            # the decode step's case, kept short: ~30 -> ~15 us of Python a call at 135M shapes
-            y = x.new_empty(x.shape[0], self.out_features)
-            if x.shape[0]:
-                self.vnni.vnni_matmul(x, self._buffers["vnni_packed"], self.layout, y)
-            return y
         x2 = x.reshape(-1, self.in_features)  # a view for the usual [M, K] bf16 decode input
         if x2.dtype not in self.vnni.dtypes or not x2.is_contiguous():
             x2 = x2.to(x2.dtype if x2.dtype in self.vnni.dtypes else torch.float32).contiguous()
@@ -282,7 +276,7 @@ class QuantLinear(nn.Module):
             out.copy_(self.forward(x))
 
     def _dense_for(self, x: torch.Tensor) -> bool:
-        return self.dense_above < x.shape[0] and self._buffers["dense"] is not None
+        return self.dense is not None and x.shape[0] > self.dense_above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense_for(x):

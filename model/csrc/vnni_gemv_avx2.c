@@ -134,7 +134,9 @@ static inline __attribute__((always_inline)) void block_rows_t(
             const uint8_t *dm = rec + codes + set_bytes * s; /* d[16] (, m[16]) float16 */
             __m256i ia[CM][2], i16[CM][2];
             for (int m = 0; m < MM; m++) ia[m][0] = ia[m][1] = i16[m][0] = i16[m][1] = _mm256_setzero_si256();
+#ifndef __AVXVNNI__
             int n16 = 0; /* maddubs outputs summed in i16 since the last widening */
+#endif
             for (int c = s * per_set; c < (s + 1) * per_set; c++) {
                 __m256i u[2][2]; /* [half][v]: unsigned codes of nibble vectors 2c, 2c + 1, or 8-bit chunk c */
                 for (int h = 0; h < 2; h++) {
