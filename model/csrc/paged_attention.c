@@ -367,8 +367,9 @@ void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint
 }
 
 /* int8 K/V pools (model/kv_quant.py's rows: D codes then a bf16 scale per (token, kv head);
- * a token's row is kvH * (D + 2) bytes), read in place, in plain C for every variant (the
- * compiler vectorizes the widening dot products and V sums for the variant's ISA). Tasks
+ * a token's row is kvH * (D + 2) bytes), read in place: intrinsics on AVX-512 and on AVX2 +
+ * FMA (int8_task_fast), plain C elsewhere (the compiler vectorizes the widening dot products
+ * and V sums for the variant's ISA). Tasks
  * (sequence, piece, kv head) as fast_task's: the g query heads of a kv head share each row;
  * score = (scale * q) . codes * k_scale, acc += (p * v_scale) * codes, in float32. */
 static inline float int8_scale(const int8_t *r, int64_t D) {
@@ -448,9 +449,156 @@ static void int8_task_avx512(const float *qf, const int8_t *k_cache, const int8_
 static inline int int8_fast_ok(int64_t D, int64_t g) {
     return D % 16 == 0 && D <= INT8_FAST_MAX_D && g <= INT8_FAST_MAX_GROUP;
 }
+#define int8_task_fast int8_task_avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define INT8_FAST_MAX_D 128
+#define INT8_FAST_MAX_GROUP 8
+#define INT8_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together */
+#define INT8_V_TOKENS 16  /* V pass: tokens whose rows stay in L1 across the column groups */
+/* 8 int8 codes -> 8 float32 */
+static inline __m256 widen8_int8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+/* [sum(a0), sum(a1), sum(a2), sum(a3)] */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+static inline float hsum8(__m256 a) { return _mm_cvtss_f32(hsum4(a, a, a, a)); }
+
+/* V pass for G query heads, CW column chunks (8 floats) at a time: the G x CW accumulators
+ * live in registers (G * CW <= 12 of the 16 ymm) while INT8_V_TOKENS rows go by, then go back
+ * to acc [G, D]; the next column group re-reads those rows from L1. G and CW are constants
+ * after inlining (int8_v_pass_avx2 dispatches). p = softmax weight * the row's scale. */
+static inline __attribute__((always_inline)) void int8_v_pass_g(
+        const int8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j, int64_t row, int64_t D,
+        int64_t bs, const float *scores, float *acc, const int G, const int CW) {
+    const int64_t w = D + 2, chunks = D / 8;
+    for (int64_t i = 0; i < G * D; i++) acc[i] = 0.f;
+    for (int64_t tb = 0; tb < n; tb += INT8_V_TOKENS) {
+        const int64_t nb = n - tb < INT8_V_TOKENS ? n - tb : INT8_V_TOKENS;
+        const int8_t *vr[INT8_V_TOKENS];
+        float p[INT8_V_TOKENS][INT8_FAST_MAX_GROUP];
+        for (int64_t u = 0; u < nb; u++) {
+            const int64_t tok = t0 + tb + u;
+            if (tb + u + PREFETCH_TOKENS < n) {
+                const int64_t ft = tok + PREFETCH_TOKENS;
+                prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            }
+            vr[u] = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+            const float vs = int8_scale(vr[u], D);
+            for (int i = 0; i < G; i++) p[u][i] = scores[i * n + tb + u] * vs;
+        }
+        for (int64_t c0 = 0; c0 < chunks; c0 += CW) {
+            __m256 o[INT8_FAST_MAX_GROUP][4];
+            for (int i = 0; i < G; i++)
+                for (int c = 0; c < CW; c++) o[i][c] = _mm256_loadu_ps(acc + i * D + 8 * (c0 + c));
+            for (int64_t u = 0; u < nb; u++)
+                for (int c = 0; c < CW; c++) {
+                    const __m256 r = widen8_int8(vr[u] + 8 * (c0 + c));
+                    for (int i = 0; i < G; i++) o[i][c] = _mm256_fmadd_ps(_mm256_set1_ps(p[u][i]), r, o[i][c]);
+                }
+            for (int i = 0; i < G; i++)
+                for (int c = 0; c < CW; c++) _mm256_storeu_ps(acc + i * D + 8 * (c0 + c), o[i][c]);
+        }
+    }
+}
+
+/* Column chunks per group: the widest of 4 / 2 / 1 that fits G * CW <= 12 and divides D / 8. */
+static inline int int8_v_columns(int64_t g, int64_t D) {
+    const int64_t chunks = D / 8;
+    for (int cw = 4; cw > 1; cw /= 2)
+        if (g * cw <= 12 && chunks % cw == 0) return cw;
+    return 1;
+}
+
+#define INT8_V_CASE(G)                                                                          \
+    case G:                                                                                     \
+        if (cw == 4) int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 4);   \
+        else if (cw == 2) int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 2); \
+        else int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 1);          \
+        break;
+static void int8_v_pass_avx2(const int8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j,
+                             int64_t g, int64_t row, int64_t D, int64_t bs, const float *scores, float *acc) {
+    const int cw = int8_v_columns(g, D);
+    switch (g) {
+        INT8_V_CASE(1) INT8_V_CASE(2) INT8_V_CASE(3) INT8_V_CASE(4)
+        INT8_V_CASE(5) INT8_V_CASE(6) INT8_V_CASE(7) INT8_V_CASE(8)
+    }
+}
+
+/* int8_task with AVX2 + FMA (D % 8 == 0, D <= 128, g <= 8). K pass: INT8_K_TOKENS rows
+ * are widened once into kf (L1) and serve the g heads; their four q.k sums are reduced
+ * together (one hadd tree, not one per token). V pass: int8_v_pass_avx2. */
+static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
+                           int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                           float *scores, float *acc, float *max, float *sum) {
+    const int64_t w = D + 2, chunks = D / 8;
+    float kf[INT8_K_TOKENS][INT8_FAST_MAX_D] __attribute__((aligned(32)));
+    float ks[INT8_K_TOKENS];
+    __m128 mx[INT8_FAST_MAX_GROUP]; /* running max of the 4-token blocks' scores, per head */
+    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; mx[i] = _mm_set1_ps(-FLT_MAX); }
+    int64_t t = 0;
+    for (; t < n; t += INT8_K_TOKENS) { /* K pass */
+        const int64_t nk = n - t < INT8_K_TOKENS ? n - t : INT8_K_TOKENS;
+        for (int64_t u = 0; u < nk; u++) {
+            const int64_t tok = t0 + t + u;
+            if (t + u + PREFETCH_TOKENS < n) {
+                const int64_t ft = tok + PREFETCH_TOKENS;
+                prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            }
+            const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+            ks[u] = int8_scale(kr, D);
+            for (int64_t c = 0; c < chunks; c++) _mm256_store_ps(kf[u] + 8 * c, widen8_int8(kr + 8 * c));
+        }
+        for (int64_t i = 0; i < g; i++) {
+            const float *qi = qf + i * D;
+            float *si = scores + i * n + t;
+            if (nk == INT8_K_TOKENS) { /* 8 independent FMA chains: enough to hide their latency */
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m256 qv = _mm256_loadu_ps(qi + 8 * c);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[0] + 8 * c), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[1] + 8 * c), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[2] + 8 * c), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[3] + 8 * c), a3);
+                    a4 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[4] + 8 * c), a4);
+                    a5 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[5] + 8 * c), a5);
+                    a6 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[6] + 8 * c), a6);
+                    a7 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[7] + 8 * c), a7);
+                }
+                const __m128 lo = _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_loadu_ps(ks));
+                const __m128 hi = _mm_mul_ps(hsum4(a4, a5, a6, a7), _mm_loadu_ps(ks + 4));
+                _mm_storeu_ps(si, lo);
+                _mm_storeu_ps(si + 4, hi);
+                mx[i] = _mm_max_ps(mx[i], _mm_max_ps(lo, hi));
+            } else {
+                for (int64_t u = 0; u < nk; u++) {
+                    __m256 a = _mm256_setzero_ps();
+                    for (int64_t c = 0; c < chunks; c++)
+                        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * c), _mm256_load_ps(kf[u] + 8 * c), a);
+                    si[u] = hsum8(a) * ks[u];
+                    max[i] = si[u] > max[i] ? si[u] : max[i];
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < g; i++) {
+        float m4[4];
+        _mm_storeu_ps(m4, mx[i]);
+        for (int u = 0; u < 4; u++) max[i] = m4[u] > max[i] ? m4[u] : max[i];
+    }
+    exp_scores(scores, max, sum, g, n);
+    int8_v_pass_avx2(v_cache, table, t0, n, j, g, row, D, bs, scores, acc);
+}
+static inline int int8_fast_ok(int64_t D, int64_t g) {
+    return D % 8 == 0 && D <= INT8_FAST_MAX_D && g <= INT8_FAST_MAX_GROUP;
+}
+#define int8_task_fast int8_task_avx2
 #else
 static inline int int8_fast_ok(int64_t D, int64_t g) { (void)D; (void)g; return 0; }
-#define int8_task_avx512 int8_task
+#define int8_task_fast int8_task
 #endif
 
 /* qf [g, D] (already times the softmax scale); scores [g, n] scratch; leaves acc [g, D], max, sum. */
@@ -516,7 +664,7 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
                 float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;       \
                 const T *qb = q + b * q_stride + j * g * D;                                       \
                 for (int64_t i = 0; i < g * D; i++) qf[i] = LOAD(qb[i]) * scale;                  \
-                (fast ? int8_task_avx512 : int8_task)(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, \
+                (fast ? int8_task_fast : int8_task)(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, \
                           j, g, row, D, bs, scores, acc + j * g * D, max, sum);                   \
                 free(scores);                                                                     \
             }                                                                                     \
