@@ -32,15 +32,19 @@ def perturbed_kv(eps: float) -> None:
     from model import attention
 
     gen = torch.Generator().manual_seed(0)
+    jitter = lambda x: x * (1 + eps * torch.randn(x.shape, generator=gen)).to(x.dtype)
 
-    def wrap(forward):
+    def wrap(cls):
+        forward = cls.__dict__["forward"]
+
         def perturbing(self, q, k, v, *rest, **kw):
-            jitter = lambda x: x * (1 + eps * torch.randn(x.shape, generator=gen)).to(x.dtype)
-            return forward(self, q, jitter(k), jitter(v), *rest, **kw)
-        return perturbing
+            if type(self) is cls:  # once: the native backend's fallback calls the torch one's forward
+                k, v = jitter(k), jitter(v)
+            return forward(self, q, k, v, *rest, **kw)
+        cls.forward = perturbing
 
     for cls in (attention.TorchPagedAttention, attention.NativeCPUPagedAttention):
-        cls.forward = wrap(cls.__dict__["forward"])
+        wrap(cls)
 
 
 def answers(model: str, kv: str, backend: str, max_tokens: int) -> dict[str, list[tuple[int, float]]]:

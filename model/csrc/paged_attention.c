@@ -372,6 +372,13 @@ void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint
  * and V sums for the variant's ISA). Tasks
  * (sequence, piece, kv head) as fast_task's: the g query heads of a kv head share each row;
  * score = (scale * q) . codes * k_scale, acc += (p * v_scale) * codes, in float32. */
+/* kv head j's row of a sequence's token `tok`: the pool slot through the block table, row =
+ * kvH * w bytes per slot, w = D + 2 per head. */
+static inline const int8_t *int8_row(const int8_t *cache, const int64_t *table, int64_t tok, int64_t bs,
+                                     int64_t row, int64_t j, int64_t w) {
+    return cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+}
+
 static inline float int8_scale(const int8_t *r, int64_t D) {
     uint16_t s;
     memcpy(&s, r + D, 2);
@@ -412,9 +419,9 @@ static void int8_task_avx512(const float *qf, const int8_t *k_cache, const int8_
         const int64_t tok = t0 + t;
         if (t + PREFETCH_TOKENS < n) {
             const int64_t ft = tok + PREFETCH_TOKENS;
-            prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            prefetch_int8(int8_row(k_cache, table, ft, bs, row, j, w), D);
         }
-        const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const int8_t *kr = int8_row(k_cache, table, tok, bs, row, j, w);
         const float ks = int8_scale(kr, D);
         for (int64_t c = 0; c < chunks; c++) r[c] = widen_int8(kr + 16 * c);
         for (int64_t i = 0; i < g; i++) {
@@ -433,9 +440,9 @@ static void int8_task_avx512(const float *qf, const int8_t *k_cache, const int8_
         const int64_t tok = t0 + t;
         if (t + PREFETCH_TOKENS < n) {
             const int64_t ft = tok + PREFETCH_TOKENS;
-            prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            prefetch_int8(int8_row(v_cache, table, ft, bs, row, j, w), D);
         }
-        const int8_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const int8_t *vr = int8_row(v_cache, table, tok, bs, row, j, w);
         const float vs = int8_scale(vr, D);
         for (int64_t c = 0; c < chunks; c++) r[c] = widen_int8(vr + 16 * c);
         for (int64_t i = 0; i < g; i++) {
@@ -454,7 +461,7 @@ static inline int int8_fast_ok(int64_t D, int64_t g) {
 #include <immintrin.h>
 #define INT8_FAST_MAX_D 128
 #define INT8_FAST_MAX_GROUP 8
-#define INT8_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together */
+#define INT8_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together (two hsum4) */
 #define INT8_V_TOKENS 16  /* V pass: tokens whose rows stay in L1 across the column groups */
 /* 8 int8 codes -> 8 float32 */
 static inline __m256 widen8_int8(const int8_t *p) {
@@ -484,9 +491,9 @@ static inline __attribute__((always_inline)) void int8_v_pass_g(
             const int64_t tok = t0 + tb + u;
             if (tb + u + PREFETCH_TOKENS < n) {
                 const int64_t ft = tok + PREFETCH_TOKENS;
-                prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+                prefetch_int8(int8_row(v_cache, table, ft, bs, row, j, w), D);
             }
-            vr[u] = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+            vr[u] = int8_row(v_cache, table, tok, bs, row, j, w);
             const float vs = int8_scale(vr[u], D);
             for (int i = 0; i < G; i++) p[u][i] = scores[i * n + tb + u] * vs;
         }
@@ -529,26 +536,26 @@ static void int8_v_pass_avx2(const int8_t *v_cache, const int64_t *table, int64_
 }
 
 /* int8_task with AVX2 + FMA (D % 8 == 0, D <= 128, g <= 8). K pass: INT8_K_TOKENS rows
- * are widened once into kf (L1) and serve the g heads; their four q.k sums are reduced
- * together (one hadd tree, not one per token). V pass: int8_v_pass_avx2. */
+ * are widened once into kf (L1) and serve the g heads; each head's 8 q.k sums are reduced
+ * by two hadd trees (not one per token) and its running max kept in a vector. V pass:
+ * int8_v_pass_avx2. */
 static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
                            int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
                            float *scores, float *acc, float *max, float *sum) {
     const int64_t w = D + 2, chunks = D / 8;
     float kf[INT8_K_TOKENS][INT8_FAST_MAX_D] __attribute__((aligned(32)));
     float ks[INT8_K_TOKENS];
-    __m128 mx[INT8_FAST_MAX_GROUP]; /* running max of the 4-token blocks' scores, per head */
+    __m128 mx[INT8_FAST_MAX_GROUP]; /* per head: running max of the full blocks' scores */
     for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; mx[i] = _mm_set1_ps(-FLT_MAX); }
-    int64_t t = 0;
-    for (; t < n; t += INT8_K_TOKENS) { /* K pass */
+    for (int64_t t = 0; t < n; t += INT8_K_TOKENS) { /* K pass */
         const int64_t nk = n - t < INT8_K_TOKENS ? n - t : INT8_K_TOKENS;
         for (int64_t u = 0; u < nk; u++) {
             const int64_t tok = t0 + t + u;
             if (t + u + PREFETCH_TOKENS < n) {
                 const int64_t ft = tok + PREFETCH_TOKENS;
-                prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+                prefetch_int8(int8_row(k_cache, table, ft, bs, row, j, w), D);
             }
-            const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+            const int8_t *kr = int8_row(k_cache, table, tok, bs, row, j, w);
             ks[u] = int8_scale(kr, D);
             for (int64_t c = 0; c < chunks; c++) _mm256_store_ps(kf[u] + 8 * c, widen8_int8(kr + 8 * c));
         }
@@ -556,20 +563,14 @@ static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t 
             const float *qi = qf + i * D;
             float *si = scores + i * n + t;
             if (nk == INT8_K_TOKENS) { /* 8 independent FMA chains: enough to hide their latency */
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                __m256 a[INT8_K_TOKENS];
+                for (int u = 0; u < INT8_K_TOKENS; u++) a[u] = _mm256_setzero_ps();
                 for (int64_t c = 0; c < chunks; c++) {
                     const __m256 qv = _mm256_loadu_ps(qi + 8 * c);
-                    a0 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[0] + 8 * c), a0);
-                    a1 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[1] + 8 * c), a1);
-                    a2 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[2] + 8 * c), a2);
-                    a3 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[3] + 8 * c), a3);
-                    a4 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[4] + 8 * c), a4);
-                    a5 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[5] + 8 * c), a5);
-                    a6 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[6] + 8 * c), a6);
-                    a7 = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[7] + 8 * c), a7);
+                    for (int u = 0; u < INT8_K_TOKENS; u++) a[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[u] + 8 * c), a[u]);
                 }
-                const __m128 lo = _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm_loadu_ps(ks));
-                const __m128 hi = _mm_mul_ps(hsum4(a4, a5, a6, a7), _mm_loadu_ps(ks + 4));
+                const __m128 lo = _mm_mul_ps(hsum4(a[0], a[1], a[2], a[3]), _mm_loadu_ps(ks));
+                const __m128 hi = _mm_mul_ps(hsum4(a[4], a[5], a[6], a[7]), _mm_loadu_ps(ks + 4));
                 _mm_storeu_ps(si, lo);
                 _mm_storeu_ps(si + 4, hi);
                 mx[i] = _mm_max_ps(mx[i], _mm_max_ps(lo, hi));
@@ -612,9 +613,9 @@ static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_ca
         const int64_t tok = t0 + t;
         if (t + PREFETCH_TOKENS < n) {
             const int64_t ft = tok + PREFETCH_TOKENS;
-            prefetch_int8(k_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            prefetch_int8(int8_row(k_cache, table, ft, bs, row, j, w), D);
         }
-        const int8_t *kr = k_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const int8_t *kr = int8_row(k_cache, table, tok, bs, row, j, w);
         const float ks = int8_scale(kr, D);
         for (int64_t i = 0; i < g; i++) {
             const float s = dot_int8(qf + i * D, kr, D) * ks;
@@ -628,9 +629,9 @@ static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_ca
         const int64_t tok = t0 + t;
         if (t + PREFETCH_TOKENS < n) {
             const int64_t ft = tok + PREFETCH_TOKENS;
-            prefetch_int8(v_cache + (table[ft / bs] * bs + ft % bs) * row + j * w, D);
+            prefetch_int8(int8_row(v_cache, table, ft, bs, row, j, w), D);
         }
-        const int8_t *vr = v_cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+        const int8_t *vr = int8_row(v_cache, table, tok, bs, row, j, w);
         const float vs = int8_scale(vr, D);
         for (int64_t d = 0; d < D; d++) r[d] = (float)vr[d];
         for (int64_t i = 0; i < g; i++) {
