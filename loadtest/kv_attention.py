@@ -14,7 +14,7 @@ import time
 import torch
 
 from model.attention import NativeCPUPagedAttention, SeqAttention, TorchPagedAttention, build_attention_metadata
-from model.kv_quant import quantize
+from model.kv_quant import quantize, rotates
 from model.native import native_kernels
 
 
@@ -37,7 +37,7 @@ def _case(args: argparse.Namespace, ctx: int, int8: bool):
     shape = (args.layers, nb, args.block_size, args.kv_heads, args.head_dim)
     k, v = torch.randn(shape).bfloat16(), torch.randn(shape).bfloat16()
     if int8:
-        k, v = quantize(k), quantize(v)
+        k, v = quantize(k, None, rotates(args.head_dim)), quantize(v, None, rotates(args.head_dim))  # format 2 rows
     table = torch.randperm(nb)
     last = ctx - 1
     slot = torch.tensor([int(table[last // args.block_size]) * args.block_size + last % args.block_size])

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from model.kv_quant import dequantize, quantize
+from model.kv_quant import dequantize, quantize, rotate, rotates
 
 
 @dataclass
@@ -128,6 +128,10 @@ class TorchPagedAttention:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        # int8 pools (model/kv_quant.py): the centre of this layer's K rows [kvH, d] float32
+        # (Runner.calibrate_int8_keys; None: zero), and whether rows are Hadamard-rotated
+        self.k_center: torch.Tensor | None = None
+        self.rotated = rotates(head_dim)
 
     def forward(
         self,
@@ -139,7 +143,7 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
         masks: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, H, d]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_center)
         return self.attend_all(q, k_cache, v_cache, meta, masks)
 
     def attend_all(
@@ -166,10 +170,13 @@ class TorchPagedAttention:
         qg = (q.unsqueeze(1) if g.whole_batch else q[g.token_index]).transpose(1, 2)  # [B, H, max_q, d]
         kg = gather_blocks(k_cache, g.block_tables, qg.dtype)  # [B, kvH, L, d]
         vg = gather_blocks(v_cache, g.block_tables, qg.dtype)
+        rotated = k_cache.dtype == torch.int8 and self.rotated  # K, V are H k, H v: rotate q and the output
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask if mask is None else mask, scale=self.scale,
+            rotate(qg) if rotated else qg, kg, vg, attn_mask=g.mask if mask is None else mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, max_q, d]
+        if rotated:
+            o = rotate(o)
         return o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)
 
 
@@ -184,7 +191,7 @@ class NativeCPUPagedAttention(TorchPagedAttention):
         self.ops = ops  # model.native.NativeOps
 
     def forward(self, q, k, v, k_cache, v_cache, meta, masks=None):
-        if q.is_cpu and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping):
+        if q.is_cpu and self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_center):
             return self.attend_all(q, k_cache, v_cache, meta, masks)  # K/V already written, one C call
         return super().forward(q, k, v, k_cache, v_cache, meta, masks)
 
@@ -202,19 +209,21 @@ class NativeCPUPagedAttention(TorchPagedAttention):
             rows.data_ptr(), rows.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             tables.data_ptr(), tables.shape[1], g.context_lens.data_ptr(), out.data_ptr(),
             batch, self.num_heads, self.num_kv_heads, self.head_dim, k_cache.shape[1], self.scale,
+            *((int(self.rotated),) if k_cache.dtype == torch.int8 else ()),
         )
         return out
 
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_center: torch.Tensor | None = None,
 ) -> None:
     """Scatter this step's K/V [T, kvH, d] into the pools at `slot_mapping` [T] (an int8 pool:
-    quantized rows [T, kvH, d + 2], model/kv_quant.py)."""
+    quantized rows [T, kvH, d + 2] of format 2, K centred on `k_center`, model/kv_quant.py)."""
     kv_heads, row = k_cache.shape[-2:]
     if k_cache.dtype == torch.int8:
-        k, v = quantize(k), quantize(v)
+        rotated = rotates(k.shape[-1])
+        k, v = quantize(k, k_center, rotated), quantize(v, None, rotated)
     k_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from model import native_build
 from model.attention import NativeCPUPagedAttention, TorchPagedAttention
+from model.kv_quant import rotates
 from model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from model.native_build import MARCH_NATIVE, VARIANT_ENV, KernelVariantError, Variant, choose_variant, cpu_flags
 
@@ -57,10 +58,12 @@ _SIGNATURES = {
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
     "write_kv": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, k/v stride, kc, vc, slots, n, row)
-    # int8 pools (model/kv_quant.py), suffix = the model's dtype: same arguments as above, and
-    # (k, v, k/v stride, kc, vc, slots, n, kvH, D)
-    "paged_decode_attention_int8": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32],
-    "write_kv_int8": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+    # int8 pools (model/kv_quant.py), suffix = the model's dtype: the decode kernel's arguments
+    # above and whether rows are rotated; (k, v, k/v stride, kc, vc, slots, n, kvH, D, k centre
+    # [kvH, D] float32 or NULL, rotated)
+    "paged_decode_attention_int8": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _f32,
+                                    _i64],
+    "write_kv_int8": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64],
     # (x, M, K, packed, bits, group, sym, out, N, ldo)
     "vnni_matmul": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64],
 }
@@ -123,10 +126,11 @@ class NativeOps:
         self._lanes_gemm(x.data_ptr(), m, k, packed.data_ptr(), out.data_ptr(), out.shape[1])
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slots: torch.Tensor) -> bool:
+                 slots: torch.Tensor, k_center: torch.Tensor | None = None) -> bool:
         """Copy K, V [T, kvH, d] (each token's row contiguous, any token strides) into the
-        pools at `slots` [T] (an int8 pool: quantized, model/kv_quant.py); False (nothing
-        done) where the layouts do not allow a row copy."""
+        pools at `slots` [T] (an int8 pool: quantized rows of format 2, K centred on
+        `k_center` [kvH, d] float32, model/kv_quant.py); False (nothing done) where the
+        layouts do not allow a row copy."""
         t, heads, dim = k.shape
         int8 = k_cache.dtype == torch.int8
         if not (k.dtype == v.dtype and k.dtype in self.dtypes and (int8 or k.dtype == k_cache.dtype)
@@ -137,7 +141,8 @@ class NativeOps:
         args = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                 slots.data_ptr(), t)
         if int8:
-            self.fns["write_kv_int8", k.dtype](*args, heads, dim)
+            center = None if k_center is None else k_center.data_ptr()  # [kvH, d] float32, contiguous
+            self.fns["write_kv_int8", k.dtype](*args, heads, dim, center, int(rotates(dim)))
         else:
             self.fns["write_kv", k.dtype](*args, heads * dim)
         return True

@@ -20,8 +20,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=
 
 def make_engine(tiny_checkpoint, kv: str, backend: str = "auto", **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(tiny_checkpoint("llama")), dtype="bfloat16", device="cpu",
-                                  block_size=BS, num_kv_blocks=128, max_model_len=128, kv_cache_dtype=kv,
-                                  kernel_backend=backend, **kw))
+                                  block_size=BS, num_kv_blocks=128, kv_cache_dtype=kv, kernel_backend=backend,
+                                  **{"max_model_len": 128, **kw}))
 
 
 def prompts() -> list[list[int]]:
@@ -103,9 +103,37 @@ def test_int8_offload_round_trip_and_old_files_refused(tiny_checkpoint, tmp_path
     # a bf16 engine reading the int8 file: refused (recompute), never reinterpreted
     bf16 = make_engine(tiny_checkpoint, "auto")
     assert KVSwapper(bf16.runner.kv_cache, BS, tmp_path).read(offloaded) is None
-    # a version-1 file (before the dtype was recorded) with this engine's exact shape: refused
+    # a version-2 file (int8 rows of format 1: not Hadamard-rotated) with this engine's exact
+    # shape and dtype: refused, and a version-1 file (before the dtype was recorded) too
     record = torch.load(offloaded.path, weights_only=True)
+    record["format_version"] = 2
+    torch.save(record, offloaded.path)
+    assert swapper.read(offloaded) is None
     record["format_version"] = 1
     del record["kv_dtype"]
     torch.save(record, offloaded.path)
     assert swapper.read(offloaded) is None
+
+
+def test_int8_keys_centred_at_load_without_touching_the_pool(tiny_checkpoint):
+    """An int8 engine runs the calibration text once at load (server/engine/build.py): every
+    layer gets its own K centre [kvH, d] float32, the mean of that layer's K over the text, and
+    the real pool stays all zeros (the prefill went to a scratch pool)."""
+    from server.engine.build import calibration_ids
+
+    engine = make_engine(tiny_checkpoint, "int8")
+    attns = [m.attn for m in engine.runner.model.modules() if hasattr(m, "attn")]
+    centers = [a.k_center for a in attns]
+    assert len(centers) == 2 and all(c.shape == (2, 16) and c.dtype == torch.float32 for c in centers)
+    assert not torch.equal(centers[0], centers[1]) and all(c.abs().sum() > 0 for c in centers)
+    assert engine.runner.kv_cache.eq(0).all()
+    # the same text as a request through a bfloat16 engine: its layers' mean K rows are the centres
+    ref = make_engine(tiny_checkpoint, "auto", max_model_len=256)
+    ids = calibration_ids(ref.tokenizer)[:128]  # what the int8 engine (max_model_len 128) ran
+    ref.add_request("c", ids, SamplingParams(temperature=0, max_tokens=2))
+    seq = ref.scheduler.waiting[0]
+    ref.step()
+    blocks = torch.tensor(seq.block_table)
+    keys = ref.runner.kv_cache[:, 0, blocks].reshape(2, -1, 2, 16)[:, : len(ids)].float()  # [L, n, kvH, d]
+    for center, mean in zip(centers, keys.mean(1)):
+        assert (center - mean).abs().max().item() < 0.02 * mean.abs().max().item() + 1e-3

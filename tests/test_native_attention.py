@@ -199,21 +199,27 @@ def test_native_write_kv_takes_k_and_v_with_different_token_strides():
 @pytest.mark.parametrize("heads,kv_heads,d", [(6, 2, 16), (9, 3, 64), (4, 4, 128), (16, 2, 128), (10, 2, 48), (7, 1, 24)])
 @pytest.mark.parametrize("num_new,context", [([1, 1, 1], [1, 9, 300]), ([1, 5, 1], [13, 5, 70])])
 def test_native_int8_kv_equals_torch_dequantized(dtype, tol, heads, kv_heads, d, num_new, context):
-    """int8 pools (model/kv_quant.py): the C write quantizes as kv_quant.quantize does, and the C
-    decode kernel reading codes + scales in place equals SDPA over the dequantized pools."""
-    from model.kv_quant import dequantize, quantize
+    """int8 pools (model/kv_quant.py): the C write quantizes as kv_quant.quantize does (K centred,
+    rows Hadamard-rotated where d is a power of two), and the C decode kernel reading codes +
+    scales in place equals SDPA over the dequantized pools."""
+    from model.kv_quant import dequantize, quantize, rotates
 
     lib = native_kernels()
     assert lib is not None, "the C compiler is part of the test environment"
     q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, num_new, context, dtype, d)
-    k8, v8 = quantize(k_cache), quantize(v_cache)  # [nb, bs, kvH, d + 2] int8
+    center = torch.randn(kv_heads, d, generator=torch.Generator().manual_seed(d))  # a K centre, as calibrated
+    k8, v8 = quantize(k_cache, center, rotates(d)), quantize(v_cache, None, rotates(d))  # [nb, bs, kvH, d + 2]
     ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
     native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
+    ref.k_center = native.k_center = center
     k_ref, v_ref = k8.clone(), v8.clone()
     want = ref.forward(q, k, v, k_ref, v_ref, meta)
     got = native.forward(q, k, v, k8, v8, meta)
     assert got.shape == want.shape and got.dtype == dtype
     assert (got.float() - want.float()).abs().max().item() < tol
+    # centring and rotation are exact: both are within int8 rounding of the float pools' answer
+    exact = TorchPagedAttention(heads, kv_heads, d, d**-0.5).forward(q, k, v, k_cache.clone(), v_cache.clone(), meta)
+    assert (want.float() - exact.float()).abs().max().item() < 0.05
     # the written rows: the same scales, codes within one step (x * (1 / s) rounding), same values
     for mine, theirs in ((k8, k_ref), (v8, v_ref)):
         assert torch.equal(mine[..., d:], theirs[..., d:])

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "hadamard.h"
 
 static inline float f32_round(float f) { return f; }
 
@@ -76,17 +77,21 @@ void write_kv_##SUFFIX(const T *k, const T *v, int64_t k_stride, int64_t v_strid
     }                                                                                          \
 }
 
-/* write_kv_int8: the same rows quantized into int8 pools (model/kv_quant.py's format): each
- * (token, kv head) of D values becomes D codes and a bf16 scale, D + 2 bytes. scale =
- * bf16(max|x| / 127); q = rint(x * (1 / scale)) clamped to [-127, 127]; a zero row: all 0. */
+/* write_kv_int8: the same rows quantized into int8 pools (model/kv_quant.py's row format 2):
+ * each (token, kv head) of D values x becomes y = H (x - c) (rotated; else x - c; c = center
+ * [kvH, D] float32 for K, none for V or where center is NULL), then D codes and a bf16 scale,
+ * D + 2 bytes. scale = bf16(max|y| / 127); q = rint(y * (1 / scale)) clamped to [-127, 127];
+ * a zero row: all 0. D <= 1024. */
 #define DEFINE_WRITE_KV_INT8(SUFFIX, T, LOAD)                                                  \
-static void quantize_row_##SUFFIX(const T *x, int8_t *out, int64_t D) {                        \
-    float amax = 0.f;                                                                          \
-    for (int64_t d = 0; d < D; d++) { const float a = fabsf(LOAD(x[d])); amax = a > amax ? a : amax; } \
+static void quantize_row_##SUFFIX(const T *x, const float *center, int64_t rotated, int8_t *out, int64_t D) { \
+    float y[1024], amax = 0.f;                                                                 \
+    for (int64_t d = 0; d < D; d++) y[d] = LOAD(x[d]) - (center ? center[d] : 0.f);            \
+    if (rotated) hadamard_rotate(y, D);                                                        \
+    for (int64_t d = 0; d < D; d++) { const float a = fabsf(y[d]); amax = a > amax ? a : amax; } \
     const uint16_t sb = bf16_store(amax / 127.f);                                              \
     const float s = bf16_load(sb), inv = s > 0.f ? 1.f / s : 0.f;                              \
     for (int64_t d = 0; d < D; d++) {                                                          \
-        float q = rintf(LOAD(x[d]) * inv);                                                     \
+        float q = rintf(y[d] * inv);                                                           \
         q = q > 127.f ? 127.f : (q < -127.f ? -127.f : q);                                     \
         out[d] = (int8_t)q;                                                                    \
     }                                                                                          \
@@ -94,12 +99,13 @@ static void quantize_row_##SUFFIX(const T *x, int8_t *out, int64_t D) {         
 }                                                                                              \
 void write_kv_int8_##SUFFIX(const T *k, const T *v, int64_t k_stride, int64_t v_stride,        \
                             int8_t *k_cache, int8_t *v_cache, const int64_t *slots, int64_t n, \
-                            int64_t kvH, int64_t D) {                                          \
+                            int64_t kvH, int64_t D, const float *center, int64_t rotated) {    \
     const int64_t row = kvH * (D + 2);                                                         \
     for (int64_t t = 0; t < n; t++)                                                            \
         for (int64_t j = 0; j < kvH; j++) {                                                    \
-            quantize_row_##SUFFIX(k + t * k_stride + j * D, k_cache + slots[t] * row + j * (D + 2), D); \
-            quantize_row_##SUFFIX(v + t * v_stride + j * D, v_cache + slots[t] * row + j * (D + 2), D); \
+            quantize_row_##SUFFIX(k + t * k_stride + j * D, center ? center + j * D : NULL, rotated, \
+                                  k_cache + slots[t] * row + j * (D + 2), D);                  \
+            quantize_row_##SUFFIX(v + t * v_stride + j * D, NULL, rotated, v_cache + slots[t] * row + j * (D + 2), D); \
         }                                                                                      \
 }
 

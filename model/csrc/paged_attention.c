@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "hadamard.h"
 
 /* q.k for bf16 rows of D elements (D % 32 == 0) with AVX512-BF16 where the build has it:
  * exact products, float32 sums. Elsewhere the generic loop below does the same work. */
@@ -36,10 +37,12 @@ static inline float fast_dot_bf16(const uint16_t *a, const uint16_t *b, int64_t 
 static inline int fast_dot_f32_ok(int64_t D) { (void)D; return 0; }
 static inline float fast_dot_f32(const float *a, const float *b, int64_t D) { (void)a; (void)b; (void)D; return 0.f; }
 
-/* Combine each (sequence, head)'s pieces into out [B, H, D]: rescale to the global max.
+/* Combine each (sequence, head)'s pieces into out [B, H, D]: rescale to the global max, then
+ * (rotated: an int8 pool of Hadamard rows) rotate the result back, H o.
  * part: per (sequence, piece) acc [H, D], max [H], sum [H]. */
 #define DEFINE_COMBINE(NAME, T, STORE)                                                         \
-static void NAME(const float *part, int64_t splits, T *out, int64_t B, int64_t H, int64_t D) { \
+static void NAME(const float *part, int64_t splits, T *out, int64_t B, int64_t H, int64_t D, \
+                 int64_t rotated) {                                                            \
     const int64_t stride = H * (D + 2);                                                        \
     _Pragma("omp parallel for collapse(2) schedule(static)")                                   \
     for (int64_t b = 0; b < B; b++) {                                                          \
@@ -57,7 +60,9 @@ static void NAME(const float *part, int64_t splits, T *out, int64_t B, int64_t H
                 for (int64_t d = 0; d < D; d++) o[d] += w * pt[h * D + d];                     \
             }                                                                                  \
             T *op = out + (b * H + h) * D;                                                     \
-            for (int64_t d = 0; d < D; d++) op[d] = STORE(o[d] / l);                           \
+            for (int64_t d = 0; d < D; d++) o[d] /= l;                                         \
+            if (rotated) hadamard_rotate(o, D);                                                \
+            for (int64_t d = 0; d < D; d++) op[d] = STORE(o[d]);                               \
         }                                                                                      \
     }                                                                                          \
 }
@@ -135,7 +140,7 @@ void NAME(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,     
             free(scores);                                                                      \
         }                                                                                      \
     }                                                                                          \
-    COMBINE(part, splits, out, B, H, D);                                                       \
+    COMBINE(part, splits, out, B, H, D, 0);                                                    \
     free(part);                                                                                \
 }
 
@@ -349,7 +354,7 @@ static void fast_attention_bf16(const uint16_t *q, int64_t q_stride, const uint1
             }
         }
     }
-    combine_bf16(part, splits, out, B, H, D);
+    combine_bf16(part, splits, out, B, H, D, 0);
     free(part);
 }
 
@@ -371,7 +376,9 @@ void paged_decode_attention_bf16(const uint16_t *q, int64_t q_stride, const uint
  * FMA (int8_task_fast), plain C elsewhere (the compiler vectorizes the widening dot products
  * and V sums for the variant's ISA). Tasks
  * (sequence, piece, kv head) as fast_task's: the g query heads of a kv head share each row;
- * score = (scale * q) . codes * k_scale, acc += (p * v_scale) * codes, in float32. */
+ * score = (scale * q) . codes * k_scale, acc += (p * v_scale) * codes, in float32. Rows of
+ * format 2 (rotated: H x, H the Hadamard matrix) are read with a rotated query, H q, and the
+ * combined output rotated back; the tasks are the same. */
 /* kv head j's row of a sequence's token `tok`: the pool slot through the block table, row =
  * kvH * w bytes per slot, w = D + 2 per head. */
 static inline const int8_t *int8_row(const int8_t *cache, const int64_t *table, int64_t tok, int64_t bs,
@@ -645,7 +652,7 @@ static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_ca
 #define DEFINE_INT8_KERNEL(SUFFIX, T, LOAD, COMBINE)                                              \
 void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const int8_t *k_cache,    \
         const int8_t *v_cache, const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, \
-        T *out, int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale) {          \
+        T *out, int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale, int64_t rotated) { \
     const int64_t g = H / kvH, row = kvH * (D + 2), splits = pieces_per_sequence(context_lens, B, kvH); \
     const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */             \
     float *part = malloc(sizeof(float) * B * splits * stride);                                    \
@@ -665,13 +672,15 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
                 float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;       \
                 const T *qb = q + b * q_stride + j * g * D;                                       \
                 for (int64_t i = 0; i < g * D; i++) qf[i] = LOAD(qb[i]) * scale;                  \
+                if (rotated) /* Hadamard rows: scores are (H q).(H k) */                          \
+                    for (int64_t i = 0; i < g; i++) hadamard_rotate(qf + i * D, D);               \
                 (fast ? int8_task_fast : int8_task)(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, \
                           j, g, row, D, bs, scores, acc + j * g * D, max, sum);                   \
                 free(scores);                                                                     \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
-    COMBINE(part, splits, out, B, H, D);                                                          \
+    COMBINE(part, splits, out, B, H, D, rotated);                                                 \
     free(part);                                                                                   \
 }
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.kv_quant import CALIBRATION_TEXT
 from model.loader import LoadedModel, load_model
 from model.native import install_kernels, resolve_kernels
 from model.parallel import TPGroup, local_config, shard_model
@@ -58,5 +59,17 @@ def build_rank(
         plan, local = plan_shard(config, model_config, group, dtype, device), local_config(model_config, group.world)
     runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed,
                         kv_dtype=plan.kv_dtype)
+    if plan.kv_dtype == torch.int8 and group is None and model_config.encoder is None:
+        # int8 K rows centred on each layer's mean K (model/kv_quant.py); tensor-parallel ranks
+        # and encoder-decoder models keep centre zero (still exact, only less dense)
+        runner.calibrate_int8_keys(calibration_ids(tokenizer)[: plan.max_model_len])
     return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native",
                      None if native is None else native.variant)
+
+
+def calibration_ids(tokenizer: Tokenizer) -> list[int]:
+    """The int8 K centres' calibration text as requests bring text: one user turn of the model's
+    chat template (its system prompt and role markers included), plain where it has none."""
+    if not tokenizer.chat_template:
+        return tokenizer.encode(CALIBRATION_TEXT)
+    return tokenizer.encode_chat([{"role": "user", "content": CALIBRATION_TEXT}])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from model.kv_quant import kv_dtype_name
+from model.kv_quant import INT8_ROW_FORMAT, kv_dtype_name
 from model.loader import LoadedModel
 from model.sampling import GrammarSpec, SamplingParams
 from server.engine.build import build_rank
@@ -45,11 +45,13 @@ log = logging.getLogger("workmem.engine")
 def kv_namespace(model: str, dtype: torch.dtype, quantization: str, kv_dtype: torch.dtype | None = None) -> str:
     """What a KV block depends on besides its tokens: the weights (path, size and mtime of
     the file, or of a checkpoint directory's files), their dtype and quantization, and the
-    KV pool's dtype where it differs from the weights'."""
+    KV pool's dtype where it differs from the weights' (int8: with its row format)."""
     path = Path(model)
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     stamps = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     kv = "" if kv_dtype in (None, dtype) else f"|kv={kv_dtype}"
+    if kv_dtype == torch.int8:
+        kv += f"/rows{INT8_ROW_FORMAT}"
     return f"{path.resolve()}|{','.join(stamps)}|{dtype}|{quantization}{kv}"
 
 

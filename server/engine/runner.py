@@ -23,7 +23,7 @@ from typing import Iterator, NamedTuple, Sequence as Seq
 import torch
 from torch import nn
 
-from model.attention import SeqAttention, build_attention_metadata
+from model.attention import SeqAttention, TorchPagedAttention, build_attention_metadata
 from model.config import ModelConfig
 from model.encdec import EncoderBatch
 from model.kv_quant import row_width
@@ -107,6 +107,7 @@ class Runner:
         self.encoder = config.encoder  # EncoderSpec of an encoder-decoder model, else None
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype
         kv_dtype = kv_dtype or dtype
         self.kv_cache = zeroed_pool(
             (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, row_width(config.head_dim, kv_dtype)),
@@ -116,6 +117,27 @@ class Runner:
         self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(seed=seed)
         self.fill_bitmasks = BitmaskFiller()
+
+    @torch.inference_mode()
+    def calibrate_int8_keys(self, token_ids: list[int]) -> None:
+        """Centre each layer's int8 K rows (model/kv_quant.py, row format 2) on its mean K over
+        `token_ids`: one prefill into a scratch pool of the model's dtype (the real pool is not
+        touched), its K rows averaged per kv head. Run once, before the first request."""
+        layers = [m.attn for m in self.model.modules() if isinstance(getattr(m, "attn", None), TorchPagedAttention)]
+        num_layers, _, _, bs, kv_heads, _ = self.kv_cache.shape
+        assert len(layers) == num_layers, (len(layers), num_layers)
+        n = len(token_ids)
+        blocks = -(-n // bs)
+        scratch = torch.zeros(num_layers, 2, blocks, bs, kv_heads, layers[0].head_dim, dtype=self.dtype,
+                              device=self.device)
+        table = torch.arange(blocks, dtype=torch.int64)
+        slots = torch.arange(n, dtype=torch.int64, device=self.device)  # scratch blocks 0.. in order: slot == position
+        meta = build_attention_metadata([SeqAttention(n, n, table)], slots, bs, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        self.model(ids, slots, [(layer[0], layer[1]) for layer in scratch], meta)
+        keys = scratch[:, 0].reshape(num_layers, blocks * bs, kv_heads, -1)[:, :n].float()  # [L, n, kvH, d]
+        for attn, center in zip(layers, keys.mean(1)):
+            attn.k_center = center.contiguous()  # [kvH, d] float32
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

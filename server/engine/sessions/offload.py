@@ -23,7 +23,7 @@ import torch
 from model.kv_quant import kv_dtype_name
 
 log = logging.getLogger("workmem.offload")
-KV_FORMAT_VERSION = 2  # 2: "kv_dtype" recorded (int8 pools); 1 is refused
+KV_FORMAT_VERSION = 3  # 3: int8 rows of format 2 (model/kv_quant.py); 2: "kv_dtype" recorded; older are refused
 KV_SUFFIX = ".kv.pt"
 
 
