@@ -5,7 +5,10 @@ Per (batch B, context C): B requests of C random prompt tokens (greedy, `ignore_
 prefilled, then `--steps` decode steps run twice, interleaved: bare (the step time and tok/s
 the engine really gets) and instrumented (forward hooks and wrappers installed at run time
 by attribute name, removed afterwards). Hooks cost time, so the parts add up to the
-instrumented total, which is larger than the bare one. A benchmark, not a test:
+instrumented total, which is larger than the bare one. The instrumented run takes the model's
+Python forward, since hooks cannot see into the decode plan's one native call
+(model/decode_plan.py); the bare run takes the plan where the engine would, so on a small
+model the bare step is well under the instrumented one. A benchmark, not a test:
 
     python -m loadtest.step_profile [--batch-sizes 1,4,16,32] [--contexts 256,2048] [--json out.json]
     workmem bench step ...
@@ -168,7 +171,8 @@ def instrumented(engine, clock: Clock) -> Iterator[None]:
     # Norms fused with the residual add run outside their module's __call__ (no hooks).
     patches += [(m, "forward_residual", clock.wrap("norms", m.forward_residual))
                 for m in norm_modules(model) if hasattr(m, "forward_residual")]
-    patches += [(model, "compute_logits", clock.wrap("lm_head", model.compute_logits)),
+    patches += [(runner, "use_decode_plan", False),  # the parts of the Python forward, not one C call
+                (model, "compute_logits", clock.wrap("lm_head", model.compute_logits)),
                 (runner, "sampler", TimedCall(runner.sampler, clock, "sampling")),
                 (runner, "execute", clock.wrap("execute", runner.execute)),
                 (engine, "_advance", clock.wrap("detok", engine._advance)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import mmap
+import os
 from typing import Iterator, NamedTuple, Sequence as Seq
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from model.attention import SeqAttention, TorchPagedAttention, build_attention_metadata
 from model.config import ModelConfig
+from model.decode_plan import DecodePlan
 from model.encdec import EncoderBatch
 from model.kv_quant import row_width
 from model.sampling import Sampler, SamplerOutput, SamplingRow, TokenMask
@@ -33,6 +35,9 @@ from server.engine.prompt_logprobs import PromptLogprob, ScoreSpan, score, score
 from server.engine.scheduler import SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.speculate import verify
+
+
+DECODE_PLAN_ENV = "WORKMEM_DECODE_PLAN"  # "0": every step through the model's Python forward
 
 
 def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -117,6 +122,10 @@ class Runner:
         self.kv_layers = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.sampler = Sampler(seed=seed)
         self.fill_bitmasks = BitmaskFiller()
+        # whole-batch decode steps in one native call (model/decode_plan.py): built at the
+        # first such step (after calibrate_int8_keys), None where the model has no plan
+        self.use_decode_plan = device.type == "cpu" and os.environ.get(DECODE_PLAN_ENV, "1") != "0"
+        self._decode_plan: DecodePlan | None | bool = False  # False: not built yet
 
     @torch.inference_mode()
     def calibrate_int8_keys(self, token_ids: list[int]) -> None:
@@ -234,10 +243,24 @@ class Runner:
         if step.cross_attn is not None:
             meta.cross = build_attention_metadata(step.cross_attn, slot_mapping[:0], self.block_size, self.device,
                                                   causal=False)
-        hidden = self.model(step.input_ids.to(**to), step.positions.to(**to), self.kv_layers, meta)  # [T, hidden]
+        plan = self._plan_for(meta) if step.encoder is None else None
+        if plan is not None:
+            group = meta.groups[0]
+            hidden = plan.run(step.input_ids, step.positions, slot_mapping, group.block_tables, group.context_lens)
+        else:
+            hidden = self.model(step.input_ids.to(**to), step.positions.to(**to), self.kv_layers, meta)  # [T, hidden]
         if not len(step.rows):
             return None
         return self.model.compute_logits(hidden.index_select(0, step.rows.to(**to)))
+
+    def _plan_for(self, meta) -> DecodePlan | None:
+        """The decode plan, where this step is one whole-batch decode group it can take."""
+        if not (self.use_decode_plan and meta.cross is None and len(meta.groups) == 1 and meta.groups[0].whole_batch):
+            return None
+        if self._decode_plan is False:
+            self._decode_plan = DecodePlan.build(self.model, self.kv_layers)
+        plan = self._decode_plan
+        return plan if plan is not None and meta.num_tokens <= plan.max_batch else None
 
     def _token_mask(self, dsts: list[Sequence], vocab_size: int) -> TokenMask | None:
         """The allowed next tokens of the rows whose output follows a grammar, computed together."""

@@ -1,0 +1,86 @@
+/* A decode step's whole chain of kernels in one call (model/decode_plan.py builds the chain).
+ *
+ * The Python path calls ~10 kernels per layer, each through a torch module and ctypes (tens of
+ * microseconds of glue per call on a small model, more than the kernels' own work). A plan is the
+ * same calls, in the same order, on the same buffers: `ops` [n] each name a kernel of this library
+ * (`fn`), its kind and its fixed arguments; the step's own arguments (rows B, positions, KV slots,
+ * block tables, context lengths) are filled in here by kind. Numerically it is the Python path.
+ */
+#include <stdint.h>
+
+enum {
+    PLAN_NORM = 0,           /* add_rms_norm(x, residual, weight, out, B, dim, eps) */
+    PLAN_MATMUL = 1,         /* vnni_matmul(x, B, K, packed, bits, group, sym, out, N, ldo) */
+    PLAN_ROTARY = 2,         /* rotary(x, stride, B, heads, head_dim, positions, cos, sin) */
+    PLAN_WRITE_KV = 3,       /* write_kv(k, v, k_stride, v_stride, kc, vc, slots, B, row) */
+    PLAN_WRITE_KV_INT8 = 4,  /* write_kv_int8(k, v, k_stride, v_stride, kc, vc, slots, B, kvH, D, centre, rotated) */
+    PLAN_ATTENTION = 5,      /* paged_decode_attention(q, q_stride, kc, vc, tables, max_blocks, lens, out, B, H, kvH, D, bs, scale) */
+    PLAN_ATTENTION_INT8 = 6, /* paged_decode_attention_int8(..., scale, rotated) */
+    PLAN_SILU_MUL = 7,       /* silu_and_mul(gate_up, out, B, intermediate) */
+};
+
+/* One call. Pointer arguments are held as int64 (addresses), in the order of the kind's comment
+ * above with the step's arguments left out; f: eps or the softmax scale. Mirrors
+ * model/decode_plan.py's PlanOp (ctypes) field for field. */
+typedef struct {
+    int64_t kind;
+    void *fn;
+    int64_t a[10];
+    float f;
+} PlanOp;
+
+typedef void (*norm_fn)(const void *, void *, const void *, void *, int64_t, int64_t, float);
+typedef void (*matmul_fn)(const void *, int64_t, int64_t, const void *, int64_t, int64_t, int64_t, void *, int64_t,
+                          int64_t);
+typedef void (*rotary_fn)(void *, int64_t, int64_t, int64_t, int64_t, const int64_t *, const float *, const float *);
+typedef void (*write_kv_fn)(const void *, const void *, int64_t, int64_t, void *, void *, const int64_t *, int64_t,
+                            int64_t);
+typedef void (*write_kv_int8_fn)(const void *, const void *, int64_t, int64_t, void *, void *, const int64_t *,
+                                 int64_t, int64_t, int64_t, const float *, int64_t);
+typedef void (*attention_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
+                             const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+typedef void (*attention_int8_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
+                                  const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+typedef void (*silu_fn)(const void *, void *, int64_t, int64_t);
+
+#define P(i) ((void *)(intptr_t)o->a[i])
+
+/* Runs ops [n] for a step of B decode rows. Returns the index of an op of unknown kind, or -1. */
+int64_t run_decode_plan(const PlanOp *ops, int64_t n, int64_t B, const int64_t *positions, const int64_t *slots,
+                        const int64_t *tables, int64_t max_blocks, const int64_t *context_lens) {
+    for (int64_t i = 0; i < n; i++) {
+        const PlanOp *o = ops + i;
+        switch (o->kind) {
+        case PLAN_NORM:
+            ((norm_fn)o->fn)(P(0), P(1), P(2), P(3), B, o->a[4], o->f);
+            break;
+        case PLAN_MATMUL:
+            ((matmul_fn)o->fn)(P(0), B, o->a[1], P(2), o->a[3], o->a[4], o->a[5], P(6), o->a[7], o->a[8]);
+            break;
+        case PLAN_ROTARY:
+            ((rotary_fn)o->fn)(P(0), o->a[1], B, o->a[2], o->a[3], positions, P(4), P(5));
+            break;
+        case PLAN_WRITE_KV:
+            ((write_kv_fn)o->fn)(P(0), P(1), o->a[2], o->a[3], P(4), P(5), slots, B, o->a[6]);
+            break;
+        case PLAN_WRITE_KV_INT8:
+            ((write_kv_int8_fn)o->fn)(P(0), P(1), o->a[2], o->a[3], P(4), P(5), slots, B, o->a[6], o->a[7], P(8),
+                                      o->a[9]);
+            break;
+        case PLAN_ATTENTION:
+            ((attention_fn)o->fn)(P(0), o->a[1], P(2), P(3), tables, max_blocks, context_lens, P(4), B, o->a[5],
+                                  o->a[6], o->a[7], o->a[8], o->f);
+            break;
+        case PLAN_ATTENTION_INT8:
+            ((attention_int8_fn)o->fn)(P(0), o->a[1], P(2), P(3), tables, max_blocks, context_lens, P(4), B,
+                                       o->a[5], o->a[6], o->a[7], o->a[8], o->f, o->a[9]);
+            break;
+        case PLAN_SILU_MUL:
+            ((silu_fn)o->fn)(P(0), P(1), B, o->a[2]);
+            break;
+        default:
+            return i;
+        }
+    }
+    return -1;
+}

@@ -1,0 +1,189 @@
+"""A decode step of a Llama-family model as one native call (model/csrc/decode_plan.c).
+
+At decode the Python path spends more time in glue than in kernels on a small model: ~10
+kernels a layer, each reached through a torch module, a few tensor views and a ctypes call
+(SmolLM2-135M: ~15 ms a step, about half of it glue). A `DecodePlan` makes the same calls in
+the same order on the same kernels, from C: its ops name each kernel and its fixed arguments
+(weights, buffers, pools), and each step passes what changes (rows, positions, KV slots, block
+tables, context lengths). Numerics are the Python path's exactly (a test compares the logits).
+
+Per layer, on buffers of `max_batch` rows (model dtype; shapes for B rows):
+
+    norm(x + residual -> residual) -> h [B, hidden]        (layer 0: norm(residual), the embeddings)
+    qkv = h @ Wqkv [B, q + 2 kv]  (one matmul, or one per part of a SplitLinear, into its columns)
+    rotary(q, k in qkv) ; write_kv(k, v -> pools, slots) ; attention(q, pools) -> a [B, q]
+    x = a @ Wo ; norm(x + residual -> residual) -> h ; gu = h @ Wgate_up [B, 2I]
+    act = silu(gate) * up [B, I] ; x = act @ Wdown
+then norm(x + residual) -> the hidden states [B, hidden] that `compute_logits` takes.
+
+`build` returns None (the step takes the Python path) unless every piece is one of these
+kernels: native RMSNorm / rotary / silu, vnni QuantLinears without bias (dense copies only
+above the plan's rows), native attention over a pool of the model's dtype or int8, no q/k norm.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from model.attention import NativeCPUPagedAttention
+from model.kv_quant import rotates
+from model.quant import QuantLinear
+from model.split_linear import SplitLinear
+
+PLAN_NORM, PLAN_MATMUL, PLAN_ROTARY, PLAN_WRITE_KV, PLAN_WRITE_KV_INT8 = 0, 1, 2, 3, 4
+PLAN_ATTENTION, PLAN_ATTENTION_INT8, PLAN_SILU_MUL = 5, 6, 7
+PLAN_MAX_BATCH = 64  # rows of the plan's buffers; wider decode steps take the Python path
+
+
+class PlanOp(ctypes.Structure):
+    """model/csrc/decode_plan.c's PlanOp: a kernel, its kind, its fixed arguments, eps/scale."""
+
+    _fields_ = [("kind", ctypes.c_int64), ("fn", ctypes.c_void_p), ("a", ctypes.c_int64 * 10), ("f", ctypes.c_float)]
+
+
+def _op(kind: int, fn, *args: int, f: float = 0.0) -> PlanOp:
+    op = PlanOp(kind, ctypes.cast(fn, ctypes.c_void_p).value)
+    for i, a in enumerate(args):
+        op.a[i] = int(a)
+    op.f = f
+    return op
+
+
+def _ptr(t: torch.Tensor | None, offset: int = 0) -> int:
+    """Address of t's element `offset` (0 for None: a NULL argument)."""
+    return 0 if t is None else t.data_ptr() + offset * t.element_size()
+
+
+def _matmul_parts(linear: nn.Module) -> list[tuple[QuantLinear, int]] | None:
+    """(part, first output column) of a linear the plan can run as vnni matmuls, else None."""
+    parts, starts = ([linear], [0]) if isinstance(linear, QuantLinear) else (None, None)
+    if isinstance(linear, SplitLinear) and linear.bias is None:
+        parts = list(linear.parts)
+        starts = [sum(linear.sizes[:i]) for i in range(len(parts))]
+    if parts is None:
+        return None
+    for p in parts:
+        if not (isinstance(p, QuantLinear) and p.vnni is not None and p.bias is None):
+            return None
+    return list(zip(parts, starts))
+
+
+class DecodePlan:
+    """See the module doc. `run` takes one whole-batch decode step (B <= max_batch rows)."""
+
+    def __init__(self, ops_array, num_ops: int, run_fn, buffers: dict[str, torch.Tensor],
+                 embed: nn.Module, max_batch: int) -> None:
+        self._ops, self._num_ops, self._run = ops_array, num_ops, run_fn
+        self._buffers = buffers  # keeps every address in the ops alive
+        self._embed = embed
+        self.max_batch = max_batch
+
+    @classmethod
+    def build(cls, model: nn.Module, kv_layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              max_batch: int = PLAN_MAX_BATCH) -> "DecodePlan | None":
+        """The plan of `model` (a LlamaForCausalLM with the native kernels installed) over its
+        pools, for up to `max_batch` rows (fewer where a linear's dense copy takes wider
+        batches); None if any piece is not a plan kernel."""
+        from model.llama import LlamaForCausalLM
+
+        if not isinstance(model, LlamaForCausalLM):
+            return None
+        body = model.model
+        ops = getattr(body.layers[0].self_attn.attn, "ops", None)  # NativeCPUPagedAttention's
+        if ops is None:
+            return None
+        max_batch = min([max_batch] + [m.dense_above for m in model.modules()
+                                       if isinstance(m, QuantLinear) and m.dense is not None])
+        if max_batch < 1:
+            return None
+        dtype = body.norm.weight.dtype
+        rotary = body.rotary
+        if dtype not in ops.dtypes or rotary.native is None or body.norm.native is None:
+            return None
+        cfg = model.config
+        first = body.layers[0]
+        attn0 = first.self_attn
+        hidden, q_size, kv_size = cfg.hidden_size, attn0.q_size, attn0.kv_size
+        heads, kv_heads, d = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        inter = first.mlp.down_proj.in_features
+        qkv_w = q_size + 2 * kv_size
+        buf = {name: torch.zeros(max_batch, width, dtype=dtype) for name, width in (
+            ("residual", hidden), ("h", hidden), ("x", hidden), ("qkv", qkv_w), ("a", q_size),
+            ("gu", 2 * inter), ("act", inter))}
+        fn = lambda name: ops.fns[name, dtype]  # noqa: E731
+        cos, sin = rotary.native_tables
+        plan: list[PlanOp] = []
+
+        def matmul(linear: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
+            parts = _matmul_parts(linear)
+            if parts is None:
+                return False
+            for part, start in parts:
+                lay = part.layout
+                if part.vnni_packed.shape[-1] != lay.record_bytes:
+                    return False
+                plan.append(_op(PLAN_MATMUL, fn("vnni_matmul"), _ptr(x), part.in_features, _ptr(part.vnni_packed),
+                                lay.bits, lay.group, int(lay.sym), _ptr(out, start), part.out_features,
+                                out.stride(0)))
+            return True
+
+        def norm(module: nn.Module, x: torch.Tensor | None) -> bool:
+            if module.native is None or module.weight.dtype != dtype:
+                return False
+            plan.append(_op(PLAN_NORM, fn("add_rms_norm"), _ptr(x), _ptr(buf["residual"]), _ptr(module.weight),
+                            _ptr(buf["h"]), hidden, f=module.eps))
+            return True
+
+        for i, layer in enumerate(body.layers):
+            sa, mlp, (k_cache, v_cache) = layer.self_attn, layer.mlp, kv_layers[i]
+            attn = sa.attn
+            int8 = k_cache.dtype == torch.int8
+            if (sa.qk_norm or not isinstance(attn, NativeCPUPagedAttention) or k_cache.dtype not in (dtype, torch.int8)
+                    or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+                    or (sa.num_heads, sa.num_kv_heads, sa.head_dim) != (heads, kv_heads, d)
+                    or mlp.native is None or mlp.act_name != "silu" or mlp.down_proj.in_features != inter
+                    or (int8 and attn.k_center is not None and attn.k_center.dtype != torch.float32)):
+                return None
+            if not (norm(layer.input_layernorm, None if i == 0 else buf["x"])
+                    and matmul(sa.qkv_proj, buf["h"], buf["qkv"])):
+                return None
+            qkv = buf["qkv"]
+            plan.append(_op(PLAN_ROTARY, fn("rotary"), _ptr(qkv), qkv_w, heads + kv_heads, d, _ptr(cos), _ptr(sin)))
+            k, v = _ptr(qkv, q_size), _ptr(qkv, q_size + kv_size)
+            if int8:
+                plan.append(_op(PLAN_WRITE_KV_INT8, fn("write_kv_int8"), k, v, qkv_w, qkv_w, _ptr(k_cache),
+                                _ptr(v_cache), kv_heads, d, _ptr(attn.k_center), int(rotates(d))))
+                plan.append(_op(PLAN_ATTENTION_INT8, fn("paged_decode_attention_int8"), _ptr(qkv), qkv_w,
+                                _ptr(k_cache), _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1],
+                                int(attn.rotated), f=attn.scale))
+            else:
+                plan.append(_op(PLAN_WRITE_KV, fn("write_kv"), k, v, qkv_w, qkv_w, _ptr(k_cache), _ptr(v_cache),
+                                kv_heads * d))
+                plan.append(_op(PLAN_ATTENTION, fn("paged_decode_attention"), _ptr(qkv), qkv_w, _ptr(k_cache),
+                                _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1], f=attn.scale))
+            if not (matmul(sa.o_proj, buf["a"], buf["x"]) and norm(layer.post_attention_layernorm, buf["x"])
+                    and matmul(mlp.gate_up_proj, buf["h"], buf["gu"])):
+                return None
+            plan.append(_op(PLAN_SILU_MUL, fn("silu_and_mul"), _ptr(buf["gu"]), _ptr(buf["act"]), inter))
+            if not matmul(mlp.down_proj, buf["act"], buf["x"]):
+                return None
+        if not norm(body.norm, buf["x"]):
+            return None
+        ops_array = (PlanOp * len(plan))(*plan)
+        return cls(ops_array, len(plan), ops.run_decode_plan, buf, body.embed_tokens, max_batch)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, hidden] (a view of the plan's buffer, valid until the next run) for
+        B decode rows: input_ids, positions, slots, context_lens [B] int64, block_tables
+        [B, max_blocks] int64, all contiguous on the CPU; their K/V are written to the pools."""
+        b = input_ids.shape[0]
+        assert b <= self.max_batch and block_tables.is_contiguous() and positions.is_contiguous()
+        self._buffers["residual"][:b].copy_(self._embed(input_ids))
+        bad = self._run(ctypes.addressof(self._ops), self._num_ops, b, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
+                        block_tables.shape[1], context_lens.data_ptr())
+        assert bad == -1, f"decode plan op {bad} has an unknown kind"
+        return self._buffers["h"][:b]

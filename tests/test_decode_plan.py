@@ -1,0 +1,68 @@
+"""model/decode_plan.py: whole-batch decode steps in one native call (model/csrc/decode_plan.c)
+give exactly the Python path's tokens and logprobs (same kernels, same order, same buffers'
+numerics), as the batch shrinks, over float and int8 pools, on the default file and on a mixed
+Q4_K_M-style file; models with a piece the plan cannot run take the Python path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from model.decode_plan import DecodePlan
+from model.sampling import SamplingParams
+from server.default_model import default_model_path
+from server.engine import EngineConfig, LLMEngine
+from server.engine.runner import DECODE_PLAN_ENV
+from tests.test_gguf_types import needs_vnni, q4_k_m_style, write_typed_gguf
+
+
+def generate(model: str, monkeypatch, plan: bool, **config) -> tuple[dict, LLMEngine]:
+    """Greedy (token, logprob) lists of four prompts of different lengths and budgets, run
+    together: the decode batch goes 4 -> 3 -> 2 -> 1 rows."""
+    monkeypatch.setenv(DECODE_PLAN_ENV, "1" if plan else "0")
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", num_kv_blocks=64, max_model_len=256, **config))
+    for i in range(4):
+        prompt = torch.randint(3, 200, (5 + 11 * i,), generator=torch.Generator().manual_seed(i)).tolist()
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=6 + 5 * i, ignore_eos=True,
+                                                           logprobs=2))
+    out: dict[str, list] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(zip(o.new_token_ids, o.new_logprobs))
+    engine.pool.check_invariants()
+    return out, engine
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_plan_equals_python_path_on_the_default_file(monkeypatch, kv):
+    model = str(default_model_path())
+    want, python = generate(model, monkeypatch, plan=False, kv_cache_dtype=kv)
+    got, engine = generate(model, monkeypatch, plan=True, kv_cache_dtype=kv)
+    assert python.runner._decode_plan is False  # never built with the plan switched off
+    assert isinstance(engine.runner._decode_plan, DecodePlan)
+    assert got == want  # tokens and top logprobs, bit for bit
+
+
+@needs_vnni
+def test_plan_equals_python_path_on_a_mixed_file(tmp_path: Path, monkeypatch):
+    """Q4_K / Q6_K / Q5_0 / Q8_0 parts: fused projections split by type run as one matmul per
+    part into the fused output's columns."""
+    types = q4_k_m_style()
+    del types["blk.1.attn_k.weight"]  # its F16 part would be a dense linear (next test)
+    path = str(write_typed_gguf(tmp_path / "m.gguf", types, QType.Q4_K))
+    want, _ = generate(path, monkeypatch, plan=False, dtype="bfloat16")
+    got, engine = generate(path, monkeypatch, plan=True, dtype="bfloat16")
+    assert isinstance(engine.runner._decode_plan, DecodePlan) and got == want
+
+
+@needs_vnni
+def test_models_the_plan_cannot_run_take_the_python_path(tmp_path: Path, tiny_checkpoint, monkeypatch):
+    """A dense part inside a fused projection (F16 in a Q4_K_M file) or a checkpoint of dense
+    linears: no plan, and decoding still runs."""
+    mixed = str(write_typed_gguf(tmp_path / "m.gguf", q4_k_m_style(), QType.Q4_K))
+    for model in (mixed, str(tiny_checkpoint("llama"))):
+        out, engine = generate(model, monkeypatch, plan=True, dtype="bfloat16")
+        assert engine.runner._decode_plan is None
+        assert sorted(len(v) for v in out.values()) == [6, 11, 16, 21]
