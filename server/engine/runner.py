@@ -147,6 +147,7 @@ class Runner:
         keys = scratch[:, 0].reshape(num_layers, blocks * bs, kv_heads, -1)[:, :n].float()  # [L, n, kvH, d]
         for attn, center in zip(layers, keys.mean(1)):
             attn.k_center = center.contiguous()  # [kvH, d] float32
+        self._decode_plan = False  # a plan holds the centres' addresses: rebuild it
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

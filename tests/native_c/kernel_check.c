@@ -99,54 +99,70 @@ static int check_attention(void *lib, int64_t D, int bf16) {
     return report(name, err, bf16 ? TOL_BF16 : TOL_F32);
 }
 
-/* int8 KV (model/kv_quant.py's rows: D codes + a bf16 scale): write_kv_int8_f32 quantizes
- * every slot (each value within half a step of its input), then paged_decode_attention_int8_f32
- * against the float reference over the dequantized pools. */
+/* int8 KV (model/kv_quant.py's rows, format 2: D codes + a bf16 scale of y = H (x - c), H the
+ * orthonormal Hadamard matrix, c a centre for K only): write_kv_int8_f32 quantizes every slot
+ * (each y within half a step of the reference's, H written out as (-1)^popcount(i & j) / sqrt(D)),
+ * then paged_decode_attention_int8_f32 against the float reference over the dequantized pools,
+ * which scores H q against the rows and rotates the output back. */
 typedef void (*write_int8_f32_t)(const float *, const float *, int64_t, int64_t, int8_t *, int8_t *, const int64_t *,
-                                 int64_t, int64_t, int64_t);
+                                 int64_t, int64_t, int64_t, const float *, int64_t);
 typedef void (*attn_int8_f32_t)(const float *, int64_t, const int8_t *, const int8_t *, const int64_t *, int64_t,
-                                const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+                                const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
+static double hadamard_entry(int64_t i, int64_t j, int64_t D) {
+    return (__builtin_popcountll((unsigned long long)(i & j)) & 1 ? -1.0 : 1.0) / sqrt((double)D);
+}
+static void hadamard_ref(const double *x, double *y, int64_t D) {
+    for (int64_t i = 0; i < D; i++) {
+        y[i] = 0;
+        for (int64_t j = 0; j < D; j++) y[i] += hadamard_entry(i, j, D) * x[j];
+    }
+}
 static int check_int8_kv(void *lib, int64_t D) {
     enum { B = 2, H = 6, KVH = 2, BS = 4, MAXB = 20 };
     const int64_t lens[B] = {37, 70}, nslots = B * MAXB * BS, row = KVH * D, w = D + 2;
     const float scale = 1.f / sqrtf((float)D);
     float *x = malloc(sizeof(float) * nslots * row * 2), *dq = malloc(sizeof(float) * nslots * row * 2);
-    float *q = malloc(sizeof(float) * B * H * D), *out = malloc(sizeof(float) * B * H * D);
+    float *q = malloc(sizeof(float) * B * H * D), *out = malloc(sizeof(float) * B * H * D), center[KVH * 128];
     int8_t *cache = malloc(nslots * KVH * w * 2);
     int64_t *slots = malloc(sizeof(int64_t) * nslots), tables[B * MAXB];
     for (int64_t i = 0; i < nslots; i++) slots[i] = nslots - 1 - i;
     for (int64_t i = 0; i < B * MAXB; i++) tables[i] = i;
     for (int64_t i = 0; i < nslots * row * 2; i++) x[i] = rnd() * (1 + (i / D) % 5);
     for (int64_t i = 0; i < B * H * D; i++) q[i] = rnd();
+    for (int64_t i = 0; i < KVH * D; i++) center[i] = 2.f * rnd();
     ((write_int8_f32_t)sym(lib, "write_kv_int8_f32"))(x, x + nslots * row, row, row, cache, cache + nslots * KVH * w,
-                                                      slots, nslots, KVH, D);
-    float werr = 0.f; /* |dequantized - x| in units of the row's step (max|x| / 127) */
+                                                      slots, nslots, KVH, D, center, 1);
+    float werr = 0.f; /* |dequantized - y| in units of the row's step (max|y| / 127) */
     for (int64_t kv = 0; kv < 2; kv++)
         for (int64_t t = 0; t < nslots; t++)
             for (int64_t j = 0; j < KVH; j++) {
                 const float *xr = x + kv * nslots * row + t * row + j * D;
                 const int8_t *r = cache + kv * nslots * KVH * w + (slots[t] * KVH + j) * w;
+                double xc[128], y[128], amax = 0;
+                for (int64_t d = 0; d < D; d++) xc[d] = xr[d] - (kv == 0 ? center[j * D + d] : 0.f);
+                hadamard_ref(xc, y, D);
                 uint16_t sb;
                 memcpy(&sb, r + D, 2);
-                float amax = 0.f;
-                for (int64_t d = 0; d < D; d++) amax = fmaxf(amax, fabsf(xr[d]));
+                for (int64_t d = 0; d < D; d++) amax = fmax(amax, fabs(y[d]));
                 for (int64_t d = 0; d < D; d++) {
-                    const float y = r[d] * bf16_load(sb);
-                    dq[kv * nslots * row + slots[t] * row + j * D + d] = y;
-                    werr = fmaxf(werr, fabsf(y - xr[d]) / (amax / 127.f));
+                    const float got = r[d] * bf16_load(sb);
+                    dq[kv * nslots * row + slots[t] * row + j * D + d] = got;
+                    werr = fmaxf(werr, (float)(fabs(got - y[d]) / (amax / 127.0)));
                 }
             }
     ((attn_int8_f32_t)sym(lib, "paged_decode_attention_int8_f32"))(q, H * D, cache, cache + nslots * KVH * w, tables,
-                                                                   MAXB, lens, out, B, H, KVH, D, BS, scale);
+                                                                   MAXB, lens, out, B, H, KVH, D, BS, scale, 1);
     float err = 0.f;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const int64_t j = h / (H / KVH);
-            double m = -1e30, l = 0, o[256] = {0}, s[128];
+            double m = -1e30, l = 0, o[128] = {0}, s[128], qd[128], qr[128], res[128];
+            for (int64_t d = 0; d < D; d++) qd[d] = q[(b * H + h) * D + d];
+            hadamard_ref(qd, qr, D);
             for (int64_t t = 0; t < lens[b]; t++) {
                 const float *kr = dq + (tables[b * MAXB + t / BS] * BS + t % BS) * row + j * D;
                 double dot = 0;
-                for (int64_t d = 0; d < D; d++) dot += (double)q[(b * H + h) * D + d] * kr[d];
+                for (int64_t d = 0; d < D; d++) dot += qr[d] * kr[d];
                 s[t] = dot * scale;
                 m = s[t] > m ? s[t] : m;
             }
@@ -156,7 +172,9 @@ static int check_int8_kv(void *lib, int64_t D) {
                 l += e;
                 for (int64_t d = 0; d < D; d++) o[d] += e * vr[d];
             }
-            for (int64_t d = 0; d < D; d++) err = fmaxf(err, fabsf(out[(b * H + h) * D + d] - (float)(o[d] / l)));
+            for (int64_t d = 0; d < D; d++) o[d] /= l;
+            hadamard_ref(o, res, D);
+            for (int64_t d = 0; d < D; d++) err = fmaxf(err, fabsf(out[(b * H + h) * D + d] - (float)res[d]));
         }
     free(x); free(dq); free(q); free(out); free(cache); free(slots);
     char name[64];
