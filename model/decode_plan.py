@@ -103,6 +103,10 @@ class DecodePlan:
         rotary = body.rotary
         if dtype not in ops.dtypes or rotary.native is None or body.norm.native is None:
             return None
+        for layer in body.layers:  # every linear a vnni matmul (not, e.g., a tensor-parallel shard's)
+            sa, mlp = layer.self_attn, layer.mlp
+            if any(_matmul_parts(m) is None for m in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+                return None
         cfg = model.config
         first = body.layers[0]
         attn0 = first.self_attn
