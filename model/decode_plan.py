@@ -16,9 +16,10 @@ Per layer, on buffers of `max_batch` rows (model dtype; shapes for B rows):
     act = silu(gate) * up [B, I] ; x = act @ Wdown
 then norm(x + residual) -> the hidden states [B, hidden] that `compute_logits` takes.
 
-`build` returns None (the step takes the Python path) unless every piece is one of these
-kernels: native RMSNorm / rotary / silu, vnni QuantLinears without bias (dense copies only
-above the plan's rows), native attention over a pool of the model's dtype or int8, no q/k norm.
+Qwen2's q/k/v bias is added after its matmuls, Qwen3's per-head q/k RMSNorm runs in place on
+the qkv buffer before rotary. `build` returns None (the step takes the Python path) unless
+every piece is one of these kernels: native RMSNorm / rotary / silu, vnni QuantLinears (dense
+copies only above the plan's rows), native attention over a pool of the model's dtype or int8.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from model.quant import QuantLinear
 from model.split_linear import SplitLinear
 
 PLAN_NORM, PLAN_MATMUL, PLAN_ROTARY, PLAN_WRITE_KV, PLAN_WRITE_KV_INT8 = 0, 1, 2, 3, 4
-PLAN_ATTENTION, PLAN_ATTENTION_INT8, PLAN_SILU_MUL = 5, 6, 7
+PLAN_ATTENTION, PLAN_ATTENTION_INT8, PLAN_SILU_MUL, PLAN_ADD_BIAS, PLAN_HEAD_NORM = 5, 6, 7, 8, 9
 PLAN_MAX_BATCH = 64  # rows of the plan's buffers; wider decode steps take the Python path
 
 
@@ -58,16 +59,19 @@ def _ptr(t: torch.Tensor | None, offset: int = 0) -> int:
 
 
 def _matmul_parts(linear: nn.Module) -> list[tuple[QuantLinear, int]] | None:
-    """(part, first output column) of a linear the plan can run as vnni matmuls, else None."""
-    parts, starts = ([linear], [0]) if isinstance(linear, QuantLinear) else (None, None)
-    if isinstance(linear, SplitLinear) and linear.bias is None:
+    """(part, first output column) of a linear the plan can run as vnni matmuls (its bias,
+    if any, added after them), else None."""
+    if isinstance(linear, QuantLinear):
+        parts, starts = [linear], [0]
+    elif isinstance(linear, SplitLinear):
         parts = list(linear.parts)
         starts = [sum(linear.sizes[:i]) for i in range(len(parts))]
-    if parts is None:
-        return None
-    for p in parts:
-        if not (isinstance(p, QuantLinear) and p.vnni is not None and p.bias is None):
+        if any(getattr(p, "bias", None) is not None for p in parts):
             return None
+    else:
+        return None
+    if not all(isinstance(p, QuantLinear) and p.vnni is not None for p in parts):
+        return None
     return list(zip(parts, starts))
 
 
@@ -132,6 +136,20 @@ class DecodePlan:
                 plan.append(_op(PLAN_MATMUL, fn("vnni_matmul"), _ptr(x), part.in_features, _ptr(part.vnni_packed),
                                 lay.bits, lay.group, int(lay.sym), _ptr(out, start), part.out_features,
                                 out.stride(0)))
+            bias = linear.bias
+            if bias is not None:  # torch's y + b, after the whole output
+                if bias.dtype != dtype or not bias.is_contiguous():
+                    return False
+                plan.append(_op(PLAN_ADD_BIAS, fn("add_bias"), _ptr(out), _ptr(bias), bias.shape[0], out.stride(0)))
+            return True
+
+        def head_norm(module: nn.Module, first_head: int, count: int) -> bool:
+            """RMSNorm of each of `count` heads from `first_head` in every qkv row, in place."""
+            if module.native is None or module.weight.dtype != dtype:
+                return False
+            qkv = buf["qkv"]
+            plan.append(_op(PLAN_HEAD_NORM, fn("add_rms_norm"), _ptr(qkv, first_head * d), qkv.stride(0) * qkv.element_size(),
+                            count, d, _ptr(module.weight), f=module.eps))
             return True
 
         def norm(module: nn.Module, x: torch.Tensor | None) -> bool:
@@ -145,7 +163,7 @@ class DecodePlan:
             sa, mlp, (k_cache, v_cache) = layer.self_attn, layer.mlp, kv_layers[i]
             attn = sa.attn
             int8 = k_cache.dtype == torch.int8
-            if (sa.qk_norm or not isinstance(attn, NativeCPUPagedAttention) or k_cache.dtype not in (dtype, torch.int8)
+            if (not isinstance(attn, NativeCPUPagedAttention) or k_cache.dtype not in (dtype, torch.int8)
                     or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                     or (sa.num_heads, sa.num_kv_heads, sa.head_dim) != (heads, kv_heads, d)
                     or mlp.native is None or mlp.act_name != "silu" or mlp.down_proj.in_features != inter
@@ -153,6 +171,8 @@ class DecodePlan:
                 return None
             if not (norm(layer.input_layernorm, None if i == 0 else buf["x"])
                     and matmul(sa.qkv_proj, buf["h"], buf["qkv"])):
+                return None
+            if sa.qk_norm and not (head_norm(sa.q_norm, 0, heads) and head_norm(sa.k_norm, heads, kv_heads)):
                 return None
             qkv = buf["qkv"]
             plan.append(_op(PLAN_ROTARY, fn("rotary"), _ptr(qkv), qkv_w, heads + kv_heads, d, _ptr(cos), _ptr(sin)))

@@ -57,6 +57,7 @@ _SIGNATURES = {
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],  # (x, residual, weight, out, n, dim, eps)
     "rotary": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],  # (x, stride, n, heads, head_dim, pos, cos, sin)
     "silu_and_mul": [_ptr, _ptr, _i64, _i64],  # (gate_up, out, n, intermediate)
+    "add_bias": [_ptr, _ptr, _i64, _i64, _i64],  # (out, bias, n, N, ldo): model/decode_plan.py's
     "write_kv": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _i64],  # (k, v, k/v stride, kc, vc, slots, n, row)
     # int8 pools (model/kv_quant.py), suffix = the model's dtype: the decode kernel's arguments
     # above and whether rows are rotated; (k, v, k/v stride, kc, vc, slots, n, kvH, D, k centre

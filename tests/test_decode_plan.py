@@ -58,6 +58,18 @@ def test_plan_equals_python_path_on_a_mixed_file(tmp_path: Path, monkeypatch):
 
 
 @needs_vnni
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_plan_equals_python_path_with_bias_and_qk_norm(tiny_checkpoint, monkeypatch, arch):
+    """Qwen2's q/k/v bias (added after the matmuls) and Qwen3's per-head q/k RMSNorm (in place
+    before rotary), on int4-quantized linears, in bfloat16 and float32."""
+    for dtype in ("bfloat16", "float32"):
+        config = dict(quantization="int4", dtype=dtype)
+        want, _ = generate(str(tiny_checkpoint(arch)), monkeypatch, plan=False, **config)
+        got, engine = generate(str(tiny_checkpoint(arch)), monkeypatch, plan=True, **config)
+        assert isinstance(engine.runner._decode_plan, DecodePlan) and got == want, dtype
+
+
+@needs_vnni
 def test_models_the_plan_cannot_run_take_the_python_path(tmp_path: Path, tiny_checkpoint, monkeypatch):
     """A dense part inside a fused projection (F16 in a Q4_K_M file) or a checkpoint of dense
     linears: no plan, and decoding still runs."""

@@ -6,6 +6,7 @@
  * (`fn`), its kind and its fixed arguments; the step's own arguments (rows B, positions, KV slots,
  * block tables, context lengths) are filled in here by kind. Numerically it is the Python path.
  */
+#include <stddef.h>
 #include <stdint.h>
 
 enum {
@@ -17,6 +18,9 @@ enum {
     PLAN_ATTENTION = 5,      /* paged_decode_attention(q, q_stride, kc, vc, tables, max_blocks, lens, out, B, H, kvH, D, bs, scale) */
     PLAN_ATTENTION_INT8 = 6, /* paged_decode_attention_int8(..., scale, rotated) */
     PLAN_SILU_MUL = 7,       /* silu_and_mul(gate_up, out, B, intermediate) */
+    PLAN_ADD_BIAS = 8,       /* add_bias(out, bias, B, N, ldo): out += bias, row by row */
+    PLAN_HEAD_NORM = 9,      /* add_rms_norm(NULL, x + t * stride, weight, same, heads, head_dim, eps) per row t:
+                              * RMSNorm of each of a row's `heads` contiguous heads, in place (q/k norms) */
 };
 
 /* One call. Pointer arguments are held as int64 (addresses), in the order of the kind's comment
@@ -42,6 +46,7 @@ typedef void (*attention_fn)(const void *, int64_t, const void *, const void *, 
 typedef void (*attention_int8_fn)(const void *, int64_t, const void *, const void *, const int64_t *, int64_t,
                                   const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
 typedef void (*silu_fn)(const void *, void *, int64_t, int64_t);
+typedef void (*bias_fn)(void *, const void *, int64_t, int64_t, int64_t);
 
 #define P(i) ((void *)(intptr_t)o->a[i])
 
@@ -77,6 +82,15 @@ int64_t run_decode_plan(const PlanOp *ops, int64_t n, int64_t B, const int64_t *
             break;
         case PLAN_SILU_MUL:
             ((silu_fn)o->fn)(P(0), P(1), B, o->a[2]);
+            break;
+        case PLAN_ADD_BIAS:
+            ((bias_fn)o->fn)(P(0), P(1), B, o->a[2], o->a[3]);
+            break;
+        case PLAN_HEAD_NORM: /* a[0] x, a[1] row stride (bytes), a[2] heads, a[3] head_dim, a[4] weight */
+            for (int64_t t = 0; t < B; t++) {
+                void *row = (char *)P(0) + t * o->a[1];
+                ((norm_fn)o->fn)(NULL, row, P(4), row, o->a[2], o->a[3], o->f);
+            }
             break;
         default:
             return i;

@@ -8,6 +8,7 @@
  *   `stride` elements, heads contiguous), in float32: x1' = x1 c - x2 s, x2' = x2 c + x1 s,
  *   with c, s = cos/sin[positions[t]] from float32 tables [max_pos, head_dim / 2].
  * silu_and_mul: out [n, I] = T(T(silu(gate)) * up) for gate_up [n, 2I] = [gate | up].
+ * add_bias: out [n, N] (row stride ldo) += bias [N], rounded to T (model/decode_plan.py's bias).
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,6 +52,13 @@ void rotary_##SUFFIX(T *x, int64_t stride, int64_t n, int64_t heads, int64_t hea
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
+}
+
+/* add_bias: out [n rows, row stride ldo] += bias [N], rounded to T (torch's y + b). */
+#define DEFINE_ADD_BIAS(SUFFIX, T, LOAD, STORE)                                                \
+void add_bias_##SUFFIX(T *out, const T *bias, int64_t n, int64_t N, int64_t ldo) {             \
+    for (int64_t i = 0; i < n; i++)                                                            \
+        for (int64_t j = 0; j < N; j++) out[i * ldo + j] = STORE(LOAD(out[i * ldo + j]) + LOAD(bias[j])); \
 }
 
 #define DEFINE_SILU(SUFFIX, T, LOAD, STORE, ROUND)                                             \
@@ -116,4 +124,6 @@ DEFINE_WRITE_KV_INT8(f32, float, f32_load)
 DEFINE_WRITE_KV(f32, float)
 DEFINE_SILU(bf16, uint16_t, bf16_load, bf16_store, bf16_round)
 DEFINE_SILU(f32, float, f32_load, f32_store, f32_round)
+DEFINE_ADD_BIAS(bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_ADD_BIAS(f32, float, f32_load, f32_store)
 DEFINE_OPS(f32, float, f32_load, f32_store, f32_round)
