@@ -81,7 +81,8 @@ class DecodePlan:
     def __init__(self, ops_array, num_ops: int, run_fn, buffers: dict[str, torch.Tensor],
                  embed: nn.Module, max_batch: int) -> None:
         self._ops, self._num_ops, self._run = ops_array, num_ops, run_fn
-        self._buffers = buffers  # keeps every address in the ops alive
+        self._buffers = buffers  # keeps the buffers' addresses in the ops alive (weights, pools and
+        # the int8 K centres belong to the model and the runner, which outlive the plan)
         self._embed = embed
         self.max_batch = max_batch
 
@@ -148,8 +149,8 @@ class DecodePlan:
             if module.native is None or module.weight.dtype != dtype:
                 return False
             qkv = buf["qkv"]
-            plan.append(_op(PLAN_HEAD_NORM, fn("add_rms_norm"), _ptr(qkv, first_head * d), qkv.stride(0) * qkv.element_size(),
-                            count, d, _ptr(module.weight), f=module.eps))
+            plan.append(_op(PLAN_HEAD_NORM, fn("add_rms_norm"), _ptr(qkv, first_head * d),
+                            qkv.stride(0) * qkv.element_size(), count, d, _ptr(module.weight), f=module.eps))
             return True
 
         def norm(module: nn.Module, x: torch.Tensor | None) -> bool:
@@ -207,7 +208,7 @@ class DecodePlan:
         b = input_ids.shape[0]
         assert b <= self.max_batch and block_tables.is_contiguous() and positions.is_contiguous()
         self._buffers["residual"][:b].copy_(self._embed(input_ids))
-        bad = self._run(ctypes.addressof(self._ops), self._num_ops, b, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(),
-                        block_tables.shape[1], context_lens.data_ptr())
+        bad = self._run(ctypes.addressof(self._ops), self._num_ops, b, positions.data_ptr(), slots.data_ptr(),
+                        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr())
         assert bad == -1, f"decode plan op {bad} has an unknown kind"
         return self._buffers["h"][:b]
