@@ -12,6 +12,10 @@ A decode verifying a draft (server/engine/speculate.py) appends its K draft toke
 chunk; each of its 1 + K positions attends as a decode of its own (same block table,
 context lengths growing by one: the decode kernel, causal), and all 1 + K rows' logits go
 to `verify` instead of the sampler.
+A step of decodes only (drafts included), on the CPU, runs as one native call where the model
+has a decode plan (model/decode_plan.py: the same kernels as its forward, bit for bit); every
+other step runs the model's forward. An int8 pool's K centres are calibrated once at start-up
+(`calibrate_int8_keys`, model/kv_quant.py).
 """
 from __future__ import annotations
 
