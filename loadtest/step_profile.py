@@ -5,10 +5,10 @@ Per (batch B, context C): B requests of C random prompt tokens (greedy, `ignore_
 prefilled, then `--steps` decode steps run twice, interleaved: bare (the step time and tok/s
 the engine really gets) and instrumented (forward hooks and wrappers installed at run time
 by attribute name, removed afterwards). Hooks cost time, so the parts add up to the
-instrumented total, which is larger than the bare one. The instrumented run takes the model's
-Python forward, since hooks cannot see into the decode plan's one native call
-(model/decode_plan.py); the bare run takes the plan where the engine would, so on a small
-model the bare step is well under the instrumented one. A benchmark, not a test:
+instrumented total, which is larger than the bare one. Both runs take the path the engine
+takes: where a decode step runs as the decode plan's one native call (model/decode_plan.py),
+the layers' time is the `decode_plan` part and the per-layer columns stay 0; run with
+`WORKMEM_DECODE_PLAN=0` for the split of the model's Python forward. A benchmark, not a test:
 
     python -m loadtest.step_profile [--batch-sizes 1,4,16,32] [--contexts 256,2048] [--json out.json]
     workmem bench step ...
@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.decode_plan import DecodePlan
+
 # Qualified-name suffix of a GEMM module -> category (Llama fused names, GPT-2 names).
 GEMM_SUFFIXES = {"qkv_proj": "qkv", "o_proj": "o_proj", "gate_up_proj": "gate_up", "down_proj": "down",
                  "attn.c_attn": "qkv", "attn.c_proj": "o_proj", "mlp.c_fc": "gate_up", "mlp.c_proj": "down"}
 # Reported parts, in table order; they sum to the instrumented step time.
 PARTS = ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention", "kv_write", "norms", "other_model",
-         "sampling", "prepare", "scheduler", "detok", "python")
+         "decode_plan", "sampling", "prepare", "scheduler", "detok", "python")
 WARMUP_STEPS = 2  # decode steps run before each timed run (not timed)
 
 
@@ -171,7 +173,7 @@ def instrumented(engine, clock: Clock) -> Iterator[None]:
     # Norms fused with the residual add run outside their module's __call__ (no hooks).
     patches += [(m, "forward_residual", clock.wrap("norms", m.forward_residual))
                 for m in norm_modules(model) if hasattr(m, "forward_residual")]
-    patches += [(runner, "use_decode_plan", False),  # the parts of the Python forward, not one C call
+    patches += [(DecodePlan, "run", clock.wrap("decode_plan", DecodePlan.run)),  # all layers, one C call
                 (model, "compute_logits", clock.wrap("lm_head", model.compute_logits)),
                 (runner, "sampler", TimedCall(runner.sampler, clock, "sampling")),
                 (runner, "execute", clock.wrap("execute", runner.execute)),
@@ -193,10 +195,10 @@ def split_parts(t: dict[str, float]) -> dict[str, float]:
     """Nested clock totals (seconds) -> disjoint parts; residuals clamp at 0 (clock noise)."""
     gemms = sum(t[k] for k in ("qkv", "o_proj", "gate_up", "down"))
     parts = {k: t[k] for k in ("qkv", "o_proj", "gate_up", "down", "lm_head", "kv_write", "norms",
-                               "sampling", "scheduler", "detok")}
+                               "decode_plan", "sampling", "scheduler", "detok")}
     parts["attention"] = max(t["attention"] - t["kv_write"], 0.0)
     parts["other_model"] = max(t["model"] - gemms - t["attention"] - t["norms"], 0.0)
-    parts["prepare"] = max(t["execute"] - t["model"] - t["lm_head"] - t["sampling"], 0.0)
+    parts["prepare"] = max(t["execute"] - t["model"] - t["decode_plan"] - t["lm_head"] - t["sampling"], 0.0)
     parts["python"] = max(t["step"] - t["execute"] - t["scheduler"] - t["detok"], 0.0)
     return {k: parts[k] for k in PARTS}
 

@@ -86,13 +86,13 @@ class NativeOps:
                 fn = getattr(lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, None
                 self.fns[name, dtype] = fn
-        # vnni_gemv.c / lanes_gemm.c are built only where the compiler targets AVX512-VNNI /
-        # AVX512-BF16 (else their doors abort)
         # model/decode_plan.py's one call per decode step: (ops, n, B, positions, slots, tables,
         # max_blocks, context_lens) -> -1, or the index of an op of unknown kind
         self.run_decode_plan = lib.run_decode_plan
         self.run_decode_plan.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
         self.run_decode_plan.restype = _i64
+        # vnni_gemv.c / lanes_gemm.c are built only where the compiler targets AVX512-VNNI /
+        # AVX512-BF16 (else their doors abort)
         self.vnni = bool(lib.vnni_available())
         self.lanes = bool(lib.lanes_gemm_available())
         self._lanes_gemm = lib.lanes_gemm_bf16  # bf16 only: (x, M, K, packed, out, N)

@@ -195,7 +195,7 @@ def test_native_write_kv_takes_k_and_v_with_different_token_strides():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 # groups 1..8 of query heads per kv head and head sizes 16..128: every register layout of the
-# AVX2 V pass (column groups of 4, 2 and 1 chunks of 8) and the K pass's 4-token blocks plus tails
+# AVX2 V pass (column groups of 4, 2 and 1 chunks of 8) and the K pass's 8-token blocks plus tails
 @pytest.mark.parametrize("heads,kv_heads,d", [(6, 2, 16), (9, 3, 64), (4, 4, 128), (16, 2, 128), (10, 2, 48), (7, 1, 24)])
 @pytest.mark.parametrize("num_new,context", [([1, 1, 1], [1, 9, 300]), ([1, 5, 1], [13, 5, 70])])
 def test_native_int8_kv_equals_torch_dequantized(dtype, tol, heads, kv_heads, d, num_new, context):

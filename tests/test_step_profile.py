@@ -39,6 +39,25 @@ def test_every_part_is_reported_and_adds_up(engine, batch):
     assert not engine.has_unfinished() and engine.pool.num_used == 0
 
 
+def test_decode_plan_steps_report_the_plan_as_one_part(tiny_checkpoint):
+    """Int4 linears on the native kernels: decode steps run as the decode plan
+    (model/decode_plan.py), so its call is the `decode_plan` part, the per-layer parts are 0,
+    everything still adds up, and DecodePlan.run is the class's own again afterwards."""
+    from model.decode_plan import DecodePlan
+
+    run = DecodePlan.run
+    args = sp.parse_args(["--model", str(tiny_checkpoint("llama")), "--dtype", "float32", "--device", "cpu",
+                          "--quantization", "int4", "--batch-sizes", "1", "--contexts", str(CONTEXT),
+                          "--steps", str(STEPS)])
+    engine = sp.build_engine(args)
+    row = sp.profile_cell(engine, 1, CONTEXT, STEPS, seed=0)
+    assert isinstance(engine.runner._decode_plan, DecodePlan)
+    assert row.parts_ms["decode_plan"] > 0 and row.parts_ms["lm_head"] > 0
+    assert all(row.parts_ms[k] == 0 for k in ("qkv", "o_proj", "gate_up", "down", "attention", "kv_write"))
+    assert sum(row.parts_ms.values()) == pytest.approx(row.total_ms, rel=0.05)
+    assert DecodePlan.run is run
+
+
 def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
