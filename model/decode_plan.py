@@ -19,7 +19,8 @@ then norm(x + residual) -> the hidden states [B, hidden] that `compute_logits` t
 Qwen2's q/k/v bias is added after its matmuls, Qwen3's per-head q/k RMSNorm runs in place on
 the qkv buffer before rotary. `build` returns None (the step takes the Python path) unless
 every piece is one of these kernels: native RMSNorm / rotary / silu, vnni QuantLinears (dense
-copies only above the plan's rows), native attention over a pool of the model's dtype or int8.
+copies only above the plan's rows) or bf16 weights of a float32 model (lanes_gemm_f32.c), native
+attention over a pool of the model's dtype or int8.
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ from torch import nn
 
 from model.attention import NativeCPUPagedAttention
 from model.kv_quant import rotates
+from model.prepack import LanesF32Packing, PrepackedLinear
 from model.quant import QuantLinear
 from model.split_linear import SplitLinear
 
 PLAN_NORM, PLAN_MATMUL, PLAN_ROTARY, PLAN_WRITE_KV, PLAN_WRITE_KV_INT8 = 0, 1, 2, 3, 4
 PLAN_ATTENTION, PLAN_ATTENTION_INT8, PLAN_SILU_MUL, PLAN_ADD_BIAS, PLAN_HEAD_NORM = 5, 6, 7, 8, 9
+PLAN_LANES_F32 = 10
 PLAN_MAX_BATCH = 64  # rows of the plan's buffers; wider decode steps take the Python path
 
 
@@ -58,10 +61,18 @@ def _ptr(t: torch.Tensor | None, offset: int = 0) -> int:
     return 0 if t is None else t.data_ptr() + offset * t.element_size()
 
 
-def _matmul_parts(linear: nn.Module) -> list[tuple[QuantLinear, int]] | None:
-    """(part, first output column) of a linear the plan can run as vnni matmuls (its bias,
+def _plan_matmul(part: nn.Module) -> bool:
+    """Whether the plan has `part`'s kernel: a vnni QuantLinear, or bf16 weights in a float32
+    model (model/prepack.py's LanesF32Packing)."""
+    if isinstance(part, QuantLinear):
+        return part.vnni is not None
+    return isinstance(part, PrepackedLinear) and isinstance(part.packing, LanesF32Packing)
+
+
+def _matmul_parts(linear: nn.Module) -> list[tuple[nn.Module, int]] | None:
+    """(part, first output column) of a linear the plan can run as its matmuls (its bias,
     if any, added after them), else None."""
-    if isinstance(linear, QuantLinear):
+    if isinstance(linear, (QuantLinear, PrepackedLinear)):
         parts, starts = [linear], [0]
     elif isinstance(linear, SplitLinear):
         parts = list(linear.parts)
@@ -70,7 +81,7 @@ def _matmul_parts(linear: nn.Module) -> list[tuple[QuantLinear, int]] | None:
             return None
     else:
         return None
-    if not all(isinstance(p, QuantLinear) and p.vnni is not None for p in parts):
+    if not all(_plan_matmul(p) for p in parts):
         return None
     return list(zip(parts, starts))
 
@@ -108,7 +119,7 @@ class DecodePlan:
         rotary = body.rotary
         if dtype not in ops.dtypes or rotary.native is None or body.norm.native is None:
             return None
-        for layer in body.layers:  # every linear a vnni matmul (not, e.g., a tensor-parallel shard's)
+        for layer in body.layers:  # every linear a plan matmul (not, e.g., a tensor-parallel shard's)
             sa, mlp = layer.self_attn, layer.mlp
             if any(_matmul_parts(m) is None for m in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj)):
                 return None
@@ -131,6 +142,10 @@ class DecodePlan:
             if parts is None:
                 return False
             for part, start in parts:
+                if isinstance(part, PrepackedLinear):  # bf16 weights, float32 x
+                    plan.append(_op(PLAN_LANES_F32, ops.lanes_gemm_f32_fn, _ptr(x), part.in_features,
+                                    _ptr(part.packed), _ptr(out, start), part.out_features, out.stride(0)))
+                    continue
                 lay = part.layout
                 if part.vnni_packed.shape[-1] != lay.record_bytes:
                     return False

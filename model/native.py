@@ -91,12 +91,15 @@ class NativeOps:
         self.run_decode_plan = lib.run_decode_plan
         self.run_decode_plan.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
         self.run_decode_plan.restype = _i64
-        # vnni_gemv.c / lanes_gemm.c are built only where the compiler targets AVX512-VNNI /
-        # AVX512-BF16 (else their doors abort)
+        # vnni_gemv*.c / lanes_gemm*.c are built only where the compiler targets their ISA
+        # (else their doors abort)
         self.vnni = bool(lib.vnni_available())
         self.lanes = bool(lib.lanes_gemm_available())
         self._lanes_gemm = lib.lanes_gemm_bf16  # bf16 only: (x, M, K, packed, out, N)
         self._lanes_gemm.argtypes, self._lanes_gemm.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64], None
+        self.lanes_f32 = bool(lib.lanes_gemm_f32_available())  # AVX2 + FMA
+        fn = self.lanes_gemm_f32_fn = lib.lanes_gemm_f32  # (x, M, K, packed, out, N, ldo); the decode plan's too
+        fn.argtypes, fn.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64], None
 
     def attention(self, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
         """The decode kernel for queries of `dtype` over pools of `kv_dtype` (default: the same)."""
@@ -130,6 +133,12 @@ class NativeOps:
         """out [M, N] = x [M, K] @ W^T in bf16, W packed by model.prepack.lanes_pack (needs `self.lanes`)."""
         m, k = x.shape
         self._lanes_gemm(x.data_ptr(), m, k, packed.data_ptr(), out.data_ptr(), out.shape[1])
+
+    def lanes_gemm_f32(self, x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """out [M, N] = x [M, K] @ W^T, x and out float32 (contiguous), W bf16 packed by
+        model.prepack.lanes_pack (needs `self.lanes_f32`)."""
+        m, k = x.shape
+        self.lanes_gemm_f32_fn(x.data_ptr(), m, k, packed.data_ptr(), out.data_ptr(), out.shape[1], out.shape[1])
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor, k_center: torch.Tensor | None = None) -> bool:

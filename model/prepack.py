@@ -9,7 +9,10 @@ for 1-32 rows and the same for prefill-sized inputs, in bf16 and float32 alike
 
 Where the native kernels (model/native.py) have it, bf16 weights take model/csrc/
 lanes_gemm.c's layout instead (`LanesPacking`): faster than oneDNN at every batch size
-measured here (1.1-1.4x). `weight_packing` picks one of the two at load.
+measured here (1.1-1.4x). In a float32 model, a weight whose every value is a bf16 (a bf16
+checkpoint widened at load) is stored back in bf16 in the same layout for model/csrc/
+lanes_gemm_f32.c (`LanesF32Packing`): exact, half the bytes, and on this AVX2 machine 2.8-3.5x
+oneDNN's float32 linear at one row, 1.1-1.3x at 64-512. `weight_packing` picks one at load.
 
 `prepack_linears(model, packing)` runs last in loading (the weights are final and in their
 dtype): every remaining `nn.Linear` becomes a `PrepackedLinear`, a QuantLinear's dense copy is
@@ -103,13 +106,44 @@ class LanesPacking(WeightPacking):
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+class LanesF32Packing(LanesPacking):
+    """float32 weights that are exactly bf16 (a bf16 checkpoint in a float32 model), held in
+    bf16 in lanes_gemm.c's layout for model/csrc/lanes_gemm_f32.c: float32 activations, sums
+    and output; the products are the float32 model's. Other float32 weights take oneDNN's."""
+
+    name = "bf16-lanes-f32"
+
+    def takes(self, weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.float32 and weight.shape[1] % 2 == 0 and is_bf16_exact(weight)
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        y = x2.new_empty(x2.shape[0], n)
+        if x2.shape[0]:
+            self.ops.lanes_gemm_f32(x2, packed, y)
+        if bias is not None:
+            y += bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def is_bf16_exact(weight: torch.Tensor) -> bool:
+    """Whether every value of a float32 tensor is a bf16 (its low 16 bits all zero)."""
+    low = torch.tensor(0xFFFF, dtype=torch.int32)
+    return not torch.any(torch.bitwise_and(weight.detach().contiguous().view(torch.int32), low)).item()
+
+
 ONEDNN = WeightPacking()
 
 
 def weight_packing(dtype: torch.dtype, native=None) -> WeightPacking:
-    """lanes_gemm.c for bf16 where the native kernels have it, else oneDNN's layout."""
+    """lanes_gemm.c for bf16 where the native kernels have it (lanes_gemm_f32.c for float32
+    weights that are bf16), else oneDNN's layout."""
     if native is not None and native.lanes and dtype == torch.bfloat16:
         return LanesPacking(native)
+    if native is not None and native.lanes_f32 and dtype == torch.float32:
+        return LanesF32Packing(native)
     return ONEDNN
 
 

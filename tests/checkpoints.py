@@ -6,6 +6,7 @@ is not a near-tie at every step. A small byte-level BPE tokenizer is saved besid
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -112,3 +113,14 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[lis
         torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)
     ]
     return tokens, logprobs
+
+
+def bf16_copy(checkpoint: Path, dest: Path) -> Path:
+    """`checkpoint` (a safetensors directory) with its weights rounded to bf16 and stored so."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, dest, dirs_exist_ok=True)
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, dest / "model.safetensors",
+              metadata={"format": "pt"})
+    return dest

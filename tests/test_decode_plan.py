@@ -15,7 +15,9 @@ from model.sampling import SamplingParams
 from server.default_model import default_model_path
 from server.engine import EngineConfig, LLMEngine
 from server.engine.runner import DECODE_PLAN_ENV
+from tests.checkpoints import bf16_copy
 from tests.test_gguf_types import needs_vnni, q4_k_m_style, write_typed_gguf
+from tests.test_prepack import needs_lanes_f32
 
 
 def generate(model: str, monkeypatch, plan: bool, **config) -> tuple[dict, LLMEngine]:
@@ -69,10 +71,21 @@ def test_plan_equals_python_path_with_bias_and_qk_norm(tiny_checkpoint, monkeypa
         assert isinstance(engine.runner._decode_plan, DecodePlan) and got == want, dtype
 
 
+@needs_lanes_f32
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_plan_equals_python_path_on_bf16_weights_in_float32(tiny_checkpoint, tmp_path: Path, monkeypatch, arch):
+    """A bf16 checkpoint served in float32: its dense linears (Qwen2's with bias) run as
+    lanes_gemm_f32.c matmuls inside the plan."""
+    path = str(bf16_copy(tiny_checkpoint(arch), tmp_path / arch))
+    want, _ = generate(path, monkeypatch, plan=False, dtype="float32")
+    got, engine = generate(path, monkeypatch, plan=True, dtype="float32")
+    assert isinstance(engine.runner._decode_plan, DecodePlan) and got == want
+
+
 @needs_vnni
 def test_models_the_plan_cannot_run_take_the_python_path(tmp_path: Path, tiny_checkpoint, monkeypatch):
     """A dense part inside a fused projection (F16 in a Q4_K_M file) or a checkpoint of dense
-    linears: no plan, and decoding still runs."""
+    bf16 linears in a bf16 model: no plan, and decoding still runs."""
     mixed = str(write_typed_gguf(tmp_path / "m.gguf", q4_k_m_style(), QType.Q4_K))
     for model in (mixed, str(tiny_checkpoint("llama"))):
         out, engine = generate(model, monkeypatch, plan=True, dtype="bfloat16")

@@ -10,8 +10,9 @@ from torch import nn
 
 from model.loader import load_model
 from model.native import native_kernels
-from model.prepack import ONEDNN, PrepackedLinear, prepack_available, prepack_linears, weight_packing
+from model.prepack import ONEDNN, LanesF32Packing, PrepackedLinear, prepack_available, prepack_linears, weight_packing
 from model.quant import QuantLinear, quantize_int4
+from tests.checkpoints import bf16_copy
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not prepack_available(CPU, torch.float32), reason="torch built without oneDNN")
@@ -82,3 +83,40 @@ def test_loader_packs_bf16_for_lanes_gemm(tiny_checkpoint) -> None:
     assert packed and all(m.packing is not ONEDNN for m in packed) and lanes.tied_head in packed
     x = torch.randn(5, lanes.config.hidden_size, dtype=torch.bfloat16)
     torch.testing.assert_close(lanes.compute_logits(x), onednn.compute_logits(x), rtol=3e-2, atol=3e-2)
+
+
+LANES_F32 = weight_packing(torch.float32, OPS)
+needs_lanes_f32 = pytest.mark.skipif(LANES_F32 is ONEDNN, reason="no AVX2 + FMA native kernels here")
+
+
+@needs_lanes_f32
+@pytest.mark.parametrize("shape", [(0, 48), (1, 48), (3, 48), (17, 48), (2, 5, 48), (40, 46)])
+def test_bf16_weights_in_a_float32_model_keep_bf16(shape: tuple) -> None:
+    """A float32 weight whose values are all bf16 is held in bf16 (half the bytes) and gives
+    F.linear's float32 result; one value off bf16 keeps the whole weight in oneDNN's float32."""
+    torch.manual_seed(0)
+    k = shape[-1]
+    w = torch.randn(37, k).to(torch.bfloat16).float()  # 37 rows: not a multiple of 16
+    b = torch.randn(37)
+    x = torch.randn(*shape)
+    layer = PrepackedLinear(w, b, LANES_F32)
+    assert layer.packing is LANES_F32 and layer.packed.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    strided = torch.randn(3, 2 * k)[:, ::2]
+    torch.testing.assert_close(PrepackedLinear(w, None, LANES_F32)(strided), F.linear(strided, w),
+                               rtol=1e-5, atol=1e-5)
+    w[5, 7] += 2.0 ** -12  # no longer a bf16 at |w| ~ 1
+    assert PrepackedLinear(w, b, LANES_F32).packing is ONEDNN
+
+
+@needs_lanes_f32
+def test_loader_keeps_a_bf16_checkpoint_in_bf16_under_float32(tiny_checkpoint, tmp_path) -> None:
+    """A bf16 checkpoint loaded as float32 runs every dense linear (tied head included) on
+    lanes_gemm_f32.c, with the logits of the same weights in oneDNN's float32 layout."""
+    path = bf16_copy(tiny_checkpoint("qwen2"), tmp_path / "bf16")
+    lanes = load_model(path, torch.float32, CPU, native=OPS).model
+    onednn = load_model(path, torch.float32, CPU).model
+    packed = [m for m in lanes.modules() if isinstance(m, PrepackedLinear)]
+    assert packed and all(isinstance(m.packing, LanesF32Packing) for m in packed) and lanes.tied_head in packed
+    x = torch.randn(5, lanes.config.hidden_size)
+    torch.testing.assert_close(lanes.compute_logits(x), onednn.compute_logits(x), rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ enum {
     PLAN_ADD_BIAS = 8,       /* add_bias(out, bias, B, N, ldo): out += bias, row by row */
     PLAN_HEAD_NORM = 9,      /* add_rms_norm(NULL, x + t * stride, weight, same, heads, head_dim, eps) per row t:
                               * RMSNorm of each of a row's `heads` contiguous heads, in place (q/k norms) */
+    PLAN_LANES_F32 = 10,     /* lanes_gemm_f32(x, B, K, packed, out, N, ldo): bf16 weights, float32 x */
 };
 
 /* One call. Pointer arguments are held as int64 (addresses), in the order of the kind's comment
@@ -47,6 +48,7 @@ typedef void (*attention_int8_fn)(const void *, int64_t, const void *, const voi
                                   const int64_t *, void *, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t);
 typedef void (*silu_fn)(const void *, void *, int64_t, int64_t);
 typedef void (*bias_fn)(void *, const void *, int64_t, int64_t, int64_t);
+typedef void (*lanes_fn)(const void *, int64_t, int64_t, const void *, void *, int64_t, int64_t);
 
 #define P(i) ((void *)(intptr_t)o->a[i])
 
@@ -91,6 +93,9 @@ int64_t run_decode_plan(const PlanOp *ops, int64_t n, int64_t B, const int64_t *
                 void *row = (char *)P(0) + t * o->a[1];
                 ((norm_fn)o->fn)(NULL, row, P(4), row, o->a[2], o->a[3], o->f);
             }
+            break;
+        case PLAN_LANES_F32:
+            ((lanes_fn)o->fn)(P(0), B, o->a[1], P(2), P(3), o->a[4], o->a[5]);
             break;
         default:
             return i;
