@@ -9,7 +9,9 @@
 # workload: 1 stream (3 requests) and 16 streams (16 requests) of ~136-token prompts and 128 streamed new
 # tokens (ignore_eos, greedy), one ~1.75k-token prompt (its TTFT is the prefill time), each server's RSS after
 # the run; a 2 GiB KV budget on every side (workmem's default, llama-server -c 65536 -np 16, vLLM
-# VLLM_CPU_KVCACHE_SPACE=2). About 40-60 minutes on 2 cores: run it on a quiet machine.
+# VLLM_CPU_KVCACHE_SPACE=2). workmem serves the safetensors in its default dtype (bf16 where the CPU has bf16
+# arithmetic, else float32 with the bf16 weights kept bf16), vLLM in bf16. About 40-60 minutes on 2 cores (vLLM
+# alone ~7 minutes to start on an AVX2-only CPU): run it on a quiet machine.
 #
 #   usage: loadtest/gguf_table.sh [OUT.md]      run from anywhere; prints the raw lines, then the table
 #   env:   PEERS (/tmp/peers), PEER_SCRIPTS (../shared/peers, else $PEERS/scripts), PY (.venv/bin/python),
@@ -70,7 +72,7 @@ for f in $FILES; do
 done
 if [ "${VLLM:-1}" != 0 ] && [ -x "$PEERS/vllm-venv/bin/python" ]; then
   echo "== file llama-1b-bf16-safetensors (vLLM CPU)"
-  $PY -m server serve --model "$BIG/llama-1b-random" --dtype bfloat16 --port $WM --no-access-log \
+  $PY -m server serve --model "$BIG/llama-1b-random" --port $WM --no-access-log \
       --log-level warning > "$PEERS/logs/workmem-$WM.log" 2>&1 & P=$!
   if wait_ok $WM /health 300; then rows workmem $WM; echo "workmem rss_mb $(tree_rss_mb $P)"; else echo "workmem did not start"; fi
   stop_tree $P

@@ -197,11 +197,12 @@ def _compare() -> None:  # python -m model.prepack: F.linear vs prepacked, micro
 
     from model.native import native_kernels
 
-    lanes = weight_packing(torch.bfloat16, native_kernels())
+    native = native_kernels()
     print("| dtype | N x K | rows | F.linear us | oneDNN us | lanes us |\n|---|---|---:|---:|---:|---:|")
-    for dtype in (torch.bfloat16, torch.float32):
-        for n, k in ((960, 576), (3072, 576), (576, 1536), (49152, 576)):
-            w = torch.randn(n, k, dtype=dtype)
+    for dtype in [d for d in (torch.bfloat16, torch.float32) if prepack_available(torch.device("cpu"), d)]:
+        lanes = weight_packing(dtype, native)  # float32: lanes_gemm_f32.c on weights that are bf16
+        for n, k in ((960, 576), (3072, 576), (576, 1536), (49152, 576), (3072, 2048), (16384, 2048), (2048, 8192)):
+            w = torch.randn(n, k).to(torch.bfloat16).to(dtype)
             onednn, packed = prepack_weight(w), lanes.pack(w)
             for rows in (1, 16, 256):
                 x = torch.randn(rows, k, dtype=dtype)
