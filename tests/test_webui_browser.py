@@ -85,7 +85,10 @@ def browser(tmp_path_factory):
 
 def wait(driver, condition, what: str):
     try:
-        return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: condition(d))
+        # an element that went stale between finding it and reading it: the page re-rendered
+        # mid-poll, so the next poll looks again
+        return WebDriverWait(driver, WAIT_S, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: condition(d))
     except TimeoutException:
         shown = driver.execute_script("return [document.getElementById('error').textContent,"
                                       " document.getElementById('messages').innerText]")
