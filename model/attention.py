@@ -43,6 +43,9 @@ class AttentionGroup:
     out_rows: torch.Tensor  # [num_valid] int64: their rows in the flat token batch
     context_lens: torch.Tensor  # [B] int64: tokens with K/V after this step's write
     whole_batch: bool = False  # one query per sequence, covering the batch in order (all decodes)
+    # causal prefill whose queries are each sequence's whole context (no cached prefix, one
+    # chunk): per sequence its query count, so SDPA can run is_causal on its own keys, no mask
+    from_start: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -109,6 +112,7 @@ def _build_group(
     for row, s in enumerate(seqs):
         tables[row, : len(s.block_table)] = s.block_table
     flat_index = valid.flatten().nonzero().squeeze(1)
+    from_start = causal and max_q > 1 and all(s.num_new == s.context_len for s in seqs)
     return AttentionGroup(
         token_index=token_index.to(device),
         valid=valid.to(device),
@@ -117,6 +121,7 @@ def _build_group(
         flat_index=flat_index.to(device),
         out_rows=token_index.flatten()[flat_index].to(device),
         context_lens=ctx.to(device),
+        from_start=tuple(s.num_new for s in seqs) if from_start else None,
     )
 
 
@@ -171,10 +176,21 @@ class TorchPagedAttention:
         kg = gather_blocks(k_cache, g.block_tables, qg.dtype)  # [B, kvH, L, d]
         vg = gather_blocks(v_cache, g.block_tables, qg.dtype)
         rotated = k_cache.dtype == torch.int8 and self.rotated  # K, V are H k, H v: rotate q and the output
-        o = F.scaled_dot_product_attention(
-            rotate(qg) if rotated else qg, kg, vg, attn_mask=g.mask if mask is None else mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, H, max_q, d]
+        if rotated:
+            qg = rotate(qg)
+        gqa = self.num_heads != self.num_kv_heads
+        if mask is None and g.from_start is not None:  # each sequence's own keys, causal: no mask
+            # (on the CPU ~1.8x faster than the masked call at 1.75k tokens: causal skips the upper
+            # triangle's blocks; the same values to float rounding)
+            o = qg.new_zeros(qg.shape)
+            for b, n in enumerate(g.from_start):
+                o[b, :, :n] = F.scaled_dot_product_attention(
+                    qg[b:b + 1, :, :n], kg[b:b + 1, :, :n], vg[b:b + 1, :, :n], is_causal=True, scale=self.scale,
+                    enable_gqa=gqa)[0]
+        else:
+            o = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=g.mask if mask is None else mask, scale=self.scale, enable_gqa=gqa,
+            )  # [B, H, max_q, d]
         if rotated:
             o = rotate(o)
         return o.transpose(1, 2).reshape(batch * max_q, self.num_heads, self.head_dim)

@@ -239,3 +239,24 @@ def test_int8_rows_round_trip():
     step = x.abs().amax(-1, keepdim=True) / 127
     assert (err <= step * 0.5 * 1.01 + 1e-12).all()
     assert (dequantize(rows, torch.float32)[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_whole_prompt_prefill_takes_unmasked_causal_sdpa(dtype, tol, heads, kv_heads):
+    """Prefill chunks that are each sequence's whole context run SDPA with is_causal on the
+    sequence's own keys (no mask): the masked call's result, padded query rows aside. A chunk
+    after a cached prefix keeps the mask."""
+    import dataclasses
+
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, [1, 7, 13], [9, 7, 13], dtype)
+    prefill = meta.groups[1]
+    assert meta.groups[0].from_start is None and prefill.from_start == (7, 13)
+    ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
+    ref.forward(q, k, v, k_cache, v_cache, meta)  # writes this step's K/V
+    fast = ref.attend_all(q, k_cache, v_cache, meta)
+    masked = dataclasses.replace(meta, groups=[meta.groups[0], dataclasses.replace(prefill, from_start=None)])
+    want = ref.attend_all(q, k_cache, v_cache, masked)
+    assert (fast.float() - want.float()).abs().max().item() < tol
+    *_, after_prefix = _case(heads, kv_heads, [5, 6], [13, 6], dtype)[:6]
+    assert after_prefix.groups[0].from_start is None  # one sequence has 8 tokens before its chunk
