@@ -200,7 +200,8 @@ class NativeCPUPagedAttention(TorchPagedAttention):
     """Decode groups (one query per sequence) on the native kernel, which reads each
     sequence's K/V in place through its block table: no per-step copy of the context.
     Prefill chunks, and anything not on the CPU in bfloat16/float32, take the SDPA path. An int8
-    pool (model/kv_quant.py) is written quantized and read in place by the int8 kernel."""
+    pool (model/kv_quant.py) is written quantized and read in place by the int8 kernel; a bf16
+    pool under float32 queries is written rounded and read in place (`native_pool`)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, ops) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
@@ -211,10 +212,18 @@ class NativeCPUPagedAttention(TorchPagedAttention):
             return self.attend_all(q, k_cache, v_cache, meta, masks)  # K/V already written, one C call
         return super().forward(q, k, v, k_cache, v_cache, meta, masks)
 
+    def native_pool(self, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+        """Whether the decode kernel reads a pool of `kv_dtype` under queries of `dtype`: the
+        same dtype, int8, or bf16 under float32 (where the build has it)."""
+        if kv_dtype in (dtype, torch.int8):
+            return True
+        return (dtype, kv_dtype) == (torch.float32, torch.bfloat16) and self.ops.bf16kv_f32_ok(
+            self.num_heads, self.num_kv_heads, self.head_dim)
+
     def attend(self, q, g, k_cache, v_cache, mask=None):
         batch, max_q = g.token_index.shape
         if (mask is not None or max_q != 1 or q.dtype not in self.ops.dtypes or not q.is_cpu
-                or k_cache.dtype not in (q.dtype, torch.int8)):
+                or not self.native_pool(q.dtype, k_cache.dtype)):
             return super().attend(q, g, k_cache, v_cache, mask)  # an additive mask: the SDPA path
         rows = q if g.whole_batch else q.index_select(0, g.token_index[:, 0])  # [B, H, d]
         if rows.stride(2) != 1 or rows.stride(1) != self.head_dim:

@@ -20,7 +20,7 @@ Qwen2's q/k/v bias is added after its matmuls, Qwen3's per-head q/k RMSNorm runs
 the qkv buffer before rotary. `build` returns None (the step takes the Python path) unless
 every piece is one of these kernels: native RMSNorm / rotary / silu, vnni QuantLinears (dense
 copies only above the plan's rows) or bf16 weights of a float32 model (lanes_gemm_f32.c), native
-attention over a pool of the model's dtype or int8.
+attention over a pool of the model's dtype, int8, or bf16 under float32.
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ class DecodePlan:
             sa, mlp, (k_cache, v_cache) = layer.self_attn, layer.mlp, kv_layers[i]
             attn = sa.attn
             int8 = k_cache.dtype == torch.int8
-            if (not isinstance(attn, NativeCPUPagedAttention) or k_cache.dtype not in (dtype, torch.int8)
+            if (not isinstance(attn, NativeCPUPagedAttention) or not attn.native_pool(dtype, k_cache.dtype)
                     or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                     or (sa.num_heads, sa.num_kv_heads, sa.head_dim) != (heads, kv_heads, d)
                     or mlp.native is None or mlp.act_name != "silu" or mlp.down_proj.in_features != inter
@@ -199,10 +199,11 @@ class DecodePlan:
                 plan.append(_op(PLAN_ATTENTION_INT8, fn("paged_decode_attention_int8"), _ptr(qkv), qkv_w,
                                 _ptr(k_cache), _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1],
                                 int(attn.rotated), f=attn.scale))
-            else:
-                plan.append(_op(PLAN_WRITE_KV, fn("write_kv"), k, v, qkv_w, qkv_w, _ptr(k_cache), _ptr(v_cache),
-                                kv_heads * d))
-                plan.append(_op(PLAN_ATTENTION, fn("paged_decode_attention"), _ptr(qkv), qkv_w, _ptr(k_cache),
+            else:  # a pool of the model's dtype, or bf16 under float32 (the same arguments)
+                widen = k_cache.dtype != dtype
+                plan.append(_op(PLAN_WRITE_KV, ops.write_kv_bf16kv_f32 if widen else fn("write_kv"), k, v, qkv_w,
+                                qkv_w, _ptr(k_cache), _ptr(v_cache), kv_heads * d))
+                plan.append(_op(PLAN_ATTENTION, ops.attention(dtype, k_cache.dtype), _ptr(qkv), qkv_w, _ptr(k_cache),
                                 _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1], f=attn.scale))
             if not (matmul(sa.o_proj, buf["a"], buf["x"]) and norm(layer.post_attention_layernorm, buf["x"])
                     and matmul(mlp.gate_up_proj, buf["h"], buf["gu"])):

@@ -100,9 +100,24 @@ class NativeOps:
         self.lanes_f32 = bool(lib.lanes_gemm_f32_available())  # AVX2 + FMA
         fn = self.lanes_gemm_f32_fn = lib.lanes_gemm_f32  # (x, M, K, packed, out, N, ldo); the decode plan's too
         fn.argtypes, fn.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64], None
+        # float32 queries over a bf16 pool (paged_attention.c's AVX2 row tasks; decode_bf16kv_f32_ok
+        # says where they run) and its KV write, with the float kernels' arguments
+        self._bf16kv_ok = lib.decode_bf16kv_f32_ok
+        self._bf16kv_ok.argtypes, self._bf16kv_ok.restype = [_i64, _i64, _i64], ctypes.c_int
+        fn = self.attention_bf16kv_f32 = lib.paged_decode_attention_bf16kv_f32
+        fn.argtypes, fn.restype = _SIGNATURES["paged_decode_attention"], None
+        fn = self.write_kv_bf16kv_f32 = lib.write_kv_bf16kv_f32
+        fn.argtypes, fn.restype = _SIGNATURES["write_kv"], None
+
+    def bf16kv_f32_ok(self, heads: int, kv_heads: int, head_dim: int) -> bool:
+        """Whether float32 queries of this shape read a bf16 pool natively (else SDPA)."""
+        return bool(self._bf16kv_ok(heads, kv_heads, head_dim))
 
     def attention(self, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
-        """The decode kernel for queries of `dtype` over pools of `kv_dtype` (default: the same)."""
+        """The decode kernel for queries of `dtype` over pools of `kv_dtype` (default: the same;
+        float32 over bf16 where `bf16kv_f32_ok`)."""
+        if dtype == torch.float32 and kv_dtype == torch.bfloat16:
+            return self.attention_bf16kv_f32
         return self.fns["paged_decode_attention_int8" if kv_dtype == torch.int8 else "paged_decode_attention", dtype]
 
     def add_rms_norm(self, x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor,
@@ -143,12 +158,13 @@ class NativeOps:
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slots: torch.Tensor, k_center: torch.Tensor | None = None) -> bool:
         """Copy K, V [T, kvH, d] (each token's row contiguous, any token strides) into the
-        pools at `slots` [T] (an int8 pool: quantized rows of format 2, K centred on
+        pools at `slots` [T] (float32 rows into a bf16 pool: rounded as `.to(torch.bfloat16)`; an int8 pool: quantized rows of format 2, K centred on
         `k_center` [kvH, d] float32, model/kv_quant.py); False (nothing done) where the
         layouts do not allow a row copy."""
         t, heads, dim = k.shape
         int8 = k_cache.dtype == torch.int8
-        if not (k.dtype == v.dtype and k.dtype in self.dtypes and (int8 or k.dtype == k_cache.dtype)
+        widen = k.dtype == torch.float32 and k_cache.dtype == torch.bfloat16  # rounded into a bf16 pool
+        if not (k.dtype == v.dtype and k.dtype in self.dtypes and (int8 or widen or k.dtype == k_cache.dtype)
                 and k.stride()[1:] == (dim, 1) == v.stride()[1:]
                 and v.shape == k.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and slots.dtype == torch.int64 and slots.is_contiguous()):
@@ -158,6 +174,8 @@ class NativeOps:
         if int8:
             center = None if k_center is None else k_center.data_ptr()  # [kvH, d] float32, contiguous
             self.fns["write_kv_int8", k.dtype](*args, heads, dim, center, int(rotates(dim)))
+        elif widen:
+            self.write_kv_bf16kv_f32(*args, heads * dim)
         else:
             self.fns["write_kv", k.dtype](*args, heads * dim)
         return True

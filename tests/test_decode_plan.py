@@ -47,6 +47,16 @@ def test_plan_equals_python_path_on_the_default_file(monkeypatch, kv):
     assert got == want  # tokens and top logprobs, bit for bit
 
 
+def test_plan_equals_python_path_on_a_bf16_pool_under_float32(monkeypatch):
+    """float32 activations over a bf16 KV pool (`--dtype float32 --kv-cache-dtype bfloat16`):
+    the rounded KV write and the AVX2 row tasks, in the plan as in the Python path."""
+    model = str(default_model_path())
+    want, _ = generate(model, monkeypatch, plan=False, dtype="float32", kv_cache_dtype="bfloat16")
+    got, engine = generate(model, monkeypatch, plan=True, dtype="float32", kv_cache_dtype="bfloat16")
+    assert engine.runner.kv_layers[0][0].dtype == torch.bfloat16
+    assert isinstance(engine.runner._decode_plan, DecodePlan) and got == want
+
+
 @needs_vnni
 def test_plan_equals_python_path_on_a_mixed_file(tmp_path: Path, monkeypatch):
     """Q4_K / Q6_K / Q5_0 / Q8_0 parts: fused projections split by type run as one matmul per

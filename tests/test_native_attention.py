@@ -1,5 +1,6 @@
 """model/native.py + NativeCPUPagedAttention: the C decode kernel equals the SDPA reference
-on scattered block tables, GQA and MHA, bf16 and float32, mixed decode + prefill batches."""
+on scattered block tables, GQA and MHA, bf16 and float32 (and float32 over a bf16 pool),
+mixed decode + prefill batches."""
 from __future__ import annotations
 
 import pytest
@@ -48,6 +49,30 @@ def test_native_decode_equals_sdpa(dtype, tol, heads, kv_heads, num_new, context
     got = native.forward(q, k, v, k_cache, v_cache, meta)
     assert got.shape == want.shape and got.dtype == dtype
     assert (got.float() - want.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 128), (4, 4, 16), (10, 1, 64)])
+@pytest.mark.parametrize("num_new,context", [
+    ([1, 1, 1], [1, 9, 300]),  # decodes only; 300 tokens: pieces across threads
+    ([1, 5, 1], [13, 5, 7]),   # decodes around a prefill chunk
+])
+def test_native_bf16_pool_under_float32_queries(heads, kv_heads, d, num_new, context):
+    """float32 queries over a bf16 pool: written rounded as torch's .to(bfloat16) rounds, read
+    in place by the AVX2 row tasks (builds with AVX2; groups over 8 take SDPA) and equal to
+    SDPA over the same rows widened to float32."""
+    lib = native_kernels()
+    assert lib is not None, "the C compiler is part of the test environment"
+    q, k, v, k_cache, v_cache, meta, d = _case(heads, kv_heads, num_new, context, torch.float32, d)
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    ref = TorchPagedAttention(heads, kv_heads, d, d**-0.5)
+    native = NativeCPUPagedAttention(heads, kv_heads, d, d**-0.5, lib)
+    assert native.native_pool(torch.float32, torch.bfloat16) == (lib.variant != "portable" and heads // kv_heads <= 8)
+    kw, vw = k_cache.clone(), v_cache.clone()
+    want = ref.forward(q, k, v, kw, vw, meta)
+    kg, vg = k_cache.clone(), v_cache.clone()
+    got = native.forward(q, k, v, kg, vg, meta)
+    assert torch.equal(kg, kw) and torch.equal(vg, vw)  # the rounded KV write
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])

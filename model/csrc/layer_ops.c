@@ -127,3 +127,14 @@ DEFINE_SILU(f32, float, f32_load, f32_store, f32_round)
 DEFINE_ADD_BIAS(bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_ADD_BIAS(f32, float, f32_load, f32_store)
 DEFINE_OPS(f32, float, f32_load, f32_store, f32_round)
+
+/* write_kv_bf16kv_f32: float32 K and V rows (as write_kv) into bf16 pools, rounded to nearest
+ * even as torch's .to(torch.bfloat16) rounds finite values. */
+void write_kv_bf16kv_f32(const float *k, const float *v, int64_t k_stride, int64_t v_stride, uint16_t *k_cache,
+                         uint16_t *v_cache, const int64_t *slots, int64_t n, int64_t row) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t d = 0; d < row; d++) {
+            k_cache[slots[t] * row + d] = bf16_store(k[t * k_stride + d]);
+            v_cache[slots[t] * row + d] = bf16_store(v[t * v_stride + d]);
+        }
+}

@@ -465,14 +465,39 @@ static inline int int8_fast_ok(int64_t D, int64_t g) {
 }
 #define int8_task_fast int8_task_avx512
 #elif defined(__AVX2__) && defined(__FMA__)
+#define ROWS_AVX2 1 /* int8 pools take rows_task_avx2 (below) */
+#endif
+
+#if defined(ROWS_AVX2) || defined(__AVX512F__)
+/* The AVX2 + FMA tasks (rows_task_avx2) read a pool in one of two row formats, a compile-time
+ * FMT: ROW_INT8 (D codes + a bf16 scale, as above) or ROW_BF16 (D bf16, scale 1). bf16 pools
+ * under float32 queries take them in every build with AVX2 (x86-64-v3 and v4). A float32 pool
+ * keeps the generic kernel: its tasks stream whole rows (all kv heads), which measured faster
+ * at 4-8k tokens than these per-kv-head tasks (memory-bound at 46 KB a token). */
 #include <immintrin.h>
-#define INT8_FAST_MAX_D 128
-#define INT8_FAST_MAX_GROUP 8
-#define INT8_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together (two hsum4) */
-#define INT8_V_TOKENS 16  /* V pass: tokens whose rows stay in L1 across the column groups */
-/* 8 int8 codes -> 8 float32 */
-static inline __m256 widen8_int8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+enum { ROW_INT8, ROW_BF16 };
+#define ROWS_MAX_D 128
+#define ROWS_MAX_GROUP 8
+#define ROWS_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together (two hsum4) */
+#define ROWS_V_TOKENS 16  /* V pass: tokens whose rows stay in L1 across the column groups */
+/* Bytes of one kv head's row. */
+static inline int64_t head_bytes(int64_t D, const int FMT) { return FMT == ROW_INT8 ? D + 2 : 2 * D; }
+/* kv head j's row of a sequence's token `tok` (row: bytes per pool slot, all kv heads). */
+static inline const uint8_t *head_row(const uint8_t *cache, const int64_t *table, int64_t tok, int64_t bs,
+                                      int64_t row, int64_t j, int64_t w) {
+    return cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+}
+/* Elements e .. e + 7 of a row -> 8 float32 */
+static inline __m256 widen8_row(const uint8_t *r, int64_t e, const int FMT) {
+    if (FMT == ROW_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(r + e))));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(r + 2 * e))), 16));
+}
+static inline float row_scale(const uint8_t *r, int64_t D, const int FMT) {
+    return FMT == ROW_INT8 ? int8_scale((const int8_t *)r, D) : 1.f;
+}
+static inline void prefetch_head_row(const uint8_t *r, int64_t w) { /* w bytes: one to four lines */
+    for (int64_t c = 0; c < w; c += 64) __builtin_prefetch(r + c);
+    __builtin_prefetch(r + w - 1);
 }
 /* [sum(a0), sum(a1), sum(a2), sum(a3)] */
 static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -482,35 +507,32 @@ static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 static inline float hsum8(__m256 a) { return _mm_cvtss_f32(hsum4(a, a, a, a)); }
 
 /* V pass for G query heads, CW column chunks (8 floats) at a time: the G x CW accumulators
- * live in registers (G * CW <= 12 of the 16 ymm) while INT8_V_TOKENS rows go by, then go back
- * to acc [G, D]; the next column group re-reads those rows from L1. G and CW are constants
- * after inlining (int8_v_pass_avx2 dispatches). p = softmax weight * the row's scale. */
-static inline __attribute__((always_inline)) void int8_v_pass_g(
-        const int8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j, int64_t row, int64_t D,
-        int64_t bs, const float *scores, float *acc, const int G, const int CW) {
-    const int64_t w = D + 2, chunks = D / 8;
+ * live in registers (G * CW <= 12 of the 16 ymm) while ROWS_V_TOKENS rows go by, then go back
+ * to acc [G, D]; the next column group re-reads those rows from L1. G, CW and FMT are constants
+ * after inlining (rows_v_pass dispatches). p = softmax weight * the row's scale. */
+static inline __attribute__((always_inline)) void rows_v_pass_g(
+        const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j, int64_t row, int64_t D,
+        int64_t bs, const float *scores, float *acc, const int G, const int CW, const int FMT) {
+    const int64_t w = head_bytes(D, FMT), chunks = D / 8;
     for (int64_t i = 0; i < G * D; i++) acc[i] = 0.f;
-    for (int64_t tb = 0; tb < n; tb += INT8_V_TOKENS) {
-        const int64_t nb = n - tb < INT8_V_TOKENS ? n - tb : INT8_V_TOKENS;
-        const int8_t *vr[INT8_V_TOKENS];
-        float p[INT8_V_TOKENS][INT8_FAST_MAX_GROUP];
+    for (int64_t tb = 0; tb < n; tb += ROWS_V_TOKENS) {
+        const int64_t nb = n - tb < ROWS_V_TOKENS ? n - tb : ROWS_V_TOKENS;
+        const uint8_t *vr[ROWS_V_TOKENS];
+        float p[ROWS_V_TOKENS][ROWS_MAX_GROUP];
         for (int64_t u = 0; u < nb; u++) {
             const int64_t tok = t0 + tb + u;
-            if (tb + u + PREFETCH_TOKENS < n) {
-                const int64_t ft = tok + PREFETCH_TOKENS;
-                prefetch_int8(int8_row(v_cache, table, ft, bs, row, j, w), D);
-            }
-            vr[u] = int8_row(v_cache, table, tok, bs, row, j, w);
-            const float vs = int8_scale(vr[u], D);
+            if (tb + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(v_cache, table, tok + PREFETCH_TOKENS, bs, row, j, w), w);
+            vr[u] = head_row(v_cache, table, tok, bs, row, j, w);
+            const float vs = row_scale(vr[u], D, FMT);
             for (int i = 0; i < G; i++) p[u][i] = scores[i * n + tb + u] * vs;
         }
         for (int64_t c0 = 0; c0 < chunks; c0 += CW) {
-            __m256 o[INT8_FAST_MAX_GROUP][4];
+            __m256 o[ROWS_MAX_GROUP][4];
             for (int i = 0; i < G; i++)
                 for (int c = 0; c < CW; c++) o[i][c] = _mm256_loadu_ps(acc + i * D + 8 * (c0 + c));
             for (int64_t u = 0; u < nb; u++)
                 for (int c = 0; c < CW; c++) {
-                    const __m256 r = widen8_int8(vr[u] + 8 * (c0 + c));
+                    const __m256 r = widen8_row(vr[u], 8 * (c0 + c), FMT);
                     for (int i = 0; i < G; i++) o[i][c] = _mm256_fmadd_ps(_mm256_set1_ps(p[u][i]), r, o[i][c]);
                 }
             for (int i = 0; i < G; i++)
@@ -520,64 +542,66 @@ static inline __attribute__((always_inline)) void int8_v_pass_g(
 }
 
 /* Column chunks per group: the widest of 4 / 2 / 1 that fits G * CW <= 12 and divides D / 8. */
-static inline int int8_v_columns(int64_t g, int64_t D) {
+static inline int rows_v_columns(int64_t g, int64_t D) {
     const int64_t chunks = D / 8;
     for (int cw = 4; cw > 1; cw /= 2)
         if (g * cw <= 12 && chunks % cw == 0) return cw;
     return 1;
 }
 
-#define INT8_V_CASE(G)                                                                          \
-    case G:                                                                                     \
-        if (cw == 4) int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 4);   \
-        else if (cw == 2) int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 2); \
-        else int8_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 1);          \
+#define ROWS_V_CASE(G)                                                                                    \
+    case G:                                                                                               \
+        if (cw == 4) rows_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 4, FMT);        \
+        else if (cw == 2) rows_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 2, FMT);   \
+        else rows_v_pass_g(v_cache, table, t0, n, j, row, D, bs, scores, acc, G, 1, FMT);                \
         break;
-static void int8_v_pass_avx2(const int8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j,
-                             int64_t g, int64_t row, int64_t D, int64_t bs, const float *scores, float *acc) {
-    const int cw = int8_v_columns(g, D);
+static inline __attribute__((always_inline)) void rows_v_pass(
+        const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row,
+        int64_t D, int64_t bs, const float *scores, float *acc, const int FMT) {
+    const int cw = rows_v_columns(g, D);
     switch (g) {
-        INT8_V_CASE(1) INT8_V_CASE(2) INT8_V_CASE(3) INT8_V_CASE(4)
-        INT8_V_CASE(5) INT8_V_CASE(6) INT8_V_CASE(7) INT8_V_CASE(8)
+        ROWS_V_CASE(1) ROWS_V_CASE(2) ROWS_V_CASE(3) ROWS_V_CASE(4)
+        ROWS_V_CASE(5) ROWS_V_CASE(6) ROWS_V_CASE(7) ROWS_V_CASE(8)
     }
 }
 
-/* int8_task with AVX2 + FMA (D % 8 == 0, D <= 128, g <= 8). K pass: INT8_K_TOKENS rows
- * are widened once into kf (L1) and serve the g heads; each head's 8 q.k sums are reduced
- * by two hadd trees (not one per token) and its running max kept in a vector. V pass:
- * int8_v_pass_avx2. */
-static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
-                           int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
-                           float *scores, float *acc, float *max, float *sum) {
-    const int64_t w = D + 2, chunks = D / 8;
-    float kf[INT8_K_TOKENS][INT8_FAST_MAX_D] __attribute__((aligned(32)));
-    float ks[INT8_K_TOKENS];
-    __m128 mx[INT8_FAST_MAX_GROUP]; /* per head: running max of the full blocks' scores */
+/* One task with AVX2 + FMA (D % 8 == 0, D <= 128, g <= 8): kv head j of sequence piece
+ * [t0, t0 + n), qf [g, D] already times the softmax scale; scores [g, n] scratch; leaves acc
+ * [g, D], max, sum. K pass: ROWS_K_TOKENS rows are widened once into kf (L1) and serve the g heads; each head's 8 q.k sums are reduced by two hadd trees
+ * (not one per token) and its running max kept in a vector. V pass: rows_v_pass. */
+static inline __attribute__((always_inline)) void rows_task_avx2(
+        const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
+        int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float *scores, float *acc, float *max, float *sum,
+        const int FMT) {
+    const int64_t w = head_bytes(D, FMT), chunks = D / 8;
+    float kf[ROWS_K_TOKENS][ROWS_MAX_D] __attribute__((aligned(32)));
+    float ks[ROWS_K_TOKENS];
+    __m128 mx[ROWS_MAX_GROUP]; /* per head: running max of the full blocks' scores */
     for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; mx[i] = _mm_set1_ps(-FLT_MAX); }
-    for (int64_t t = 0; t < n; t += INT8_K_TOKENS) { /* K pass */
-        const int64_t nk = n - t < INT8_K_TOKENS ? n - t : INT8_K_TOKENS;
+    for (int64_t t = 0; t < n; t += ROWS_K_TOKENS) { /* K pass */
+        const int64_t nk = n - t < ROWS_K_TOKENS ? n - t : ROWS_K_TOKENS;
         for (int64_t u = 0; u < nk; u++) {
             const int64_t tok = t0 + t + u;
-            if (t + u + PREFETCH_TOKENS < n) {
-                const int64_t ft = tok + PREFETCH_TOKENS;
-                prefetch_int8(int8_row(k_cache, table, ft, bs, row, j, w), D);
-            }
-            const int8_t *kr = int8_row(k_cache, table, tok, bs, row, j, w);
-            ks[u] = int8_scale(kr, D);
-            for (int64_t c = 0; c < chunks; c++) _mm256_store_ps(kf[u] + 8 * c, widen8_int8(kr + 8 * c));
+            if (t + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(k_cache, table, tok + PREFETCH_TOKENS, bs, row, j, w), w);
+            const uint8_t *kr = head_row(k_cache, table, tok, bs, row, j, w);
+            ks[u] = row_scale(kr, D, FMT);
+            for (int64_t c = 0; c < chunks; c++) _mm256_store_ps(kf[u] + 8 * c, widen8_row(kr, 8 * c, FMT));
         }
         for (int64_t i = 0; i < g; i++) {
             const float *qi = qf + i * D;
             float *si = scores + i * n + t;
-            if (nk == INT8_K_TOKENS) { /* 8 independent FMA chains: enough to hide their latency */
-                __m256 a[INT8_K_TOKENS];
-                for (int u = 0; u < INT8_K_TOKENS; u++) a[u] = _mm256_setzero_ps();
+            if (nk == ROWS_K_TOKENS) { /* 8 independent FMA chains: enough to hide their latency */
+                __m256 a[ROWS_K_TOKENS];
+                for (int u = 0; u < ROWS_K_TOKENS; u++) a[u] = _mm256_setzero_ps();
                 for (int64_t c = 0; c < chunks; c++) {
                     const __m256 qv = _mm256_loadu_ps(qi + 8 * c);
-                    for (int u = 0; u < INT8_K_TOKENS; u++) a[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[u] + 8 * c), a[u]);
+                    for (int u = 0; u < ROWS_K_TOKENS; u++) a[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[u] + 8 * c), a[u]);
                 }
-                const __m128 lo = _mm_mul_ps(hsum4(a[0], a[1], a[2], a[3]), _mm_loadu_ps(ks));
-                const __m128 hi = _mm_mul_ps(hsum4(a[4], a[5], a[6], a[7]), _mm_loadu_ps(ks + 4));
+                __m128 lo = hsum4(a[0], a[1], a[2], a[3]), hi = hsum4(a[4], a[5], a[6], a[7]);
+                if (FMT == ROW_INT8) {
+                    lo = _mm_mul_ps(lo, _mm_loadu_ps(ks));
+                    hi = _mm_mul_ps(hi, _mm_loadu_ps(ks + 4));
+                }
                 _mm_storeu_ps(si, lo);
                 _mm_storeu_ps(si + 4, hi);
                 mx[i] = _mm_max_ps(mx[i], _mm_max_ps(lo, hi));
@@ -598,13 +622,21 @@ static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t 
         for (int u = 0; u < 4; u++) max[i] = m4[u] > max[i] ? m4[u] : max[i];
     }
     exp_scores(scores, max, sum, g, n);
-    int8_v_pass_avx2(v_cache, table, t0, n, j, g, row, D, bs, scores, acc);
+    rows_v_pass(v_cache, table, t0, n, j, g, row, D, bs, scores, acc, FMT);
 }
-static inline int int8_fast_ok(int64_t D, int64_t g) {
-    return D % 8 == 0 && D <= INT8_FAST_MAX_D && g <= INT8_FAST_MAX_GROUP;
+static inline int rows_fast_ok(int64_t D, int64_t g) { return D % 8 == 0 && D <= ROWS_MAX_D && g <= ROWS_MAX_GROUP; }
+#endif
+
+#if defined(ROWS_AVX2)
+static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
+                           int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                           float *scores, float *acc, float *max, float *sum) {
+    rows_task_avx2(qf, (const uint8_t *)k_cache, (const uint8_t *)v_cache, table, t0, n, j, g, row, D, bs, scores,
+                   acc, max, sum, ROW_INT8);
 }
+static inline int int8_fast_ok(int64_t D, int64_t g) { return rows_fast_ok(D, g); }
 #define int8_task_fast int8_task_avx2
-#else
+#elif !defined(__AVX512F__)
 static inline int int8_fast_ok(int64_t D, int64_t g) { (void)D; (void)g; return 0; }
 #define int8_task_fast int8_task
 #endif
@@ -686,3 +718,56 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
 
 DEFINE_INT8_KERNEL(bf16, uint16_t, bf16_load, combine_bf16)
 DEFINE_INT8_KERNEL(f32, float, f32_load, combine_f32)
+
+/* float32 queries over a bf16 pool (paged_decode_attention's arguments): tasks (sequence,
+ * piece, kv head) as the int8 kernel's, each rows_task_avx2 over ROW_BF16 rows, combined per
+ * sequence. The products are float32 ones of the pool's (bf16-exact) values, as SDPA over the
+ * rows widened to float32 computes them. Where `decode_bf16kv_f32_ok` is 0 (builds without AVX2,
+ * D % 8 != 0 or > 128, more than 8 query heads per kv head) the caller takes SDPA; the door
+ * itself then aborts. */
+int decode_bf16kv_f32_ok(int64_t H, int64_t kvH, int64_t D) {
+#if defined(ROWS_AVX2) || defined(__AVX512F__)
+    return H % kvH == 0 && rows_fast_ok(D, H / kvH);
+#else
+    (void)H; (void)kvH; (void)D;
+    return 0;
+#endif
+}
+
+void paged_decode_attention_bf16kv_f32(const float *q, int64_t q_stride, const uint16_t *k_cache,
+                                       const uint16_t *v_cache, const int64_t *tables, int64_t max_blocks,
+                                       const int64_t *context_lens, float *out, int64_t B, int64_t H, int64_t kvH,
+                                       int64_t D, int64_t bs, float scale) {
+    if (!decode_bf16kv_f32_ok(H, kvH, D)) abort();
+#if defined(ROWS_AVX2) || defined(__AVX512F__)
+    const int64_t g = H / kvH, row = kvH * head_bytes(D, ROW_BF16), splits = pieces_per_sequence(context_lens, B, kvH);
+    const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */
+    float *part = malloc(sizeof(float) * B * splits * stride);
+    _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t sp = 0; sp < splits; sp++) {
+            for (int64_t j = 0; j < kvH; j++) {
+                const int64_t len = context_lens[b], per = (len + splits - 1) / splits;
+                const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;
+                float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H;
+                if (n <= 0) { /* an empty piece: weight 0 in the combine, whose sums must stay finite */
+                    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }
+                    for (int64_t i = 0; i < g * D; i++) acc[j * g * D + i] = 0.f;
+                    continue;
+                }
+                float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;
+                const float *qb = q + b * q_stride + j * g * D;
+                for (int64_t i = 0; i < g * D; i++) qf[i] = qb[i] * scale;
+                rows_task_avx2(qf, (const uint8_t *)k_cache, (const uint8_t *)v_cache, tables + b * max_blocks, t0,
+                               n, j, g, row, D, bs, scores, acc + j * g * D, max, sum, ROW_BF16);
+                free(scores);
+            }
+        }
+    }
+    combine_f32(part, splits, out, B, H, D, 0);
+    free(part);
+#else
+    (void)q; (void)q_stride; (void)k_cache; (void)v_cache; (void)tables; (void)max_blocks; (void)context_lens;
+    (void)out; (void)B; (void)bs; (void)scale;
+#endif
+}

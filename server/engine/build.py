@@ -17,7 +17,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.kv_quant import CALIBRATION_TEXT
 from model.loader import LoadedModel, load_model
-from model.native import install_kernels, resolve_kernels
+from model.native import NativeOps, install_kernels, resolve_kernels
 from model.parallel import TPGroup, local_config, shard_model
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig, KVCachePlan, plan_kv_cache
@@ -53,10 +53,12 @@ def build_rank(
     model, model_config, tokenizer = loaded
     if native is not None:
         install_kernels(model, native)
+    auto_kv = auto_kv_dtype(config, dtype, device, native, model_config)
     if group is None:
-        plan, local = plan_kv_cache(config, model_config, dtype, device), model_config
+        plan, local = plan_kv_cache(config, model_config, dtype, device, auto_kv), model_config
     else:
-        plan, local = plan_shard(config, model_config, group, dtype, device), local_config(model_config, group.world)
+        plan = plan_shard(config, model_config, group, dtype, device, auto_kv)
+        local = local_config(model_config, group.world)
     runner = runner_cls(model, local, plan.num_blocks, config.block_size, device, dtype, seed=config.seed,
                         kv_dtype=plan.kv_dtype)
     if plan.kv_dtype == torch.int8 and group is None and model_config.encoder is None:
@@ -65,6 +67,19 @@ def build_rank(
         runner.calibrate_int8_keys(calibration_ids(tokenizer)[: plan.max_model_len])
     return RankParts(model, model_config, tokenizer, plan, runner, "torch" if native is None else "native",
                      None if native is None else native.variant)
+
+
+def auto_kv_dtype(config: EngineConfig, dtype: torch.dtype, device: torch.device, native: NativeOps | None,
+                  model: ModelConfig) -> torch.dtype:
+    """What `--kv-cache-dtype auto` stores: the model's dtype, except float32 that `--dtype auto`
+    chose on a CPU without bf16 matmul (AVX2) where the native kernels read a bf16 pool under
+    float32 queries: bf16 there, the width llama.cpp's f16 and vLLM's bf16 pools have. It halves
+    the KV memory (twice the tokens per GiB) and the bytes decode attention reads; the values
+    are the K/V rounded to bf16, summed in float32 as before. `--dtype float32` keeps float32."""
+    if (config.dtype == "auto" and dtype == torch.float32 and device.type == "cpu" and native is not None
+            and native.bf16kv_f32_ok(model.num_heads, model.num_kv_heads, model.head_dim)):
+        return torch.bfloat16
+    return dtype
 
 
 def calibration_ids(tokenizer: Tokenizer) -> list[int]:

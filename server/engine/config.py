@@ -47,7 +47,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | bfloat16 | float16 | float32 | int8 (model/kv_quant.py)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype; build.auto_kv_dtype) | bfloat16 | float16 | float32 | int8 (model/kv_quant.py)
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_prompt_logprob_tokens: int = DEFAULT_MAX_PROMPT_LOGPROB_TOKENS  # of those, prompt tokens scored
@@ -143,12 +143,14 @@ class KVCachePlan(NamedTuple):
 
 
 def plan_kv_cache(
-    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device
+    config: EngineConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
+    auto_kv: torch.dtype | None = None,
 ) -> KVCachePlan:
     """Number of KV blocks from `num_kv_blocks`, `kv_cache_memory` or the device default, at
-    `kv_cache_dtype`'s bytes per block (int8: D + 2 bytes per (token, kv head) row).
-    Refuses (ValueError) a pool that cannot hold one `max_model_len` sequence."""
-    kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
+    `kv_cache_dtype`'s bytes per block (int8: D + 2 bytes per (token, kv head) row; auto:
+    `auto_kv`, default the model's dtype). Refuses (ValueError) a pool that cannot hold one
+    `max_model_len` sequence."""
+    kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, auto_kv or dtype)
     bytes_per_block = config.block_size * bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim,
                                                           kv_dtype)
     max_model_len = config.max_model_len or model.max_position_embeddings

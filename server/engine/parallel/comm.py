@@ -147,10 +147,10 @@ def read_config(store: dist.Store) -> tuple[EngineConfig, str]:
 
 
 def plan_shard(config: EngineConfig, model: ModelConfig, group: TPGroup, dtype: torch.dtype,
-               device: torch.device) -> KVCachePlan:
+               device: torch.device, auto_kv: torch.dtype | None = None) -> KVCachePlan:
     """The KV plan of one rank (its kv heads; memory limits are per rank), with the number
     of blocks agreed on by all ranks (the smallest), so block ids mean the same everywhere."""
-    plan = plan_kv_cache(config, local_config(model, group.world), dtype, device)
+    plan = plan_kv_cache(config, local_config(model, group.world), dtype, device, auto_kv)
     count = torch.tensor([plan.num_blocks], dtype=torch.int64, device=device)
     num_blocks = int(group.all_reduce(count, dist.ReduceOp.MIN).item())
     return plan._replace(num_blocks=num_blocks)
