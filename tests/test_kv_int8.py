@@ -84,6 +84,22 @@ def test_plan_counts_int8_bytes():
         EngineConfig(model="x", kv_cache_dtype="fp8")
 
 
+def test_auto_kv_is_bf16_under_the_auto_float32_of_a_cpu_without_bf16_matmul(tiny_checkpoint):
+    """`--kv-cache-dtype auto` (build.auto_kv_dtype): bf16 where `--dtype auto` is bf16, and
+    also where it chose float32 (no AVX512-BF16/AMX) and the native kernels read bf16 pools
+    under float32 queries (the x86-64 variants with AVX2); `--dtype float32` keeps float32."""
+    model = str(tiny_checkpoint("llama"))
+    auto = LLMEngine(EngineConfig(model=model, device="cpu", num_kv_blocks=32))
+    explicit = LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32", num_kv_blocks=32))
+    reads_bf16 = auto.kernel_variant not in (None, "portable")
+    want = torch.bfloat16 if auto.dtype == torch.bfloat16 or reads_bf16 else torch.float32
+    assert auto.plan.kv_dtype == want and auto.runner.kv_layers[0][0].dtype == want
+    assert explicit.plan.kv_dtype == torch.float32
+    assert auto.plan.bytes_per_block * (2 if want == torch.bfloat16 else 1) == explicit.plan.bytes_per_block
+    out = generate(auto)  # and it decodes
+    assert all(len(v) == GREEDY.max_tokens for v in out.values())
+
+
 def _offload_round_trip(engine: LLMEngine, tmp_path) -> tuple[KVSwapper, OffloadedKV, torch.Tensor]:
     swapper = KVSwapper(engine.runner.kv_cache, BS, tmp_path)
     blocks = [3, 7, 5]
