@@ -681,14 +681,24 @@ static void int8_task(const float *qf, const int8_t *k_cache, const int8_t *v_ca
     }
 }
 
-#define DEFINE_INT8_KERNEL(SUFFIX, T, LOAD, COMBINE)                                              \
-void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const int8_t *k_cache,    \
-        const int8_t *v_cache, const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, \
-        T *out, int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale, int64_t rotated) { \
-    const int64_t g = H / kvH, row = kvH * (D + 2), splits = pieces_per_sequence(context_lens, B, kvH); \
+/* One task of a row-format pool: qf [g, D] (already times the softmax scale, rotated where the
+ * rows are), kv head j of the piece [t0, t0 + n); scores [g, n] scratch; leaves acc [g, D], max,
+ * sum. */
+typedef void (*rows_task_fn)(const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table,
+                             int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                             float *scores, float *acc, float *max, float *sum);
+
+/* Tasks (sequence, piece, kv head) of `task` over pools of `row` bytes a slot, combined per
+ * sequence (rotated: an int8 pool of Hadamard rows, whose query is rotated first and output
+ * rotated back). The int8 kernels and the bf16 pool under float32 queries share it. */
+#define DEFINE_ROWS_KERNEL(NAME, T, LOAD, COMBINE)                                                \
+static void NAME(const T *q, int64_t q_stride, const uint8_t *k_cache, const uint8_t *v_cache,    \
+                 const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, T *out,  \
+                 int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale, int64_t rotated, \
+                 int64_t row, rows_task_fn task) {                                                \
+    const int64_t g = H / kvH, splits = pieces_per_sequence(context_lens, B, kvH);                \
     const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */             \
     float *part = malloc(sizeof(float) * B * splits * stride);                                    \
-    const int fast = int8_fast_ok(D, g);                                                          \
     _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")                                  \
     for (int64_t b = 0; b < B; b++) {                                                             \
         for (int64_t sp = 0; sp < splits; sp++) {                                                 \
@@ -696,7 +706,7 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
                 const int64_t len = context_lens[b], per = (len + splits - 1) / splits;           \
                 const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;  \
                 float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H; \
-                if (n <= 0) {                                                                     \
+                if (n <= 0) { /* an empty piece: weight 0 in the combine, whose sums must stay finite */ \
                     for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }          \
                     for (int64_t i = 0; i < g * D; i++) acc[j * g * D + i] = 0.f;                 \
                     continue;                                                                     \
@@ -706,8 +716,8 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
                 for (int64_t i = 0; i < g * D; i++) qf[i] = LOAD(qb[i]) * scale;                  \
                 if (rotated) /* Hadamard rows: scores are (H q).(H k) */                          \
                     for (int64_t i = 0; i < g; i++) hadamard_rotate(qf + i * D, D);               \
-                (fast ? int8_task_fast : int8_task)(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, \
-                          j, g, row, D, bs, scores, acc + j * g * D, max, sum);                   \
+                task(qf, k_cache, v_cache, tables + b * max_blocks, t0, n, j, g, row, D, bs, scores, \
+                     acc + j * g * D, max, sum);                                                  \
                 free(scores);                                                                     \
             }                                                                                     \
         }                                                                                         \
@@ -716,21 +726,38 @@ void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const in
     free(part);                                                                                   \
 }
 
-DEFINE_INT8_KERNEL(bf16, uint16_t, bf16_load, combine_bf16)
-DEFINE_INT8_KERNEL(f32, float, f32_load, combine_f32)
+DEFINE_ROWS_KERNEL(rows_kernel_bf16, uint16_t, bf16_load, combine_bf16)
+DEFINE_ROWS_KERNEL(rows_kernel_f32, float, f32_load, combine_f32)
 
-/* float32 queries over a bf16 pool (paged_decode_attention's arguments): tasks (sequence,
- * piece, kv head) as the int8 kernel's, each rows_task_avx2 over ROW_BF16 rows, combined per
- * sequence. The products are float32 ones of the pool's (bf16-exact) values, as SDPA over the
- * rows widened to float32 computes them. Where `decode_bf16kv_f32_ok` is 0 (builds without AVX2,
- * D % 8 != 0 or > 128, more than 8 query heads per kv head) the caller takes SDPA; the door
- * itself then aborts. */
+/* The int8 task this build has for the shape: int8_task_fast, else the plain-C int8_task. */
+static void int8_task_any(const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table,
+                          int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                          float *scores, float *acc, float *max, float *sum) {
+    (int8_fast_ok(D, g) ? int8_task_fast : int8_task)(qf, (const int8_t *)k_cache, (const int8_t *)v_cache, table,
+                                                      t0, n, j, g, row, D, bs, scores, acc, max, sum);
+}
+
+#define DEFINE_INT8_KERNEL(SUFFIX, T)                                                             \
+void paged_decode_attention_int8_##SUFFIX(const T *q, int64_t q_stride, const int8_t *k_cache,    \
+        const int8_t *v_cache, const int64_t *tables, int64_t max_blocks, const int64_t *context_lens, \
+        T *out, int64_t B, int64_t H, int64_t kvH, int64_t D, int64_t bs, float scale, int64_t rotated) { \
+    rows_kernel_##SUFFIX(q, q_stride, (const uint8_t *)k_cache, (const uint8_t *)v_cache, tables, max_blocks, \
+                         context_lens, out, B, H, kvH, D, bs, scale, rotated, kvH * (D + 2), int8_task_any); \
+}
+DEFINE_INT8_KERNEL(bf16, uint16_t)
+DEFINE_INT8_KERNEL(f32, float)
+
+/* float32 queries over a bf16 pool (paged_decode_attention's arguments): rows_kernel_f32 with
+ * rows_task_avx2 over ROW_BF16 rows. The products are float32 ones of the pool's (bf16-exact)
+ * values, as SDPA over the rows widened to float32 computes them. Where `decode_bf16kv_f32_ok`
+ * is 0 (builds without AVX2, D % 8 != 0 or > 128, more than 8 query heads per kv head) the
+ * caller takes SDPA; the door itself then aborts. */
 #if defined(ROWS_AVX2) || defined(__AVX512F__)
-/* A function of its own, not inlined into the OpenMP loop below (inlined there the same task
- * measured 1.6-1.7x slower at 4k tokens). */
-static void __attribute__((noinline)) bf16kv_task_avx2(
-        const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
-        int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float *scores, float *acc, float *max, float *sum) {
+/* A function of its own, reached through the task pointer (inlined into the OpenMP loop, the
+ * same task measured 1.6-1.7x slower at 4k tokens). */
+static void bf16kv_task_avx2(const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table,
+                             int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
+                             float *scores, float *acc, float *max, float *sum) {
     rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_BF16);
 }
 #endif
@@ -750,34 +777,7 @@ void paged_decode_attention_bf16kv_f32(const float *q, int64_t q_stride, const u
                                        int64_t D, int64_t bs, float scale) {
     if (!decode_bf16kv_f32_ok(H, kvH, D)) abort();
 #if defined(ROWS_AVX2) || defined(__AVX512F__)
-    const int64_t g = H / kvH, row = kvH * head_bytes(D, ROW_BF16), splits = pieces_per_sequence(context_lens, B, kvH);
-    const int64_t stride = H * (D + 2); /* per piece: acc [H, D], max [H], sum [H] */
-    float *part = malloc(sizeof(float) * B * splits * stride);
-    _Pragma("omp parallel for collapse(3) schedule(dynamic, 1)")
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t sp = 0; sp < splits; sp++) {
-            for (int64_t j = 0; j < kvH; j++) {
-                const int64_t len = context_lens[b], per = (len + splits - 1) / splits;
-                const int64_t t0 = sp * per, t1 = t0 + per < len ? t0 + per : len, n = t1 - t0;
-                float *acc = part + (b * splits + sp) * stride, *max = acc + H * D + j * g, *sum = max + H;
-                if (n <= 0) { /* an empty piece: weight 0 in the combine, whose sums must stay finite */
-                    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; sum[i] = 0.f; }
-                    for (int64_t i = 0; i < g * D; i++) acc[j * g * D + i] = 0.f;
-                    continue;
-                }
-                float *scores = malloc(sizeof(float) * g * (n + D)), *qf = scores + g * n;
-                const float *qb = q + b * q_stride + j * g * D;
-                for (int64_t i = 0; i < g * D; i++) qf[i] = qb[i] * scale;
-                bf16kv_task_avx2(qf, (const uint8_t *)k_cache, (const uint8_t *)v_cache, tables + b * max_blocks,
-                                 t0, n, j, g, row, D, bs, scores, acc + j * g * D, max, sum);
-                free(scores);
-            }
-        }
-    }
-    combine_f32(part, splits, out, B, H, D, 0);
-    free(part);
-#else
-    (void)q; (void)q_stride; (void)k_cache; (void)v_cache; (void)tables; (void)max_blocks; (void)context_lens;
-    (void)out; (void)B; (void)bs; (void)scale;
+    rows_kernel_f32(q, q_stride, (const uint8_t *)k_cache, (const uint8_t *)v_cache, tables, max_blocks, context_lens,
+                    out, B, H, kvH, D, bs, scale, 0, kvH * 2 * D, bf16kv_task_avx2);
 #endif
 }

@@ -24,7 +24,8 @@ class LLM:
     dtype/device: "auto" picks CUDA + bfloat16 when available, else CPU with bfloat16
     where the CPU has native bf16 matmul. The KV pool is `num_kv_blocks` blocks of
     `block_size` tokens, or as many as fit in `kv_cache_memory` bytes, stored as
-    `kv_cache_dtype` ("auto": the model's dtype; "int8": one scale per (token, kv head),
+    `kv_cache_dtype` ("auto": the model's dtype, or bfloat16 under the float32 that `dtype="auto"`
+    picks on a CPU without bf16 matmul, server/engine/build.py `auto_kv_dtype`; "int8": one scale per (token, kv head),
     1.94x the tokens per byte of bfloat16, model/kv_quant.py). At most
     `max_num_seqs` sequences and `max_num_batched_tokens` tokens run per step, of which at
     most `max_prompt_logprob_tokens` prompt tokens are scored (`SamplingParams.prompt_logprobs`;
