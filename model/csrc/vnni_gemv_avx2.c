@@ -214,8 +214,8 @@ static inline __attribute__((always_inline)) void block_rows_t(
 
 /* Halves per pass (block_rows_t's HN): one for 5-bit codes at MM > 2 rows of x (measured on a
  * 2-core Zen 3, interleaved with the two-halves form, identical outputs: 1.1-1.4x at 16-256 rows
- * of the 1B and SmolLM2 shapes), two otherwise (one half was 5-15% slower at 4, 6 and 8 bits,
- * and at one row, where two halves do not spill and give twice the independent sums). */
+ * of the 1B and SmolLM2 shapes), two otherwise (one half was slower at 4, 6 and 8 bits, by up to a
+ * third at 4 bits on 2048 x 8192, and at one row, where two halves do not spill and give twice the independent sums). */
 #define HALVES(B, M) ((B) == 5 && (M) > 2 ? 1 : 2)
 
 /* block_rows_t with MM (1 .. CM), S (1, 2) and bits (4, 5, 6, 8) as constants. */
