@@ -478,14 +478,22 @@ static inline int int8_fast_ok(int64_t D, int64_t g) {
 enum { ROW_INT8, ROW_BF16 };
 #define ROWS_MAX_D 128
 #define ROWS_MAX_GROUP 8
-#define ROWS_K_TOKENS 8   /* K pass: tokens whose q.k sums are reduced together (two hsum4) */
+#define ROWS_K_TOKENS 4   /* K pass: tokens whose q.k sums are reduced together (one hsum4) */
 #define ROWS_V_TOKENS 16  /* V pass: tokens whose rows stay in L1 across the column groups */
 /* Bytes of one kv head's row. */
 static inline int64_t head_bytes(int64_t D, const int FMT) { return FMT == ROW_INT8 ? D + 2 : 2 * D; }
-/* kv head j's row of a sequence's token `tok` (row: bytes per pool slot, all kv heads). */
-static inline const uint8_t *head_row(const uint8_t *cache, const int64_t *table, int64_t tok, int64_t bs,
-                                      int64_t row, int64_t j, int64_t w) {
-    return cache + (table[tok / bs] * bs + tok % bs) * row + j * w;
+/* A sequence's pool slots token by token: one division where a task starts, none per row. */
+typedef struct { const int64_t *table; int64_t bs, blk, off; } slot_cursor;
+static inline slot_cursor slot_at(const int64_t *table, int64_t bs, int64_t tok) {
+    return (slot_cursor){table, bs, tok / bs, tok % bs};
+}
+static inline void slot_next(slot_cursor *c) {
+    if (++c->off == c->bs) { c->off = 0; c->blk++; }
+}
+/* kv head j's row (w bytes) of the cursor's token, row = bytes per pool slot (all kv heads);
+ * only read for tokens inside the sequence (the table ends there). */
+static inline const uint8_t *head_row(const uint8_t *cache, const slot_cursor *c, int64_t row, int64_t j, int64_t w) {
+    return cache + (c->table[c->blk] * c->bs + c->off) * row + j * w;
 }
 /* Elements e .. e + 7 of a row -> 8 float32 */
 static inline __m256 widen8_row(const uint8_t *r, int64_t e, const int FMT) {
@@ -515,14 +523,14 @@ static inline __attribute__((always_inline)) void rows_v_pass_g(
         int64_t bs, const float *scores, float *acc, const int G, const int CW, const int FMT) {
     const int64_t w = head_bytes(D, FMT), chunks = D / 8;
     for (int64_t i = 0; i < G * D; i++) acc[i] = 0.f;
+    slot_cursor at = slot_at(table, bs, t0), ahead = slot_at(table, bs, t0 + PREFETCH_TOKENS);
     for (int64_t tb = 0; tb < n; tb += ROWS_V_TOKENS) {
         const int64_t nb = n - tb < ROWS_V_TOKENS ? n - tb : ROWS_V_TOKENS;
         const uint8_t *vr[ROWS_V_TOKENS];
         float p[ROWS_V_TOKENS][ROWS_MAX_GROUP];
-        for (int64_t u = 0; u < nb; u++) {
-            const int64_t tok = t0 + tb + u;
-            if (tb + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(v_cache, table, tok + PREFETCH_TOKENS, bs, row, j, w), w);
-            vr[u] = head_row(v_cache, table, tok, bs, row, j, w);
+        for (int64_t u = 0; u < nb; u++, slot_next(&at), slot_next(&ahead)) {
+            if (tb + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(v_cache, &ahead, row, j, w), w);
+            vr[u] = head_row(v_cache, &at, row, j, w);
             const float vs = row_scale(vr[u], D, FMT);
             for (int i = 0; i < G; i++) p[u][i] = scores[i * n + tb + u] * vs;
         }
@@ -565,61 +573,74 @@ static inline __attribute__((always_inline)) void rows_v_pass(
     }
 }
 
+/* K pass over ROWS_K_TOKENS rows kr (their scales ks; nk <= 4 of them real, the rest copies of
+ * the first) for HG (1..3) query heads qf [HG, D]: each row chunk is widened once in a register
+ * and serves the HG heads, whose HG x 4 sums stay in registers (no row is stored widened);
+ * then one hadd tree per head gives its 4 scores. Writes scores[i * n + t + u], u < nk, and
+ * raises the heads' running maxima mx. */
+static inline __attribute__((always_inline)) void rows_k_tokens(
+        const uint8_t *const *kr, const float *ks, int64_t nk, const float *qf, int64_t D, float *scores, int64_t n,
+        int64_t t, __m128 *mx, const int HG, const int FMT) {
+    __m256 a[3][ROWS_K_TOKENS];
+    for (int i = 0; i < HG; i++)
+        for (int u = 0; u < ROWS_K_TOKENS; u++) a[i][u] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < D; e += 8)
+        for (int u = 0; u < ROWS_K_TOKENS; u++) {
+            const __m256 r = widen8_row(kr[u], e, FMT);
+            for (int i = 0; i < HG; i++) a[i][u] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + i * D + e), r, a[i][u]);
+        }
+    for (int i = 0; i < HG; i++) {
+        __m128 s4 = hsum4(a[i][0], a[i][1], a[i][2], a[i][3]);
+        if (FMT == ROW_INT8) s4 = _mm_mul_ps(s4, _mm_setr_ps(ks[0], ks[1], ks[2], ks[3]));
+        float *si = scores + i * n + t;
+        if (nk == ROWS_K_TOKENS) {
+            _mm_storeu_ps(si, s4);
+            mx[i] = _mm_max_ps(mx[i], s4);
+        } else {
+            float v[4];
+            _mm_storeu_ps(v, s4);
+            for (int64_t u = 0; u < nk; u++) {
+                si[u] = v[u];
+                mx[i] = _mm_max_ps(mx[i], _mm_set1_ps(v[u]));
+            }
+        }
+    }
+}
+
 /* One task with AVX2 + FMA (D % 8 == 0, D <= 128, g <= 8): kv head j of sequence piece
  * [t0, t0 + n), qf [g, D] already times the softmax scale; scores [g, n] scratch; leaves acc
- * [g, D], max, sum. K pass: ROWS_K_TOKENS rows are widened once into kf (L1) and serve the g heads; each head's 8 q.k sums are reduced by two hadd trees
- * (not one per token) and its running max kept in a vector. V pass: rows_v_pass. */
+ * [g, D], max, sum. K pass: rows_k_tokens, 4 rows at a time, for the g heads in groups of up
+ * to 3 (a group's 12 sums fill the registers beside the row chunk). V pass: rows_v_pass. */
 static inline __attribute__((always_inline)) void rows_task_avx2(
         const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
         int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float *scores, float *acc, float *max, float *sum,
         const int FMT) {
-    const int64_t w = head_bytes(D, FMT), chunks = D / 8;
-    float kf[ROWS_K_TOKENS][ROWS_MAX_D] __attribute__((aligned(32)));
-    float ks[ROWS_K_TOKENS];
-    __m128 mx[ROWS_MAX_GROUP]; /* per head: running max of the full blocks' scores */
-    for (int64_t i = 0; i < g; i++) { max[i] = -FLT_MAX; mx[i] = _mm_set1_ps(-FLT_MAX); }
+    const int64_t w = head_bytes(D, FMT);
+    __m128 mx[ROWS_MAX_GROUP]; /* per head: running max of its scores */
+    for (int64_t i = 0; i < g; i++) mx[i] = _mm_set1_ps(-FLT_MAX);
+    slot_cursor at = slot_at(table, bs, t0), ahead = slot_at(table, bs, t0 + PREFETCH_TOKENS);
     for (int64_t t = 0; t < n; t += ROWS_K_TOKENS) { /* K pass */
         const int64_t nk = n - t < ROWS_K_TOKENS ? n - t : ROWS_K_TOKENS;
-        for (int64_t u = 0; u < nk; u++) {
-            const int64_t tok = t0 + t + u;
-            if (t + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(k_cache, table, tok + PREFETCH_TOKENS, bs, row, j, w), w);
-            const uint8_t *kr = head_row(k_cache, table, tok, bs, row, j, w);
-            ks[u] = row_scale(kr, D, FMT);
-            for (int64_t c = 0; c < chunks; c++) _mm256_store_ps(kf[u] + 8 * c, widen8_row(kr, 8 * c, FMT));
+        const uint8_t *kr[ROWS_K_TOKENS];
+        float ks[ROWS_K_TOKENS];
+        for (int64_t u = 0; u < nk; u++, slot_next(&at), slot_next(&ahead)) {
+            if (t + u + PREFETCH_TOKENS < n) prefetch_head_row(head_row(k_cache, &ahead, row, j, w), w);
+            kr[u] = head_row(k_cache, &at, row, j, w);
+            ks[u] = row_scale(kr[u], D, FMT);
         }
-        for (int64_t i = 0; i < g; i++) {
-            const float *qi = qf + i * D;
-            float *si = scores + i * n + t;
-            if (nk == ROWS_K_TOKENS) { /* 8 independent FMA chains: enough to hide their latency */
-                __m256 a[ROWS_K_TOKENS];
-                for (int u = 0; u < ROWS_K_TOKENS; u++) a[u] = _mm256_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++) {
-                    const __m256 qv = _mm256_loadu_ps(qi + 8 * c);
-                    for (int u = 0; u < ROWS_K_TOKENS; u++) a[u] = _mm256_fmadd_ps(qv, _mm256_load_ps(kf[u] + 8 * c), a[u]);
-                }
-                __m128 lo = hsum4(a[0], a[1], a[2], a[3]), hi = hsum4(a[4], a[5], a[6], a[7]);
-                if (FMT == ROW_INT8) {
-                    lo = _mm_mul_ps(lo, _mm_loadu_ps(ks));
-                    hi = _mm_mul_ps(hi, _mm_loadu_ps(ks + 4));
-                }
-                _mm_storeu_ps(si, lo);
-                _mm_storeu_ps(si + 4, hi);
-                mx[i] = _mm_max_ps(mx[i], _mm_max_ps(lo, hi));
-            } else {
-                for (int64_t u = 0; u < nk; u++) {
-                    __m256 a = _mm256_setzero_ps();
-                    for (int64_t c = 0; c < chunks; c++)
-                        a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + 8 * c), _mm256_load_ps(kf[u] + 8 * c), a);
-                    si[u] = hsum8(a) * ks[u];
-                    max[i] = si[u] > max[i] ? si[u] : max[i];
-                }
-            }
+        for (int64_t u = nk; u < ROWS_K_TOKENS; u++) { kr[u] = kr[0]; ks[u] = ks[0]; }
+        for (int64_t i = 0; i < g; i += 3) {
+            const int64_t hg = g - i < 3 ? g - i : 3;
+            if (hg == 3) rows_k_tokens(kr, ks, nk, qf + i * D, D, scores + i * n, n, t, mx + i, 3, FMT);
+            else if (hg == 2) rows_k_tokens(kr, ks, nk, qf + i * D, D, scores + i * n, n, t, mx + i, 2, FMT);
+            else rows_k_tokens(kr, ks, nk, qf + i * D, D, scores + i * n, n, t, mx + i, 1, FMT);
         }
     }
     for (int64_t i = 0; i < g; i++) {
         float m4[4];
         _mm_storeu_ps(m4, mx[i]);
-        for (int u = 0; u < 4; u++) max[i] = m4[u] > max[i] ? m4[u] : max[i];
+        max[i] = m4[0];
+        for (int u = 1; u < 4; u++) max[i] = m4[u] > max[i] ? m4[u] : max[i];
     }
     exp_scores(scores, max, sum, g, n);
     rows_v_pass(v_cache, table, t0, n, j, g, row, D, bs, scores, acc, FMT);
@@ -631,8 +652,10 @@ static inline int rows_fast_ok(int64_t D, int64_t g) { return D % 8 == 0 && D <=
 static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
                            int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
                            float *scores, float *acc, float *max, float *sum) {
-    rows_task_avx2(qf, (const uint8_t *)k_cache, (const uint8_t *)v_cache, table, t0, n, j, g, row, D, bs, scores,
-                   acc, max, sum, ROW_INT8);
+    const uint8_t *k = (const uint8_t *)k_cache, *v = (const uint8_t *)v_cache;
+    if (D == 64) rows_task_avx2(qf, k, v, table, t0, n, j, g, row, 64, bs, scores, acc, max, sum, ROW_INT8);
+    else if (D == 128) rows_task_avx2(qf, k, v, table, t0, n, j, g, row, 128, bs, scores, acc, max, sum, ROW_INT8);
+    else rows_task_avx2(qf, k, v, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_INT8);
 }
 static inline int int8_fast_ok(int64_t D, int64_t g) { return rows_fast_ok(D, g); }
 #define int8_task_fast int8_task_avx2
@@ -758,7 +781,9 @@ DEFINE_INT8_KERNEL(f32, float)
 static void bf16kv_task_avx2(const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table,
                              int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
                              float *scores, float *acc, float *max, float *sum) {
-    rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_BF16);
+    if (D == 64) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 64, bs, scores, acc, max, sum, ROW_BF16);
+    else if (D == 128) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 128, bs, scores, acc, max, sum, ROW_BF16);
+    else rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_BF16);
 }
 #endif
 
