@@ -28,6 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--head-dim", type=int, default=64, help="head size (default: %(default)s)")
     add("--block-size", type=int, default=16, help="tokens per block (default: %(default)s)")
     add("--reps", type=int, default=6, help="timed rounds, best kept (default: %(default)s)")
+    add("--query-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+        help="the model's dtype: float32 is what `--dtype auto` runs on a CPU without bf16 matmul, "
+             "where the bf16 pool is read under float32 queries (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -46,14 +49,16 @@ def _case(args: argparse.Namespace, ctx: int, int8: bool):
     d = args.head_dim
     attn = (TorchPagedAttention(args.heads, args.kv_heads, d, d**-0.5) if ops is None
             else NativeCPUPagedAttention(args.heads, args.kv_heads, d, d**-0.5, ops))
-    q, new = torch.randn(1, args.heads, d).bfloat16(), torch.randn(1, args.kv_heads, d).bfloat16()
+    dtype = getattr(torch, args.query_dtype)
+    q, new = torch.randn(1, args.heads, d, dtype=dtype), torch.randn(1, args.kv_heads, d, dtype=dtype)
     return attn, q, new, k, v, meta
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     ops = native_kernels()
-    print(f"# kernels: {'torch' if ops is None else 'native ' + ops.variant}, threads {torch.get_num_threads()}")
+    print(f"# kernels: {'torch' if ops is None else 'native ' + ops.variant}, threads {torch.get_num_threads()}, "
+          f"{args.query_dtype} queries")
     contexts = [int(c) for c in args.contexts.split(",")]
     cases = {(ctx, int8): _case(args, ctx, int8) for ctx in contexts for int8 in (False, True)}
     best = dict.fromkeys(cases, float("inf"))
