@@ -279,6 +279,8 @@ class Runner:
         return TokenMask(rows, self.fill_bitmasks(states, vocab_size))
 
     def _prepare(self, scheduled: dict[Sequence, int], drafts: dict[Sequence, list[int]]):
+        if not drafts and all(num == 1 for num in scheduled.values()):
+            return self._prepare_decodes(scheduled)
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         seq_attn: list[SeqAttention] = []
@@ -301,6 +303,20 @@ class Runner:
             torch.cat(slots),
             seq_attn,
         )
+
+    def _prepare_decodes(self, scheduled: dict[Sequence, int]):
+        """_prepare for a step of one new token per sequence, in Python ints (a decode step's
+        per-sequence tensor ops cost more than its attention at short context)."""
+        bs = self.block_size
+        ids, positions, slots, seq_attn = [], [], [], []
+        for seq in scheduled:
+            pos = seq.num_computed_tokens
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            seq_attn.append(SeqAttention(1, pos + 1, torch.tensor(seq.block_table, dtype=torch.int64)))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), as_tensor(slots), seq_attn
 
 
 def _sampling_row(seq: Sequence, draft_prefix: list[int] = ()) -> SamplingRow:
