@@ -38,11 +38,13 @@
  * 1750 rows: 1.5x the time per row of 256 rows without chunks). */
 #define M_CHUNK_BYTES (256 * 1024)
 #define CODE_SHIFT 128 /* 8-bit codes are stored + 128 (model/quant.py VNNI_CODE_OFFSET) */
-/* At one row of x the matmul streams its weights from DRAM, and the hardware prefetcher alone
- * left it at ~30 GB/s on a 2-core Zen 3. Each 64-byte chunk read also prefetches the same chunk
- * of the record 2 ahead in the row block. Measured in whole decode steps, one stream, builds in
- * turn on a noisy machine: 1B Q8_0 39.5-48.1 -> 32.6-40.3 ms (12 pairs); 1B Q4_K_M 28.8 / 33.6
- * -> 27.0 / 27.3; 4 and 8 records ahead were no better than 2. */
+/* Where x has at most CM rows (decode of up to 4 streams) the matmul makes one pass over its
+ * weights, streaming them from DRAM, and the hardware prefetcher alone left it at ~30 GB/s on a
+ * 2-core Zen 3. Then each 64-byte chunk read also prefetches the same chunk of the record 2
+ * ahead in the row block. Measured in whole decode steps, builds in turn on a noisy machine:
+ * 1B Q8_0 one stream 39.5-48.1 -> 32.6-40.3 ms (12 pairs), four streams 52.2 / 53.2 -> 49.2 /
+ * 50.5; 1B Q4_K_M one stream 28.8 / 33.6 -> 27.0 / 27.3; 4 and 8 records ahead were no better
+ * than 2. Wider x reuses each block from cache (compute-bound): no prefetch there. */
 #define PREFETCH_RECORDS 2
 
 int vnni_available(void) { return 1; }
@@ -128,10 +130,10 @@ static inline int pairs16(int bits) { return bits == 4 ? 8 : bits == 5 ? 4 : bit
  * (12 at MM = 4) fit the 16 ymm registers beside the weights, where HN = 2 spills (block_rows
  * says which each width takes). Per 32-column group g and scale set s: chunk by chunk, each weight
  * vector unpacked once serves the MM rows of x; int32 sums ia[m][h] of codes x q, then
- * acc += dx * (d * ia + m * sum q). */
+ * acc += dx * (d * ia + m * sum q). fetch: the call makes one pass (PREFETCH_RECORDS). */
 static inline __attribute__((always_inline)) void block_rows_t(
         const uint8_t *rec0, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
-        const int MM, const int S, const int BITS, const int sym, const int HN, float *acc) {
+        const int MM, const int S, const int BITS, const int sym, const int HN, const int fetch, float *acc) {
     const int64_t codes = code_bytes(BITS), set_bytes = sym ? 32 : 64;
     const int chunks = BITS == 8 ? 8 : 4, per_set = chunks / S;
     const float off = (float)(1 << (BITS - 1));
@@ -152,7 +154,7 @@ static inline __attribute__((always_inline)) void block_rows_t(
                 int n16 = 0; /* maddubs outputs summed in i16 since the last widening */
 #endif
                 for (int c = s * per_set; c < (s + 1) * per_set; c++) {
-                    if (MM == 1) /* one row of x streams the weights: fetch ahead (see PREFETCH_RECORDS) */
+                    if (fetch) /* a single pass streams the weights: fetch ahead (PREFETCH_RECORDS) */
                         __builtin_prefetch(rec + 64 * c + PREFETCH_RECORDS * (codes + set_bytes * S));
                     __m256i u[2][2], ws[2]; /* [half][v]: unsigned codes of nibble vectors 2c, 2c + 1, or 8-bit chunk c */
                     for (int h = 0; h < HN; h++) {
@@ -228,9 +230,9 @@ static inline __attribute__((always_inline)) void block_rows_t(
 
 /* block_rows_t with MM (1 .. CM), S (1, 2) and bits (4, 5, 6, 8) as constants. */
 static void block_rows(const uint8_t *rec, int64_t G, int64_t K, const int8_t *q, const float *dx, const float *sq,
-                       int MM, int S, int bits, int sym, float *acc) {
+                       int MM, int S, int bits, int sym, int fetch, float *acc) {
 #define ROWS_CASE(B, SS, M) \
-    if (bits == B && S == SS && MM == M) { block_rows_t(rec, G, K, q, dx, sq, M, SS, B, sym, HALVES(B, M), acc); return; }
+    if (bits == B && S == SS && MM == M) { block_rows_t(rec, G, K, q, dx, sq, M, SS, B, sym, HALVES(B, M), fetch, acc); return; }
 #define ROWS_CASES_M(B, SS) ROWS_CASE(B, SS, 1) ROWS_CASE(B, SS, 2) ROWS_CASE(B, SS, 3) ROWS_CASE(B, SS, 4)
 #define ROWS_CASES(B) ROWS_CASES_M(B, 1) ROWS_CASES_M(B, 2)
     ROWS_CASES(4) ROWS_CASES(5) ROWS_CASES(6) ROWS_CASES(8)
@@ -259,7 +261,7 @@ void NAME(const T *x, int64_t M, int64_t K, const uint8_t *packed, int64_t bits,
                 const int mm = c1 - m0 < CM ? (int)(c1 - m0) : CM;                             \
                 float acc[CM * CROWS];                                                         \
                 block_rows(packed + b * G * rec_bytes, G, K, q + m0 * K, dx + m0 * G, sq + m0 * 2 * G, mm, \
-                           (int)sets, (int)bits, (int)sym, acc);                                         \
+                           (int)sets, (int)bits, (int)sym, M <= CM, acc);                                         \
                 for (int m = 0; m < mm; m++)                                                   \
                     for (int64_t r = 0; r < rows; r++)                                         \
                         out[(m0 + m) * ldo + b * CROWS + r] = STORE(acc[m * CROWS + r]);       \
