@@ -305,8 +305,8 @@ class Runner:
         )
 
     def _prepare_decodes(self, scheduled: dict[Sequence, int]):
-        """_prepare for a step of one new token per sequence, in Python ints (a decode step's
-        per-sequence tensor ops cost more than its attention at short context)."""
+        """_prepare for a step of one new token per sequence, in Python ints (the general path's
+        tensor ops per sequence measured ~40 us each: 0.66 against 0.22 ms a step at 16 rows)."""
         bs = self.block_size
         ids, positions, slots, seq_attn = [], [], [], []
         for seq in scheduled:
@@ -315,8 +315,8 @@ class Runner:
             positions.append(pos)
             slots.append(seq.block_table[pos // bs] * bs + pos % bs)
             seq_attn.append(SeqAttention(1, pos + 1, torch.tensor(seq.block_table, dtype=torch.int64)))
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), as_tensor(slots), seq_attn
+        ids_t, positions_t, slots_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, positions, slots))
+        return ids_t, positions_t, slots_t, seq_attn
 
 
 def _sampling_row(seq: Sequence, draft_prefix: list[int] = ()) -> SamplingRow:
