@@ -92,9 +92,8 @@ def _build_group(
     seqs: list[SeqAttention], starts: list[int], block_size: int, device: torch.device, causal: bool = True
 ) -> AttentionGroup:
     max_q = max(s.num_new for s in seqs)
-    if max_q == 1 and starts == list(range(len(seqs))):
-        return _decode_group(seqs, block_size, device)
-    max_blocks = max(len(s.block_table) for s in seqs)
+    tables = torch.nn.utils.rnn.pad_sequence([s.block_table for s in seqs], batch_first=True)  # [B, max_blocks]
+    max_blocks = tables.shape[1]
     batch = len(seqs)
     q_len = torch.tensor([s.num_new for s in seqs])
     ctx = torch.tensor([s.context_len for s in seqs])
@@ -110,9 +109,6 @@ def _build_group(
     else:
         mask = mask.expand(batch, max_q, -1).clone()
     mask[:, :, 0] |= ~valid  # padded queries see one key so softmax stays finite
-    tables = torch.zeros(batch, max_blocks, dtype=torch.int64)
-    for row, s in enumerate(seqs):
-        tables[row, : len(s.block_table)] = s.block_table
     flat_index = valid.flatten().nonzero().squeeze(1)
     from_start = causal and max_q > 1 and all(s.num_new == s.context_len for s in seqs)
     return AttentionGroup(
@@ -124,26 +120,6 @@ def _build_group(
         out_rows=token_index.flatten()[flat_index].to(device),
         context_lens=ctx.to(device),
         from_start=tuple(s.num_new for s in seqs) if from_start else None,
-    )
-
-
-def _decode_group(seqs: list[SeqAttention], block_size: int, device: torch.device) -> AttentionGroup:
-    """_build_group for one query per sequence, rows 0..B-1 in order (a decode step), in fewer
-    ops: every query is valid and is its sequence's last position, so its causal mask is just
-    key < context_len (for cross-attention too)."""
-    batch = len(seqs)
-    rows = torch.arange(batch)
-    ctx = torch.tensor([s.context_len for s in seqs])
-    tables = torch.nn.utils.rnn.pad_sequence([s.block_table for s in seqs], batch_first=True)  # pads with 0
-    mask = torch.arange(tables.shape[1] * block_size)[None, :] < ctx[:, None]  # [B, L]
-    return AttentionGroup(
-        token_index=rows[:, None].to(device),
-        valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
-        block_tables=tables.to(device),
-        mask=mask[:, None, None, :].to(device),
-        flat_index=rows.to(device),
-        out_rows=rows.to(device),
-        context_lens=ctx.to(device),
     )
 
 

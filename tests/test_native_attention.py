@@ -285,22 +285,3 @@ def test_whole_prompt_prefill_takes_unmasked_causal_sdpa(dtype, tol, heads, kv_h
     assert (fast.float() - want.float()).abs().max().item() < tol
     *_, after_prefix = _case(heads, kv_heads, [5, 6], [13, 6], dtype)[:6]
     assert after_prefix.groups[0].from_start is None  # one sequence has 8 tokens before its chunk
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_decode_group_fast_path_equals_the_general_build(causal):
-    """A decode step's group (one query per sequence, rows 0..B-1) takes _decode_group; every
-    field must equal what the general _build_group makes of the same sequences."""
-    from model import attention
-
-    gen = torch.Generator().manual_seed(0)
-    seqs = [SeqAttention(1, int(n), torch.randperm(64, generator=gen)[: -(-int(n) // 8)])
-            for n in torch.randint(1, 120, (5,), generator=gen)]
-    fast = attention._build_group(seqs, list(range(5)), 8, torch.device("cpu"), causal)
-    # the general build, as for decodes that do not start at row 0 (then shifted back)
-    slow = attention._build_group(seqs, [i + 1 for i in range(5)], 8, torch.device("cpu"), causal)
-    assert torch.equal(fast.token_index, slow.token_index - 1)
-    assert torch.equal(fast.out_rows, slow.out_rows - 1)
-    for field in ("valid", "block_tables", "mask", "flat_index", "context_lens"):
-        assert torch.equal(getattr(fast, field), getattr(slow, field)), field
-    assert fast.from_start is None and slow.from_start is None

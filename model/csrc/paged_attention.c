@@ -645,6 +645,16 @@ static inline __attribute__((always_inline)) void rows_task_avx2(
     exp_scores(scores, max, sum, g, n);
     rows_v_pass(v_cache, table, t0, n, j, g, row, D, bs, scores, acc, FMT);
 }
+/* rows_task_avx2 with the head size as a constant where it is 64 or 128 (the loops over a
+ * row's chunks unroll), else as it comes. */
+static inline __attribute__((always_inline)) void rows_task_avx2_d(
+        const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table, int64_t t0, int64_t n,
+        int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs, float *scores, float *acc, float *max, float *sum,
+        const int FMT) {
+    if (D == 64) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 64, bs, scores, acc, max, sum, FMT);
+    else if (D == 128) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 128, bs, scores, acc, max, sum, FMT);
+    else rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, FMT);
+}
 static inline int rows_fast_ok(int64_t D, int64_t g) { return D % 8 == 0 && D <= ROWS_MAX_D && g <= ROWS_MAX_GROUP; }
 #endif
 
@@ -652,10 +662,8 @@ static inline int rows_fast_ok(int64_t D, int64_t g) { return D % 8 == 0 && D <=
 static void int8_task_avx2(const float *qf, const int8_t *k_cache, const int8_t *v_cache, const int64_t *table,
                            int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
                            float *scores, float *acc, float *max, float *sum) {
-    const uint8_t *k = (const uint8_t *)k_cache, *v = (const uint8_t *)v_cache;
-    if (D == 64) rows_task_avx2(qf, k, v, table, t0, n, j, g, row, 64, bs, scores, acc, max, sum, ROW_INT8);
-    else if (D == 128) rows_task_avx2(qf, k, v, table, t0, n, j, g, row, 128, bs, scores, acc, max, sum, ROW_INT8);
-    else rows_task_avx2(qf, k, v, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_INT8);
+    rows_task_avx2_d(qf, (const uint8_t *)k_cache, (const uint8_t *)v_cache, table, t0, n, j, g, row, D, bs, scores,
+                     acc, max, sum, ROW_INT8);
 }
 static inline int int8_fast_ok(int64_t D, int64_t g) { return rows_fast_ok(D, g); }
 #define int8_task_fast int8_task_avx2
@@ -781,9 +789,7 @@ DEFINE_INT8_KERNEL(f32, float)
 static void bf16kv_task_avx2(const float *qf, const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *table,
                              int64_t t0, int64_t n, int64_t j, int64_t g, int64_t row, int64_t D, int64_t bs,
                              float *scores, float *acc, float *max, float *sum) {
-    if (D == 64) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 64, bs, scores, acc, max, sum, ROW_BF16);
-    else if (D == 128) rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, 128, bs, scores, acc, max, sum, ROW_BF16);
-    else rows_task_avx2(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_BF16);
+    rows_task_avx2_d(qf, k_cache, v_cache, table, t0, n, j, g, row, D, bs, scores, acc, max, sum, ROW_BF16);
 }
 #endif
 
