@@ -265,8 +265,9 @@ static inline __attribute__((always_inline)) void block_rows_t(
 /* When the passes read unpacked codes (unpack_tile), measured on a 2-core Zen 3, one process
  * alternating the builds, 3072 x 576, medians: 5-bit 1.37x at 16 rows of x, 1.58x at 256; 6-bit
  * 1.15x / 1.30x; 4-bit, whose unpack is three operations, only gains at 64 rows and more (1.10x;
- * 0.8-0.94x at 8-16), 8-bit (no unpack) nothing. Halves per pass: one below TILE_WIDE_ROWS rows
- * (5-bit at 16 rows: 1.37x against 1.26x with two), two from there on. */
+ * 0.8-0.94x at 8-16). 8-bit codes were slower tiled (0.72-0.84x at 8-256 rows, stored as
+ * |code - 128| and code - 128: twice the bytes for two saved operations). Halves per pass: one
+ * below TILE_WIDE_ROWS rows (5-bit at 16 rows: 1.37x against 1.26x with two), two from there on. */
 #define TILE_WIDE_ROWS 64
 static inline int tiled_call(int64_t bits, int64_t M) {
     return M > CM && (bits == 5 || bits == 6 || (bits == 4 && M >= TILE_WIDE_ROWS));
