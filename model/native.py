@@ -94,6 +94,8 @@ class NativeOps:
         # vnni_gemv*.c / lanes_gemm*.c are built only where the compiler targets their ISA
         # (else their doors abort)
         self.vnni = bool(lib.vnni_available())
+        fn = self._vnni_rows = lib.vnni_rows_f32  # (packed, nblocks, G, bits, group, sym, ids, T, out): plain C
+        fn.argtypes, fn.restype = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr], _i64
         self.lanes = bool(lib.lanes_gemm_available())
         self._lanes_gemm = lib.lanes_gemm_bf16  # bf16 only: (x, M, K, packed, out, N)
         self._lanes_gemm.argtypes, self._lanes_gemm.restype = [_ptr, _i64, _i64, _ptr, _ptr, _i64], None
@@ -112,6 +114,20 @@ class NativeOps:
     def bf16kv_f32_ok(self, heads: int, kv_heads: int, head_dim: int) -> bool:
         """Whether float32 queries of this shape read a bf16 pool natively (else SDPA)."""
         return bool(self._bf16kv_ok(heads, kv_heads, head_dim))
+
+    def vnni_rows(self, packed: torch.Tensor, layout, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] (int64, each < the weight's rows) of a weight packed by `vnni_pack`
+        -> [T, K] float32, as model/vnni_pack.py's `packed_rows` reads them."""
+        ids = ids.to(torch.int64).contiguous()
+        g = packed.shape[1]
+        out = torch.empty(len(ids), 32 * g)
+        if not packed.is_contiguous() or packed.dtype != torch.uint8 or packed.shape[2] != layout.record_bytes:
+            raise ValueError("vnni_rows: packed must be a contiguous uint8 record array in layout")
+        bad = self._vnni_rows(packed.data_ptr(), packed.shape[0], g, layout.bits, layout.group, int(layout.sym),
+                              ids.data_ptr(), len(ids), out.data_ptr())
+        if bad >= 0:
+            raise IndexError(f"vnni_rows: row {int(ids[bad])} outside the weight's {16 * packed.shape[0]} rows")
+        return out
 
     def attention(self, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
         """The decode kernel for queries of `dtype` over pools of `kv_dtype` (default: the same;

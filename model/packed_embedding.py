@@ -4,8 +4,8 @@ A tied GGUF embedding (SmolLM2's Q8_0, Llama-3.2-1B-shaped Q4_K_M's Q6_K) is the
 weight too. The head runs on model/csrc/vnni_gemv.c from `vnni_pack`'s layout; keeping a dense
 bf16 lookup table beside it cost 2 bytes per weight again (192 MiB on the 1B shape, more than
 the head itself). `PackedEmbedding` instead decodes the few rows a step looks up straight from
-the head's packed records (model/vnni_pack.py gives the layout), so the matrix is held
-once, at its own precision.
+the head's packed records (model/vnni_pack.py gives the layout; the native `vnni_rows` reads
+them, as its `packed_rows` does), so the matrix is held once, at its own precision.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from model.quant import QuantLinear
-from model.vnni_pack import packed_rows
 
 
 class PackedEmbedding(nn.Module):
@@ -29,7 +28,7 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = packed_rows(self.head.vnni_packed, self.head.layout, flat)
+        rows = self.head.vnni.vnni_rows(self.head.vnni_packed, self.head.layout, flat)
         return rows.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

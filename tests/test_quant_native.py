@@ -127,3 +127,28 @@ def test_default_model_answers_on_vnni_kernels() -> None:
     prompt = llm.tokenizer.encode_chat([{"role": "user", "content": "What is 2+2?"}])
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0]
     assert "4" in llm.tokenizer.decode(out.token_ids)
+
+
+@pytest.mark.parametrize("bits,signed,group,sym", [
+    (4, False, 32, False), (4, False, 16, True), (5, False, 32, True), (5, False, 16, False),
+    (6, True, 16, True), (6, False, 32, False), (8, True, 32, True), (8, True, 16, False)])
+def test_native_rows_equal_packed_rows(bits: int, signed: bool, group: int, sym: bool) -> None:
+    """The C row reader (the tied embedding's lookup, model/packed_embedding.py) gives exactly
+    model/vnni_pack.py's `packed_rows` in every layout, float16 subnormal scales included, and
+    refuses a row outside the weight instead of reading past it."""
+    from model.vnni_pack import packed_rows
+
+    torch.manual_seed(bits + group)
+    half = 1 << (bits - 1)
+    codes = torch.randint(-half, half, (77, 96)) + (0 if signed else half)
+    scale = torch.rand(77, 96 // group) * 0.01 + 1e-3
+    scale[::7] *= 1e-3  # ~1e-6 (rows 0, 7, 14, ...): float16 subnormals
+    implied = torch.zeros_like(scale) if signed else -half * scale
+    minimum = implied if sym else torch.randn(77, 96 // group) * 0.01
+    packed, layout = vnni_pack(GroupQuant(codes.to(torch.int16), scale, minimum, 4 if bits == 4 else 8, group))
+    assert (layout.bits, layout.group, layout.sym) == (bits, group, sym)
+    ids = torch.tensor([0, 5, 16, 76, 33, 5, 7, 14])
+    got = ops.vnni_rows(packed, layout, ids)
+    assert torch.equal(got, packed_rows(packed, layout, ids))
+    with pytest.raises(IndexError):
+        ops.vnni_rows(packed, layout, torch.tensor([3, 16 * packed.shape[0]]))

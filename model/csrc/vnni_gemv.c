@@ -31,6 +31,76 @@
 static inline int64_t code_bytes(int bits) { return bits == 8 ? CODES8 : NIBBLES + 64 * (bits - 4); }
 static inline int64_t record_bytes(int bits, int sets, int sym) { return code_bytes(bits) + (sym ? 32 : 64) * sets; }
 
+/* IEEE half -> float32 (normals, subnormals, inf, nan), plain C: the row reader below is built in
+ * every variant. */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    float f;
+    if (e == 0) {
+        f = (float)m * (1.f / 16777216.f); /* m * 2^-24 */
+        return sign ? -f : f;
+    }
+    const uint32_t u = sign | (e == 31 ? 0x7F800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Rows ids [T] of a packed weight [ceil(N / 16), G, record] -> out [T, 32 G] float32, w = d c + m
+ * (symmetric: m = -2^(bits - 1) d): model/vnni_pack.py's `packed_rows` in C, for the token
+ * embedding read from a tied head (model/packed_embedding.py). Row r of a block is lane r: bytes
+ * 4r .. 4r + 3 of each 64-byte vector of its records. nblocks: the weight's row blocks. Returns -1,
+ * or the position of the first id outside 0 .. 16 nblocks - 1 (then nothing is written). */
+int64_t vnni_rows_f32(const uint8_t *packed, int64_t nblocks, int64_t G, int64_t bits, int64_t group, int64_t sym,
+                      const int64_t *ids, int64_t T, float *out) {
+    const int64_t sets = VG / group, rec = record_bytes((int)bits, (int)sets, (int)sym);
+    const float off = (float)(1 << (bits - 1));
+    for (int64_t t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= nblocks * VROWS) return t;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t lane = ids[t] % VROWS;
+        const uint8_t *r0 = packed + ids[t] / VROWS * G * rec + 4 * lane;
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *r = r0 + g * rec; /* this row's bytes of record g */
+            int code[VG];
+            if (bits == 8) {
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++) code[4 * c + j] = r[64 * c + j];
+            } else {
+                for (int c = 0; c < 4; c++)
+                    for (int j = 0; j < 4; j++) { /* nibble vectors 2c (low), 2c + 1 (high) */
+                        const int byte = r[64 * c + j], v0 = 2 * c, v1 = 2 * c + 1;
+                        int lo = byte & 0x0F, hi = byte >> 4;
+                        if (bits == 5) {
+                            const int plane = r[NIBBLES + j];
+                            lo |= ((plane >> v0) & 1) << 4;
+                            hi |= ((plane >> v1) & 1) << 4;
+                        } else if (bits == 6) { /* plane v / 4, bits 2 (v % 4) .. + 1 */
+                            lo |= ((r[NIBBLES + 64 * (v0 / 4) + j] >> (2 * (v0 % 4))) & 3) << 4;
+                            hi |= ((r[NIBBLES + 64 * (v1 / 4) + j] >> (2 * (v1 % 4))) & 3) << 4;
+                        }
+                        code[8 * c + j] = lo;
+                        code[8 * c + 4 + j] = hi;
+                    }
+            }
+            const uint8_t *dm = packed + ids[t] / VROWS * G * rec + g * rec + code_bytes((int)bits);
+            float *o = out + t * G * VG + g * VG;
+            for (int64_t s = 0; s < sets; s++) {
+                const uint8_t *set = dm + s * (sym ? 32 : 64);
+                uint16_t dh, mh;
+                memcpy(&dh, set + 2 * lane, 2);
+                const float d = f16_to_f32(dh);
+                float mn = -off * d;
+                if (!sym) {
+                    memcpy(&mh, set + 32 + 2 * lane, 2);
+                    mn = f16_to_f32(mh);
+                }
+                for (int64_t k = s * group; k < (s + 1) * group; k++) o[k] = (float)code[k] * d + mn;
+            }
+        }
+    }
+    return -1;
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #include <immintrin.h>
 
