@@ -1,8 +1,9 @@
 """model/csrc/vnni_gemv.c (through model/native.py and model/quant.py): the int8-activation
 matmul on 4/5/6/8-bit group weights (each packed at its narrowest layout) equals the dequantized
-reference for odd shapes and 1..70 rows (past 4 rows 5/6-bit codes, past 64 also 4-bit ones, are
-read unpacked from a tile: each row still equals the row alone, a single pass); QuantLinear on it
-equals QuantLinear on torch's kernels; the default model answers through it."""
+reference for odd shapes and 1..70 rows (on AVX2, past 4 rows 5/6-bit codes, past 64 also 4-bit
+ones, are read unpacked from a tile: each row still equals the row alone, a single pass);
+QuantLinear on it equals QuantLinear on torch's kernels; the default model answers through it;
+the C row reader of the tied embedding equals model/vnni_pack.py's."""
 from __future__ import annotations
 
 import gguf
@@ -152,3 +153,21 @@ def test_native_rows_equal_packed_rows(bits: int, signed: bool, group: int, sym:
     assert torch.equal(got, packed_rows(packed, layout, ids))
     with pytest.raises(IndexError):
         ops.vnni_rows(packed, layout, torch.tensor([3, 16 * packed.shape[0]]))
+
+
+def test_matmul_ab_tool_times_two_builds(capsys) -> None:
+    """`python -m loadtest.vnni_matmul` loads this variant's library from two folders (here the
+    same one twice) and prints, per layout, each build's time and their ratio for every row count."""
+    from pathlib import Path
+
+    from loadtest import vnni_matmul
+
+    folder = str(Path(ops.path).parent)
+    assert vnni_matmul.main(["--a", folder, "--b", folder, "--rows", "1,5", "--shape", "48x64",
+                             "--calls", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"# variant {ops.variant}, 48 x 64")
+    assert [line.split(":")[0] for line in lines[1:]] == list(vnni_matmul.WIDTHS)
+    for line in lines[1:]:
+        cells = line.split(": ", 1)[1].split("; ")
+        assert [c.split()[0] for c in cells] == ["1", "5"] and all(c.endswith("x)") for c in cells)

@@ -14,7 +14,8 @@
  * x: [M, K] contiguous; out: [M, N] with row stride ldo >= N (a column slice of a wider output);
  * bf16 (`_bf16`) or float32 (`_f32`); K a multiple of 32.
  * Built where the compiler targets AVX512-VNNI, and for AVX2 by vnni_gemv_avx2.c (same layout and
- * results); `vnni_available` says. Absent elsewhere.
+ * results); `vnni_available` says. Absent elsewhere. The row reader `vnni_rows_f32` (plain C) is
+ * built everywhere.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -58,9 +59,8 @@ int64_t vnni_rows_f32(const uint8_t *packed, int64_t nblocks, int64_t G, int64_t
         if (ids[t] < 0 || ids[t] >= nblocks * VROWS) return t;
     for (int64_t t = 0; t < T; t++) {
         const int64_t lane = ids[t] % VROWS;
-        const uint8_t *r0 = packed + ids[t] / VROWS * G * rec + 4 * lane;
         for (int64_t g = 0; g < G; g++) {
-            const uint8_t *r = r0 + g * rec; /* this row's bytes of record g */
+            const uint8_t *record = packed + (ids[t] / VROWS * G + g) * rec, *r = record + 4 * lane; /* its bytes */
             int code[VG];
             if (bits == 8) {
                 for (int c = 0; c < 8; c++)
@@ -82,7 +82,7 @@ int64_t vnni_rows_f32(const uint8_t *packed, int64_t nblocks, int64_t G, int64_t
                         code[8 * c + 4 + j] = hi;
                     }
             }
-            const uint8_t *dm = packed + ids[t] / VROWS * G * rec + g * rec + code_bytes((int)bits);
+            const uint8_t *dm = record + code_bytes((int)bits);
             float *o = out + t * G * VG + g * VG;
             for (int64_t s = 0; s < sets; s++) {
                 const uint8_t *set = dm + s * (sym ? 32 : 64);
