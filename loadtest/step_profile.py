@@ -7,8 +7,10 @@ the engine really gets) and instrumented (forward hooks and wrappers installed a
 by attribute name, removed afterwards). Hooks cost time, so the parts add up to the
 instrumented total, which is larger than the bare one. Both runs take the path the engine
 takes: where a decode step runs as the decode plan's one native call (model/decode_plan.py),
-the layers' time is the `decode_plan` part and the per-layer columns stay 0; run with
-`WORKMEM_DECODE_PLAN=0` for the split of the model's Python forward. A benchmark, not a test:
+the instrumented run times each of the plan's ops in C (run_decode_plan_timed) and adds them
+to their columns (GEMMs by kind, attention, KV write, norms, other model ops), leaving in
+`decode_plan` only the call's own glue (the embedding lookup, ctypes); `WORKMEM_DECODE_PLAN=0`
+gives the split of the model's Python forward instead. A benchmark, not a test:
 
     python -m loadtest.step_profile [--batch-sizes 1,4,16,32] [--contexts 256,2048] [--json out.json]
     workmem bench step ...
@@ -155,6 +157,36 @@ def hook_module(module: nn.Module, clock: Clock, key: str) -> list:
             module.register_forward_hook(lambda m, a, o: clock.stop(key))]
 
 
+class PlanClock:
+    """Per-op seconds of the engine's decode plan (DecodePlan.seconds) while instrumented;
+    `parts` sums them by the ops' labels."""
+
+    def __init__(self) -> None:
+        self.plan: DecodePlan | None = None
+
+    @contextmanager
+    def timing(self, engine) -> Iterator[None]:
+        plan = getattr(engine.runner, "_decode_plan", None)
+        if isinstance(plan, DecodePlan):
+            if self.plan is not plan:
+                self.plan = plan
+                plan.seconds = torch.zeros(len(plan.labels), dtype=torch.float64)
+            else:
+                plan.seconds = self.seconds
+        try:
+            yield
+        finally:
+            if isinstance(plan, DecodePlan):
+                self.seconds, plan.seconds = plan.seconds, None
+
+    def parts(self) -> dict[str, float]:
+        totals: dict[str, float] = defaultdict(float)
+        if self.plan is not None:
+            for label, sec in zip(self.plan.labels, self.seconds.tolist()):
+                totals[label] += sec
+        return totals
+
+
 @contextmanager
 def instrumented(engine, clock: Clock) -> Iterator[None]:
     """Install every hook and wrapper on `engine` for the duration of the block; on exit
@@ -191,8 +223,9 @@ def instrumented(engine, clock: Clock) -> Iterator[None]:
         yield
 
 
-def split_parts(t: dict[str, float]) -> dict[str, float]:
-    """Nested clock totals (seconds) -> disjoint parts; residuals clamp at 0 (clock noise)."""
+def split_parts(t: dict[str, float], plan: dict[str, float] | None = None) -> dict[str, float]:
+    """Nested clock totals (seconds) -> disjoint parts; residuals clamp at 0 (clock noise).
+    plan: the decode plan's op seconds by part (PlanClock.parts), taken out of `decode_plan`."""
     gemms = sum(t[k] for k in ("qkv", "o_proj", "gate_up", "down"))
     parts = {k: t[k] for k in ("qkv", "o_proj", "gate_up", "down", "lm_head", "kv_write", "norms",
                                "decode_plan", "sampling", "scheduler", "detok")}
@@ -200,6 +233,10 @@ def split_parts(t: dict[str, float]) -> dict[str, float]:
     parts["other_model"] = max(t["model"] - gemms - t["attention"] - t["norms"], 0.0)
     parts["prepare"] = max(t["execute"] - t["model"] - t["decode_plan"] - t["lm_head"] - t["sampling"], 0.0)
     parts["python"] = max(t["step"] - t["execute"] - t["scheduler"] - t["detok"], 0.0)
+    for key, sec in (plan or {}).items():  # the plan's ops, timed in C, inside its decode_plan call
+        parts[key] += sec
+        parts["decode_plan"] -= sec
+    parts["decode_plan"] = max(parts["decode_plan"], 0.0)
     return {k: parts[k] for k in PARTS}
 
 
@@ -226,14 +263,14 @@ def profile_cell(engine, batch: int, context: int, steps: int, seed: int) -> Ste
         started.update(o.request_id for o in engine.step() if o.new_token_ids)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     run_steps(engine, WARMUP_STEPS, Clock(sync))
-    bare, clock = Clock(sync), Clock(sync)
+    bare, clock, plan_clock = Clock(sync), Clock(sync), PlanClock()
     for _ in range(steps):  # interleaved, so both runs see the same machine load
         run_steps(engine, 1, bare)
-        with instrumented(engine, clock):  # installing hooks is outside the timed step
+        with instrumented(engine, clock), plan_clock.timing(engine):  # installing hooks is outside the timed step
             run_steps(engine, 1, clock)
     for rid in ids:
         engine.abort(rid)
-    parts = {k: 1000.0 * v / steps for k, v in split_parts(clock.total).items()}
+    parts = {k: 1000.0 * v / steps for k, v in split_parts(clock.total, plan_clock.parts()).items()}
     return StepProfile(batch, context, steps, parts, 1000.0 * clock.total["step"] / steps,
                        1000.0 * bare.total["step"] / steps)
 

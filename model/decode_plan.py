@@ -87,11 +87,16 @@ def _matmul_parts(linear: nn.Module) -> list[tuple[nn.Module, int]] | None:
 
 
 class DecodePlan:
-    """See the module doc. `run` takes one whole-batch decode step (B <= max_batch rows)."""
+    """See the module doc. `run` takes one whole-batch decode step (B <= max_batch rows); with
+    `seconds` set (float64 [num_ops]) it also adds each op's wall time there, and `labels` names
+    each op's part (loadtest/step_profile.py's columns)."""
 
     def __init__(self, ops_array, num_ops: int, run_fn, buffers: dict[str, torch.Tensor],
-                 embed: nn.Module, max_batch: int) -> None:
+                 embed: nn.Module, max_batch: int, labels: Sequence[str] = (), run_timed_fn=None) -> None:
         self._ops, self._num_ops, self._run = ops_array, num_ops, run_fn
+        self._run_timed = run_timed_fn
+        self.labels = tuple(labels)  # per op: the step profiler's part (qkv, attention, norms, ...)
+        self.seconds: torch.Tensor | None = None  # float64 [num_ops]: set by the profiler to time each op
         self._buffers = buffers  # keeps the buffers' addresses in the ops alive (weights, pools and
         # the int8 K centres belong to the model and the runner, which outlive the plan)
         self._embed = embed
@@ -136,6 +141,10 @@ class DecodePlan:
         fn = lambda name: ops.fns[name, dtype]  # noqa: E731
         cos, sin = rotary.native_tables
         plan: list[PlanOp] = []
+        labels: list[str] = []  # plan[i]'s part in loadtest/step_profile.py's table
+
+        def label(part: str) -> None:  # every op appended since the last call is `part`'s
+            labels.extend([part] * (len(plan) - len(labels)))
 
         def matmul(linear: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
             parts = _matmul_parts(linear)
@@ -185,17 +194,23 @@ class DecodePlan:
                     or mlp.native is None or mlp.act_name != "silu" or mlp.down_proj.in_features != inter
                     or (int8 and attn.k_center is not None and attn.k_center.dtype != torch.float32)):
                 return None
-            if not (norm(layer.input_layernorm, None if i == 0 else buf["x"])
-                    and matmul(sa.qkv_proj, buf["h"], buf["qkv"])):
+            if not norm(layer.input_layernorm, None if i == 0 else buf["x"]):
                 return None
+            label("norms")
+            if not matmul(sa.qkv_proj, buf["h"], buf["qkv"]):
+                return None
+            label("qkv")
             if sa.qk_norm and not (head_norm(sa.q_norm, 0, heads) and head_norm(sa.k_norm, heads, kv_heads)):
                 return None
+            label("norms")
             qkv = buf["qkv"]
             plan.append(_op(PLAN_ROTARY, fn("rotary"), _ptr(qkv), qkv_w, heads + kv_heads, d, _ptr(cos), _ptr(sin)))
+            label("other_model")
             k, v = _ptr(qkv, q_size), _ptr(qkv, q_size + kv_size)
             if int8:
                 plan.append(_op(PLAN_WRITE_KV_INT8, fn("write_kv_int8"), k, v, qkv_w, qkv_w, _ptr(k_cache),
                                 _ptr(v_cache), kv_heads, d, _ptr(attn.k_center), int(rotates(d))))
+                label("kv_write")
                 plan.append(_op(PLAN_ATTENTION_INT8, fn("paged_decode_attention_int8"), _ptr(qkv), qkv_w,
                                 _ptr(k_cache), _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1],
                                 int(attn.rotated), f=attn.scale))
@@ -203,18 +218,30 @@ class DecodePlan:
                 widen = k_cache.dtype != dtype
                 plan.append(_op(PLAN_WRITE_KV, ops.write_kv_bf16kv_f32 if widen else fn("write_kv"), k, v, qkv_w,
                                 qkv_w, _ptr(k_cache), _ptr(v_cache), kv_heads * d))
+                label("kv_write")
                 plan.append(_op(PLAN_ATTENTION, ops.attention(dtype, k_cache.dtype), _ptr(qkv), qkv_w, _ptr(k_cache),
                                 _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1], f=attn.scale))
-            if not (matmul(sa.o_proj, buf["a"], buf["x"]) and norm(layer.post_attention_layernorm, buf["x"])
-                    and matmul(mlp.gate_up_proj, buf["h"], buf["gu"])):
+            label("attention")
+            if not matmul(sa.o_proj, buf["a"], buf["x"]):
                 return None
+            label("o_proj")
+            if not norm(layer.post_attention_layernorm, buf["x"]):
+                return None
+            label("norms")
+            if not matmul(mlp.gate_up_proj, buf["h"], buf["gu"]):
+                return None
+            label("gate_up")
             plan.append(_op(PLAN_SILU_MUL, fn("silu_and_mul"), _ptr(buf["gu"]), _ptr(buf["act"]), inter))
+            label("other_model")
             if not matmul(mlp.down_proj, buf["act"], buf["x"]):
                 return None
+            label("down")
         if not norm(body.norm, buf["x"]):
             return None
+        label("norms")
         ops_array = (PlanOp * len(plan))(*plan)
-        return cls(ops_array, len(plan), ops.run_decode_plan, buf, body.embed_tokens, max_batch)
+        return cls(ops_array, len(plan), ops.run_decode_plan, buf, body.embed_tokens, max_batch, labels,
+                   ops.run_decode_plan_timed)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -224,7 +251,12 @@ class DecodePlan:
         b = input_ids.shape[0]
         assert b <= self.max_batch and block_tables.is_contiguous() and positions.is_contiguous()
         self._buffers["residual"][:b].copy_(self._embed(input_ids))
-        bad = self._run(ctypes.addressof(self._ops), self._num_ops, b, positions.data_ptr(), slots.data_ptr(),
-                        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr())
+        args = (ctypes.addressof(self._ops), self._num_ops, b, positions.data_ptr(), slots.data_ptr(),
+                block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr())
+        if self.seconds is None:
+            bad = self._run(*args)
+        else:  # the profiler's run: each op's wall time added to seconds[i]
+            assert self.seconds.dtype == torch.float64 and self.seconds.shape == (self._num_ops,)
+            bad = self._run_timed(*args, self.seconds.data_ptr())
         assert bad == -1, f"decode plan op {bad} has an unknown kind"
         return self._buffers["h"][:b]

@@ -91,6 +91,10 @@ class NativeOps:
         self.run_decode_plan = lib.run_decode_plan
         self.run_decode_plan.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
         self.run_decode_plan.restype = _i64
+        # the same, also adding each op's seconds to a float64 [n] (the step profiler's split)
+        self.run_decode_plan_timed = lib.run_decode_plan_timed
+        self.run_decode_plan_timed.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]
+        self.run_decode_plan_timed.restype = _i64
         # vnni_gemv*.c / lanes_gemm*.c are built only where the compiler targets their ISA
         # (else their doors abort)
         self.vnni = bool(lib.vnni_available())

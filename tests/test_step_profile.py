@@ -39,10 +39,11 @@ def test_every_part_is_reported_and_adds_up(engine, batch):
     assert not engine.has_unfinished() and engine.pool.num_used == 0
 
 
-def test_decode_plan_steps_report_the_plan_as_one_part(tiny_checkpoint):
+def test_decode_plan_steps_split_the_plan_by_part(tiny_checkpoint):
     """Int4 linears on the native kernels: decode steps run as the decode plan
-    (model/decode_plan.py), so its call is the `decode_plan` part, the per-layer parts are 0,
-    everything still adds up, and DecodePlan.run is the class's own again afterwards."""
+    (model/decode_plan.py), whose ops are timed in C and land in their own columns (GEMMs by
+    kind, attention, KV write, norms, other model ops); `decode_plan` keeps only the call's glue,
+    everything still adds up, and the plan is left untimed afterwards."""
     from model.decode_plan import DecodePlan
 
     run = DecodePlan.run
@@ -51,11 +52,42 @@ def test_decode_plan_steps_report_the_plan_as_one_part(tiny_checkpoint):
                           "--steps", str(STEPS)])
     engine = sp.build_engine(args)
     row = sp.profile_cell(engine, 1, CONTEXT, STEPS, seed=0)
-    assert isinstance(engine.runner._decode_plan, DecodePlan)
-    assert row.parts_ms["decode_plan"] > 0 and row.parts_ms["lm_head"] > 0
-    assert all(row.parts_ms[k] == 0 for k in ("qkv", "o_proj", "gate_up", "down", "attention", "kv_write"))
+    plan = engine.runner._decode_plan
+    assert isinstance(plan, DecodePlan) and plan.seconds is None
+    assert set(plan.labels) == {"norms", "qkv", "other_model", "kv_write", "attention", "o_proj", "gate_up", "down"}
+    for part in ("qkv", "o_proj", "gate_up", "down", "attention", "kv_write", "norms", "lm_head"):
+        assert row.parts_ms[part] > 0, part
+    assert row.parts_ms["decode_plan"] >= 0
     assert sum(row.parts_ms.values()) == pytest.approx(row.total_ms, rel=0.05)
     assert DecodePlan.run is run
+
+
+def test_timed_plan_gives_the_same_states_and_times_every_op(tiny_checkpoint):
+    """run_decode_plan_timed runs the same ops as run_decode_plan (equal hidden states from equal
+    inputs) and adds a positive time to every op's slot, step after step."""
+    from model.decode_plan import DecodePlan
+
+    args = sp.parse_args(["--model", str(tiny_checkpoint("llama")), "--dtype", "float32", "--device", "cpu",
+                          "--quantization", "int4", "--batch-sizes", "1", "--contexts", str(CONTEXT),
+                          "--steps", str(STEPS)])
+    engine = sp.build_engine(args)
+    engine.add_request("p", list(range(1, 9)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    plan = engine.runner._decode_plan
+    assert isinstance(plan, DecodePlan)
+    ids, pos, slots = (torch.tensor([5], dtype=torch.int64), torch.tensor([0], dtype=torch.int64),
+                       torch.tensor([0], dtype=torch.int64))
+    tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+    with torch.inference_mode():  # as the runner calls it; the engine is not used after this
+        plain = plan.run(ids, pos, slots, tables, lens).clone()
+        plan.seconds = torch.zeros(len(plan.labels), dtype=torch.float64)
+        timed = plan.run(ids, pos, slots, tables, lens).clone()
+        once = plan.seconds.clone()
+        plan.run(ids, pos, slots, tables, lens)
+        twice, plan.seconds = plan.seconds, None
+    assert torch.equal(plain, timed)
+    assert (once > 0).all() and (twice > once).all()  # every op timed, the times added up
 
 
 def _hooks(model: torch.nn.Module) -> int:
