@@ -158,26 +158,27 @@ def hook_module(module: nn.Module, clock: Clock, key: str) -> list:
 
 
 class PlanClock:
-    """Per-op seconds of the engine's decode plan (DecodePlan.seconds) while instrumented;
-    `parts` sums them by the ops' labels."""
+    """Per-op seconds of the engine's decode plan while instrumented: `timing` lends the plan a
+    float64 [ops] buffer (DecodePlan.seconds, which its timed run adds to) and takes it back;
+    `parts` sums it by the ops' labels."""
 
     def __init__(self) -> None:
         self.plan: DecodePlan | None = None
+        self.seconds: torch.Tensor | None = None
 
     @contextmanager
     def timing(self, engine) -> Iterator[None]:
         plan = getattr(engine.runner, "_decode_plan", None)
-        if isinstance(plan, DecodePlan):
-            if self.plan is not plan:
-                self.plan = plan
-                plan.seconds = torch.zeros(len(plan.labels), dtype=torch.float64)
-            else:
-                plan.seconds = self.seconds
+        if not isinstance(plan, DecodePlan):  # not built yet, or the model takes the Python path
+            yield
+            return
+        if plan is not self.plan:
+            self.plan, self.seconds = plan, torch.zeros(len(plan.labels), dtype=torch.float64)
+        plan.seconds = self.seconds
         try:
             yield
         finally:
-            if isinstance(plan, DecodePlan):
-                self.seconds, plan.seconds = plan.seconds, None
+            plan.seconds = None
 
     def parts(self) -> dict[str, float]:
         totals: dict[str, float] = defaultdict(float)

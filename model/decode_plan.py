@@ -143,8 +143,9 @@ class DecodePlan:
         plan: list[PlanOp] = []
         labels: list[str] = []  # plan[i]'s part in loadtest/step_profile.py's table
 
-        def label(part: str) -> None:  # every op appended since the last call is `part`'s
+        def label(part: str) -> bool:  # every op appended since the last call is `part`'s
             labels.extend([part] * (len(plan) - len(labels)))
+            return True
 
         def matmul(linear: nn.Module, x: torch.Tensor, out: torch.Tensor) -> bool:
             parts = _matmul_parts(linear)
@@ -194,15 +195,12 @@ class DecodePlan:
                     or mlp.native is None or mlp.act_name != "silu" or mlp.down_proj.in_features != inter
                     or (int8 and attn.k_center is not None and attn.k_center.dtype != torch.float32)):
                 return None
-            if not norm(layer.input_layernorm, None if i == 0 else buf["x"]):
+            if not (norm(layer.input_layernorm, None if i == 0 else buf["x"]) and label("norms")
+                    and matmul(sa.qkv_proj, buf["h"], buf["qkv"]) and label("qkv")):
                 return None
-            label("norms")
-            if not matmul(sa.qkv_proj, buf["h"], buf["qkv"]):
+            if sa.qk_norm and not (head_norm(sa.q_norm, 0, heads) and head_norm(sa.k_norm, heads, kv_heads)
+                                   and label("norms")):
                 return None
-            label("qkv")
-            if sa.qk_norm and not (head_norm(sa.q_norm, 0, heads) and head_norm(sa.k_norm, heads, kv_heads)):
-                return None
-            label("norms")
             qkv = buf["qkv"]
             plan.append(_op(PLAN_ROTARY, fn("rotary"), _ptr(qkv), qkv_w, heads + kv_heads, d, _ptr(cos), _ptr(sin)))
             label("other_model")
@@ -222,23 +220,16 @@ class DecodePlan:
                 plan.append(_op(PLAN_ATTENTION, ops.attention(dtype, k_cache.dtype), _ptr(qkv), qkv_w, _ptr(k_cache),
                                 _ptr(v_cache), _ptr(buf["a"]), heads, kv_heads, d, k_cache.shape[1], f=attn.scale))
             label("attention")
-            if not matmul(sa.o_proj, buf["a"], buf["x"]):
+            if not (matmul(sa.o_proj, buf["a"], buf["x"]) and label("o_proj")
+                    and norm(layer.post_attention_layernorm, buf["x"]) and label("norms")
+                    and matmul(mlp.gate_up_proj, buf["h"], buf["gu"]) and label("gate_up")):
                 return None
-            label("o_proj")
-            if not norm(layer.post_attention_layernorm, buf["x"]):
-                return None
-            label("norms")
-            if not matmul(mlp.gate_up_proj, buf["h"], buf["gu"]):
-                return None
-            label("gate_up")
             plan.append(_op(PLAN_SILU_MUL, fn("silu_and_mul"), _ptr(buf["gu"]), _ptr(buf["act"]), inter))
             label("other_model")
-            if not matmul(mlp.down_proj, buf["act"], buf["x"]):
+            if not (matmul(mlp.down_proj, buf["act"], buf["x"]) and label("down")):
                 return None
-            label("down")
-        if not norm(body.norm, buf["x"]):
+        if not (norm(body.norm, buf["x"]) and label("norms")):
             return None
-        label("norms")
         ops_array = (PlanOp * len(plan))(*plan)
         return cls(ops_array, len(plan), ops.run_decode_plan, buf, body.embed_tokens, max_batch, labels,
                    ops.run_decode_plan_timed)

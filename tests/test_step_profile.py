@@ -55,6 +55,17 @@ def test_decode_plan_steps_split_the_plan_by_part(tiny_checkpoint):
     plan = engine.runner._decode_plan
     assert isinstance(plan, DecodePlan) and plan.seconds is None
     assert set(plan.labels) == {"norms", "qkv", "other_model", "kv_write", "attention", "o_proj", "gate_up", "down"}
+    # every op's label matches its kind (model/decode_plan.py's PLAN_* codes)
+    from model import decode_plan as dp
+    by_kind = {dp.PLAN_NORM: {"norms"}, dp.PLAN_HEAD_NORM: {"norms"}, dp.PLAN_ROTARY: {"other_model"},
+               dp.PLAN_SILU_MUL: {"other_model"}, dp.PLAN_WRITE_KV: {"kv_write"}, dp.PLAN_WRITE_KV_INT8: {"kv_write"},
+               dp.PLAN_ATTENTION: {"attention"}, dp.PLAN_ATTENTION_INT8: {"attention"},
+               dp.PLAN_MATMUL: {"qkv", "o_proj", "gate_up", "down"}, dp.PLAN_LANES_F32: {"qkv", "o_proj", "gate_up", "down"}}
+    kinds = [plan._ops[i].kind for i in range(plan._num_ops)]
+    assert len(plan.labels) == len(kinds)
+    assert all(label in by_kind[kind] for kind, label in zip(kinds, plan.labels)), list(zip(kinds, plan.labels))
+    assert [lab for lab in plan.labels if lab in ("qkv", "o_proj", "gate_up", "down")] == \
+        ["qkv", "o_proj", "gate_up", "down"] * len(engine.runner.model.model.layers)  # one matmul each here
     for part in ("qkv", "o_proj", "gate_up", "down", "attention", "kv_write", "norms", "lm_head"):
         assert row.parts_ms[part] > 0, part
     assert row.parts_ms["decode_plan"] >= 0
